@@ -1,0 +1,23 @@
+//! Parquet and CSV connectors: replay Parquet history as an event source, write events to
+//! Parquet, and import CSV/TSV exports into sorted Parquet.
+//!
+//! - [`ParquetSource`]: files, directories or globs replayed in event-time order, split
+//!   over workers by row group.
+//! - [`EventWriter`]: atomic Parquet output.
+//! - [`import_csv`]: CSV/TSV → Parquet sorted by event time, with presets for MovieLens.
+//!
+//! Buffers are allocated by arrow-rs and parquet themselves here (decoding pages,
+//! building batches); tidepool's own batches are built downstream.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod import;
+mod paths;
+mod source;
+mod writer;
+
+pub use import::{import_csv, ColRef, CsvOptions, ImportReport, Preset};
+pub use paths::expand_inputs;
+pub use source::{ColumnMapping, IntTimeUnit, ParquetSource, DEFAULT_BATCH_ROWS};
+pub use writer::{EventWriter, DEFAULT_ROW_GROUP_ROWS};

@@ -1,0 +1,390 @@
+//! Replaying Parquet files as an [`EventSource`].
+//!
+//! The source reads only metadata up front: row counts and, per row group, the minimum
+//! and maximum event time from the column statistics. Row groups are ordered by
+//! `(min ts, file, row group)` and dealt round-robin to workers, so each worker reads a
+//! disjoint share whose row groups come in event-time order. A worker streams its row
+//! groups one at a time in batches of [`DEFAULT_BATCH_ROWS`] rows, reading only the
+//! mapped columns: memory is bounded by a batch per worker, never a file.
+//!
+//! Each row's replay position is `file index << 40 | row in file`: unique, and the same
+//! whatever the number of workers, so ties in event time break the same way always.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int64Type;
+use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use parquet::file::statistics::Statistics;
+use tidepool_pipeline::event::{EVENT_TYPE, ITEM_ID, TS, USER_ID, WEIGHT};
+use tidepool_pipeline::{
+    BatchOrigin, Error, EventReader, EventSource, Result, SourceBatch, SourceInfo,
+};
+
+use crate::paths::expand_inputs;
+
+/// Rows per batch read from Parquet.
+pub const DEFAULT_BATCH_ROWS: usize = 8192;
+
+/// Bits of a replay position that hold the row within its file.
+const ROW_BITS: u32 = 40;
+
+/// Unit of an integer time column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IntTimeUnit {
+    /// Seconds since the epoch.
+    Seconds,
+    /// Milliseconds since the epoch.
+    #[default]
+    Millis,
+}
+
+impl IntTimeUnit {
+    fn to_ms(self, v: i64) -> i64 {
+        match self {
+            IntTimeUnit::Seconds => v.saturating_mul(1000),
+            IntTimeUnit::Millis => v,
+        }
+    }
+}
+
+impl std::str::FromStr for IntTimeUnit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "s" => Ok(IntTimeUnit::Seconds),
+            "ms" => Ok(IntTimeUnit::Millis),
+            other => Err(Error::Config(format!(
+                "unknown time unit {other:?}; valid: s, ms"
+            ))),
+        }
+    }
+}
+
+/// Which file columns hold the event fields. Defaults are tidepool's own names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnMapping {
+    /// User id column.
+    pub user: String,
+    /// Item id column.
+    pub item: String,
+    /// Event time column.
+    pub ts: String,
+    /// Event type column, if the files have one.
+    pub event_type: Option<String>,
+    /// Weight column, if the files have one.
+    pub weight: Option<String>,
+    /// Unit of the time column when it is a plain integer (timestamp types carry theirs).
+    pub int_time_unit: IntTimeUnit,
+}
+
+impl Default for ColumnMapping {
+    fn default() -> Self {
+        Self {
+            user: USER_ID.into(),
+            item: ITEM_ID.into(),
+            ts: TS.into(),
+            event_type: Some(EVENT_TYPE.into()),
+            weight: Some(WEIGHT.into()),
+            int_time_unit: IntTimeUnit::Millis,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RowGroup {
+    file: usize,
+    index: usize,
+    first_row: u64,
+    min_ts: Option<i64>,
+}
+
+#[derive(Debug)]
+struct FileEntry {
+    path: PathBuf,
+    name: Arc<str>,
+    /// Leaf column indices to read and the canonical name of each, in file order.
+    projection: Vec<(usize, &'static str)>,
+    /// Whether the time column is a plain integer that needs the mapping's unit.
+    int_time: bool,
+}
+
+/// Parquet files replayed as events.
+#[derive(Debug)]
+pub struct ParquetSource {
+    files: Vec<FileEntry>,
+    row_groups: Vec<RowGroup>,
+    info: SourceInfo,
+    mapping: ColumnMapping,
+    batch_rows: usize,
+}
+
+impl ParquetSource {
+    /// Opens the files that `inputs` (paths, directories, globs) name, reading metadata.
+    pub fn open(inputs: &[String], mapping: ColumnMapping) -> Result<Self> {
+        let paths = expand_inputs(inputs)?;
+        if paths.len() >= 1 << (64 - ROW_BITS) {
+            return Err(Error::Config(format!(
+                "{} files is more than one replay can address",
+                paths.len()
+            )));
+        }
+        let mut files = Vec::new();
+        let mut row_groups = Vec::new();
+        let (mut rows, mut min_ts, mut max_ts) = (0u64, None::<i64>, None::<i64>);
+        for (file_index, path) in paths.into_iter().enumerate() {
+            let context = || format!("reading metadata of {}", path.display());
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+                .map_err(|e| Error::connector(context(), e))?;
+            let schema = builder.schema().clone();
+            let (projection, ts_type) = project(&schema, &mapping)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            let int_time = matches!(ts_type, DataType::Int64 | DataType::Int32);
+            let to_ms = |v: i64| match &ts_type {
+                DataType::Timestamp(TimeUnit::Second, _) => v.saturating_mul(1000),
+                DataType::Timestamp(TimeUnit::Microsecond, _) => v.div_euclid(1000),
+                DataType::Timestamp(TimeUnit::Nanosecond, _) => v.div_euclid(1_000_000),
+                DataType::Int64 | DataType::Int32 => mapping.int_time_unit.to_ms(v),
+                _ => v,
+            };
+            let meta = builder.metadata();
+            // Statistics are per leaf column; other (nested) columns shift leaf indices.
+            let ts_leaf = meta
+                .file_metadata()
+                .schema_descr()
+                .columns()
+                .iter()
+                .position(|c| c.path().parts() == [mapping.ts.as_str()]);
+            let mut first_row = 0u64;
+            for (index, rg) in meta.row_groups().iter().enumerate() {
+                let n = rg.num_rows().max(0) as u64;
+                let stats = ts_leaf.and_then(|leaf| rg.column(leaf).statistics());
+                let (lo, hi) = match stats {
+                    Some(Statistics::Int64(s)) => (s.min_opt().copied(), s.max_opt().copied()),
+                    Some(Statistics::Int32(s)) => (
+                        s.min_opt().map(|&v| v as i64),
+                        s.max_opt().map(|&v| v as i64),
+                    ),
+                    _ => (None, None),
+                };
+                let (lo, hi) = (lo.map(to_ms), hi.map(to_ms));
+                if let Some(lo) = lo {
+                    min_ts = Some(min_ts.map_or(lo, |m| m.min(lo)));
+                }
+                if let Some(hi) = hi {
+                    max_ts = Some(max_ts.map_or(hi, |m| m.max(hi)));
+                }
+                if n > 0 {
+                    row_groups.push(RowGroup {
+                        file: file_index,
+                        index,
+                        first_row,
+                        min_ts: lo,
+                    });
+                }
+                first_row += n;
+                rows += n;
+            }
+            if first_row >= 1 << ROW_BITS {
+                return Err(Error::Config(format!(
+                    "{} has {first_row} rows, more than one file may hold (2^40)",
+                    path.display()
+                )));
+            }
+            files.push(FileEntry {
+                name: path.display().to_string().into(),
+                path,
+                projection,
+                int_time,
+            });
+        }
+        row_groups.sort_by_key(|rg| (rg.min_ts.unwrap_or(i64::MIN), rg.file, rg.index));
+        let description = match files.as_slice() {
+            [one] => one.name.to_string(),
+            many => format!("{} Parquet files", many.len()),
+        };
+        Ok(Self {
+            files,
+            row_groups,
+            info: SourceInfo {
+                description,
+                rows: Some(rows),
+                min_ts,
+                max_ts,
+            },
+            mapping,
+            batch_rows: DEFAULT_BATCH_ROWS,
+        })
+    }
+
+    /// Sets the rows per batch (at least 1).
+    pub fn with_batch_rows(mut self, rows: usize) -> Self {
+        self.batch_rows = rows.max(1);
+        self
+    }
+
+    /// The files this source replays.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+}
+
+/// The leaf columns to read for `mapping`, with their canonical names, and the type of
+/// the time column.
+fn project(
+    schema: &Schema,
+    mapping: &ColumnMapping,
+) -> Result<(Vec<(usize, &'static str)>, DataType)> {
+    let mut wanted: Vec<(&str, &'static str, bool)> = vec![
+        (mapping.user.as_str(), USER_ID, true),
+        (mapping.item.as_str(), ITEM_ID, true),
+        (mapping.ts.as_str(), TS, true),
+    ];
+    if let Some(c) = &mapping.event_type {
+        wanted.push((c.as_str(), EVENT_TYPE, false));
+    }
+    if let Some(c) = &mapping.weight {
+        wanted.push((c.as_str(), WEIGHT, false));
+    }
+    let mut projection = Vec::new();
+    let mut ts_type = DataType::Null;
+    for (column, canonical, required) in wanted {
+        match schema.index_of(column) {
+            Ok(i) => {
+                let field = schema.field(i);
+                if field.data_type().is_nested() {
+                    return Err(Error::Config(format!(
+                        "column {column} is nested ({}); expected a flat column",
+                        field.data_type()
+                    )));
+                }
+                if canonical == TS {
+                    ts_type = field.data_type().clone();
+                }
+                projection.push((i, canonical));
+            }
+            Err(_) if !required => {}
+            Err(_) => {
+                let found: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(Error::Config(format!(
+                    "column {column} (for {canonical}) is missing; columns: {}",
+                    found.join(", ")
+                )));
+            }
+        }
+    }
+    projection.sort_by_key(|(i, _)| *i);
+    Ok((projection, ts_type))
+}
+
+impl EventSource for ParquetSource {
+    fn info(&self) -> SourceInfo {
+        self.info.clone()
+    }
+
+    fn open(&self, worker: usize, workers: usize) -> Result<EventReader> {
+        let mine: Vec<RowGroup> = self
+            .row_groups
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % workers.max(1) == worker)
+            .map(|(_, rg)| rg.clone())
+            .collect();
+        let files: Vec<(PathBuf, Arc<str>, Vec<(usize, &'static str)>, bool)> = self
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    Arc::clone(&f.name),
+                    f.projection.clone(),
+                    f.int_time,
+                )
+            })
+            .collect();
+        let unit = self.mapping.int_time_unit;
+        let batch_rows = self.batch_rows;
+        let reader = mine.into_iter().flat_map(move |rg| {
+            let (path, name, projection, int_time) = files[rg.file].clone();
+            match open_row_group(&path, &rg, &projection, batch_rows) {
+                Err(e) => Box::new(std::iter::once(Err(e))) as EventReader,
+                Ok(batches) => {
+                    let mut row = rg.first_row;
+                    let file_bits = (rg.file as u64) << ROW_BITS;
+                    Box::new(batches.map(move |batch| {
+                        let batch = batch.map_err(|e| {
+                            Error::connector(format!("reading {name} row group {}", rg.index), e)
+                        })?;
+                        let records = canonical(&batch, &projection, int_time, unit)?;
+                        let origin = BatchOrigin {
+                            source: Arc::clone(&name),
+                            first_row: row,
+                            first_pos: file_bits | row,
+                        };
+                        row += records.num_rows() as u64;
+                        Ok(SourceBatch { records, origin })
+                    }))
+                }
+            }
+        });
+        Ok(Box::new(reader))
+    }
+}
+
+fn open_row_group(
+    path: &PathBuf,
+    rg: &RowGroup,
+    projection: &[(usize, &'static str)],
+    batch_rows: usize,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let context = || format!("reading {} row group {}", path.display(), rg.index);
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::connector(context(), e))?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), projection.iter().map(|(i, _)| *i));
+    builder
+        .with_row_groups(vec![rg.index])
+        .with_projection(mask)
+        .with_batch_size(batch_rows)
+        .build()
+        .map_err(|e| Error::connector(context(), e))
+}
+
+/// Renames the projected columns to tidepool's names and puts integer times in ms.
+fn canonical(
+    batch: &RecordBatch,
+    projection: &[(usize, &'static str)],
+    int_time: bool,
+    unit: IntTimeUnit,
+) -> Result<RecordBatch> {
+    let mut fields = Vec::with_capacity(projection.len());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(projection.len());
+    for (position, (_, name)) in projection.iter().enumerate() {
+        let mut column = Arc::clone(batch.column(position));
+        if *name == TS && int_time {
+            column = match column.data_type() {
+                DataType::Int64 => {
+                    let a = column.as_primitive::<Int64Type>();
+                    Arc::new(a.unary::<_, Int64Type>(|v| unit.to_ms(v))) as ArrayRef
+                }
+                DataType::Int32 => {
+                    let a = column.as_primitive::<arrow_array::types::Int32Type>();
+                    Arc::new(Int64Array::from_iter(
+                        a.iter().map(|v| v.map(|v| unit.to_ms(v as i64))),
+                    ))
+                }
+                _ => column,
+            };
+        }
+        fields.push(Field::new(*name, column.data_type().clone(), true));
+        columns.push(column);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::Internal(format!("renaming columns: {e}")))
+}

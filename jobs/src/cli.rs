@@ -1,0 +1,263 @@
+//! Command-line arguments. Every default comes from the library crates' `DEFAULT_*`
+//! constants, so the CLI and the libraries cannot disagree.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tidepool_connector_generator::GeneratorConfig;
+use tidepool_connector_parquet::{ColRef, IntTimeUnit, Preset};
+use tidepool_operators::config::{
+    DEFAULT_DIM, DEFAULT_EVAL_EVERY, DEFAULT_INIT_STD, DEFAULT_K, DEFAULT_LR, DEFAULT_NEGATIVES,
+    DEFAULT_REG, DEFAULT_ROUNDS_IN_FLIGHT, DEFAULT_SEED, DEFAULT_WARMUP,
+};
+use tidepool_operators::{ModelKind, Optimizer};
+
+/// tidepool: streaming online learning for recommenders.
+#[derive(Debug, Parser)]
+#[command(name = "tidepool", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay history (Parquet, or a generated stream when no INPUT is given) and score
+    /// the model prequentially: every event is ranked before it is trained on.
+    Backtest(BacktestArgs),
+    /// Convert a CSV/TSV export into Parquet sorted by event time.
+    Import(ImportArgs),
+    /// Write a synthetic behaviour stream to Parquet.
+    Generate(GenerateArgs),
+    /// Measure training throughput (run with --release).
+    Bench(BenchArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 2min, 1h, 7days)"))
+}
+
+fn parse_model(s: &str) -> Result<ModelKind, String> {
+    s.parse()
+        .map_err(|e: tidepool_pipeline::Error| e.to_string())
+}
+
+fn parse_optimizer(s: &str) -> Result<Optimizer, String> {
+    s.parse()
+        .map_err(|e: tidepool_pipeline::Error| e.to_string())
+}
+
+fn parse_col(s: &str) -> Result<ColRef, String> {
+    s.parse()
+        .map_err(|e: tidepool_pipeline::Error| e.to_string())
+}
+
+fn parse_unit(s: &str) -> Result<IntTimeUnit, String> {
+    s.parse()
+        .map_err(|e: tidepool_pipeline::Error| e.to_string())
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    s.parse()
+        .map_err(|e: tidepool_pipeline::Error| e.to_string())
+}
+
+fn parse_delimiter(s: &str) -> Result<u8, String> {
+    match s {
+        "\\t" | "tab" => Ok(b'\t'),
+        _ if s.len() == 1 && s.is_ascii() => Ok(s.as_bytes()[0]),
+        _ => Err(format!(
+            "the delimiter must be one ASCII character or \\t, got {s:?}"
+        )),
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1), got {v}"))
+    }
+}
+
+/// Arguments of `tidepool backtest`.
+#[derive(Debug, Clone, Args)]
+pub struct BacktestArgs {
+    /// Parquet files, directories or globs. Without any, a synthetic stream is generated
+    /// in memory (see --events, --users, --items).
+    pub inputs: Vec<String>,
+    /// Model: bpr or mostpop.
+    #[arg(long, default_value = "bpr", value_parser = parse_model)]
+    pub model: ModelKind,
+    /// Timely worker threads.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    pub workers: usize,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = DEFAULT_DIM)]
+    pub dim: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = DEFAULT_LR)]
+    pub lr: f32,
+    /// L2 regularisation.
+    #[arg(long, default_value_t = DEFAULT_REG)]
+    pub reg: f32,
+    /// Optimiser: sgd or adagrad.
+    #[arg(long, default_value = "adagrad", value_parser = parse_optimizer)]
+    pub optimizer: Optimizer,
+    /// Train without an item bias term.
+    #[arg(long)]
+    pub no_item_bias: bool,
+    /// Standard deviation of the initial embeddings.
+    #[arg(long, default_value_t = DEFAULT_INIT_STD)]
+    pub init_std: f32,
+    /// Negatives per positive.
+    #[arg(long, default_value_t = DEFAULT_NEGATIVES)]
+    pub negatives: usize,
+    /// Seed for initialisation and sampling.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Share of the events (from the start) trained on but never scored.
+    #[arg(long, default_value_t = DEFAULT_WARMUP, value_parser = parse_fraction)]
+    pub warmup: f64,
+    /// Score every N-th event after warm-up; 1 = all, 0 = no evaluation.
+    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY)]
+    pub eval_every: u64,
+    /// Cut-off K of recall@K and NDCG@K.
+    #[arg(long, short = 'k', default_value_t = DEFAULT_K)]
+    pub k: usize,
+    /// Width of one timely round in event time (default: derived from the input).
+    #[arg(long, value_parser = parse_duration)]
+    pub tick: Option<Duration>,
+    /// Width of a metrics window in event time (default: about 100 windows).
+    #[arg(long, value_parser = parse_duration)]
+    pub metrics_window: Option<Duration>,
+    /// Rounds a source may run ahead of the learner.
+    #[arg(long, default_value_t = DEFAULT_ROUNDS_IN_FLIGHT)]
+    pub rounds_in_flight: u64,
+    /// Write the summary as one JSON object here.
+    #[arg(long)]
+    pub summary_json: Option<PathBuf>,
+    /// Write per-window metrics here (.parquet for Parquet, anything else CSV).
+    #[arg(long)]
+    pub metrics_out: Option<PathBuf>,
+    /// Write dead letters (rejected rows, with reasons) here as JSON lines.
+    #[arg(long)]
+    pub dead_letters: Option<PathBuf>,
+    /// Input column holding the user id.
+    #[arg(long, default_value = "user_id")]
+    pub user_col: String,
+    /// Input column holding the item id.
+    #[arg(long, default_value = "item_id")]
+    pub item_col: String,
+    /// Input column holding the event time.
+    #[arg(long, default_value = "ts")]
+    pub time_col: String,
+    /// Unit of an integer time column: s or ms.
+    #[arg(long, default_value = "ms", value_parser = parse_unit)]
+    pub time_unit: IntTimeUnit,
+    /// Generated stream (no INPUT): events.
+    #[arg(long, default_value_t = GeneratorConfig::default().events)]
+    pub events: u64,
+    /// Generated stream (no INPUT): users.
+    #[arg(long, default_value_t = GeneratorConfig::default().users)]
+    pub users: u64,
+    /// Generated stream (no INPUT): items.
+    #[arg(long, default_value_t = GeneratorConfig::default().items)]
+    pub items: u64,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Arguments of `tidepool import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// CSV or TSV file.
+    pub input: PathBuf,
+    /// Parquet file to write.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Known format: movielens-100k (u.data) or movielens-csv (ratings.csv).
+    #[arg(long, value_parser = parse_preset)]
+    pub preset: Option<Preset>,
+    /// Field delimiter (one character, or \t).
+    #[arg(long, value_parser = parse_delimiter)]
+    pub delimiter: Option<u8>,
+    /// The first line is data, not a header.
+    #[arg(long)]
+    pub no_header: bool,
+    /// User id column: header name or 0-based index.
+    #[arg(long, value_parser = parse_col)]
+    pub user: Option<ColRef>,
+    /// Item id column: header name or 0-based index.
+    #[arg(long, value_parser = parse_col)]
+    pub item: Option<ColRef>,
+    /// Event time column: header name or 0-based index.
+    #[arg(long, value_parser = parse_col)]
+    pub time: Option<ColRef>,
+    /// Unit of the time column: s or ms.
+    #[arg(long, value_parser = parse_unit)]
+    pub time_unit: Option<IntTimeUnit>,
+    /// Rating column (becomes the weight).
+    #[arg(long, value_parser = parse_col)]
+    pub rating: Option<ColRef>,
+    /// Leave out rows rated below this.
+    #[arg(long)]
+    pub min_rating: Option<f64>,
+    /// Keep only the first occurrence of each (user, item) pair.
+    #[arg(long)]
+    pub dedup: bool,
+    /// Skip malformed rows (to the dead-letter file) instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Where skipped rows go (default: OUTPUT with .dead-letters.jsonl appended).
+    #[arg(long)]
+    pub dead_letters: Option<PathBuf>,
+    /// Rows per Parquet row group.
+    #[arg(long, default_value_t = tidepool_connector_parquet::DEFAULT_ROW_GROUP_ROWS)]
+    pub row_group_rows: usize,
+}
+
+/// Arguments of `tidepool generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Parquet file to write.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Events.
+    #[arg(long, default_value_t = GeneratorConfig::default().events)]
+    pub events: u64,
+    /// Users.
+    #[arg(long, default_value_t = GeneratorConfig::default().users)]
+    pub users: u64,
+    /// Items.
+    #[arg(long, default_value_t = GeneratorConfig::default().items)]
+    pub items: u64,
+    /// Seed.
+    #[arg(long, default_value_t = GeneratorConfig::default().seed)]
+    pub seed: u64,
+    /// Rows per Parquet row group.
+    #[arg(long, default_value_t = tidepool_connector_parquet::DEFAULT_ROW_GROUP_ROWS)]
+    pub row_group_rows: usize,
+}
+
+/// Arguments of `tidepool bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Synthetic events for the throughput runs.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub events: u64,
+    /// Directory holding ml-latest-small/ratings.csv (default: $TIDEPOOL_DATA_DIR or ../shared/data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Worker counts to measure.
+    #[arg(long, default_values_t = vec![1usize, 2])]
+    pub workers: Vec<usize>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}

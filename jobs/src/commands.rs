@@ -1,0 +1,246 @@
+//! The subcommands, as functions the binary and the tests both call.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use tidepool_connector_generator::{Generator, GeneratorConfig, GeneratorSource};
+use tidepool_connector_parquet::{
+    import_csv, ColumnMapping, CsvOptions, EventWriter, ImportReport, ParquetSource,
+};
+use tidepool_operators::{
+    run_backtest, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, VariantConfig,
+};
+use tidepool_pipeline::event::event_schema;
+use tidepool_pipeline::{DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters};
+
+use crate::cli::{BacktestArgs, GenerateArgs, ImportArgs};
+use crate::report::{summary_json, summary_table, write_metrics};
+
+fn millis(d: std::time::Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+impl BacktestArgs {
+    /// The library configuration these arguments describe.
+    pub fn config(&self) -> BacktestConfig {
+        let model = ModelConfig {
+            kind: self.model,
+            dim: self.dim,
+            lr: self.lr,
+            reg: self.reg,
+            optimizer: self.optimizer,
+            item_bias: !self.no_item_bias,
+            negatives: self.negatives,
+            init_std: self.init_std,
+            sampler: "uniform".into(),
+        };
+        BacktestConfig {
+            variants: vec![VariantConfig {
+                name: self.model.name().into(),
+                model,
+            }],
+            eval: EvalConfig {
+                warmup: self.warmup,
+                eval_every: self.eval_every,
+                k: self.k,
+                window_ms: self.metrics_window.map(millis),
+            },
+            workers: self.workers,
+            seed: self.seed,
+            tick_ms: self.tick.map(millis),
+            rounds_in_flight: self.rounds_in_flight,
+        }
+    }
+
+    /// The source: the Parquet inputs, or the generated default stream.
+    pub fn source(&self) -> anyhow::Result<Arc<dyn EventSource>> {
+        if self.inputs.is_empty() {
+            let cfg = GeneratorConfig {
+                events: self.events,
+                users: self.users,
+                items: self.items,
+                ..GeneratorConfig::default()
+            };
+            return Ok(Arc::new(GeneratorSource::new(cfg)?));
+        }
+        let mapping = ColumnMapping {
+            user: self.user_col.clone(),
+            item: self.item_col.clone(),
+            ts: self.time_col.clone(),
+            int_time_unit: self.time_unit,
+            ..ColumnMapping::default()
+        };
+        Ok(Arc::new(ParquetSource::open(&self.inputs, mapping)?))
+    }
+}
+
+/// Runs a backtest as the CLI does: progress bar, table on stdout, optional files.
+pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
+    let config = args.config();
+    config.validate()?;
+    let source = args.source()?;
+    let info = source.info();
+    tracing::info!(source = %info.description, workers = config.workers, "backtest starting");
+    let dead: Arc<dyn DeadLetterSink> = match &args.dead_letters {
+        Some(path) => Arc::new(JsonlDeadLetters::new(path)),
+        None => Arc::new(MemoryDeadLetters::new(5)),
+    };
+    let bar = progress_bar(info.rows.unwrap_or(0), args.quiet);
+    let report = run_backtest(source, &config, Arc::clone(&dead), &|done| {
+        bar.set_position(done)
+    })?;
+    bar.finish_and_clear();
+    print!("{}", summary_table(&report));
+    if report.dead_letters > 0 {
+        match &args.dead_letters {
+            Some(path) => eprintln!(
+                "warning: {} rows were rejected; see {}",
+                report.dead_letters,
+                path.display()
+            ),
+            None => eprintln!(
+                "warning: {} rows were rejected (write them out with --dead-letters PATH)",
+                report.dead_letters
+            ),
+        }
+    }
+    if report.reordered > 0 {
+        eprintln!(
+            "warning: {} events arrived after later ones and were processed late; sort the input with `tidepool import`",
+            report.reordered
+        );
+    }
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(&summary_json(&report, &info.description))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.metrics_out {
+        write_metrics(&report, path)?;
+    }
+    Ok(report)
+}
+
+fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} events, {per_sec}, eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The CSV options the import arguments describe: the preset (if any), overridden by
+/// the explicit flags.
+pub fn csv_options(args: &ImportArgs) -> CsvOptions {
+    let mut o = args.preset.map(CsvOptions::preset).unwrap_or_default();
+    if let Some(d) = args.delimiter {
+        o.delimiter = d;
+    }
+    if args.no_header {
+        o.has_header = false;
+    }
+    if let Some(c) = &args.user {
+        o.user = c.clone();
+    }
+    if let Some(c) = &args.item {
+        o.item = c.clone();
+    }
+    if let Some(c) = &args.time {
+        o.time = c.clone();
+    }
+    if let Some(u) = args.time_unit {
+        o.time_unit = u;
+    }
+    if let Some(c) = &args.rating {
+        o.rating = Some(c.clone());
+    }
+    o.min_rating = args.min_rating.or(o.min_rating);
+    o.dedup = args.dedup;
+    o.skip_bad = args.skip_bad;
+    o.row_group_rows = args.row_group_rows;
+    o
+}
+
+/// Where an import's dead letters go by default.
+pub fn default_dead_letter_path(output: &Path) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(".dead-letters.jsonl");
+    PathBuf::from(p)
+}
+
+/// Runs `tidepool import`.
+pub fn import(args: &ImportArgs) -> anyhow::Result<ImportReport> {
+    let options = csv_options(args);
+    if options.min_rating.is_some() && options.rating.is_none() {
+        bail!("--min-rating needs a rating column (--rating COL or a preset that has one)");
+    }
+    let dead_path = args
+        .dead_letters
+        .clone()
+        .unwrap_or_else(|| default_dead_letter_path(&args.output));
+    let dead = JsonlDeadLetters::new(&dead_path);
+    let started = Instant::now();
+    let report = import_csv(&args.input, &args.output, &options, &dead)?;
+    println!(
+        "imported {} rows into {} in {:.2}s ({} read, {} below min rating, {} duplicates, {} bad{})",
+        report.rows_written,
+        args.output.display(),
+        started.elapsed().as_secs_f64(),
+        report.rows_read,
+        report.below_min_rating,
+        report.duplicates,
+        report.bad_rows,
+        if report.was_sorted { "" } else { "; input was not in time order, sorted" },
+    );
+    if report.bad_rows > 0 {
+        eprintln!(
+            "warning: {} malformed rows skipped; see {}",
+            report.bad_rows,
+            dead_path.display()
+        );
+        for letter in dead.samples() {
+            eprintln!("  {}: {}", letter.location, letter.reason);
+        }
+    }
+    Ok(report)
+}
+
+/// Writes a generated stream to Parquet; returns the rows written.
+pub fn generate_to(
+    path: &Path,
+    cfg: GeneratorConfig,
+    row_group_rows: usize,
+) -> anyhow::Result<u64> {
+    let generator = Generator::new(cfg)?;
+    let mut writer = EventWriter::create(path, event_schema(), row_group_rows)?;
+    for batch in generator {
+        writer.write(&batch)?;
+    }
+    Ok(writer.finish()?)
+}
+
+/// Runs `tidepool generate`.
+pub fn generate(args: &GenerateArgs) -> anyhow::Result<u64> {
+    let cfg = GeneratorConfig {
+        events: args.events,
+        users: args.users,
+        items: args.items,
+        seed: args.seed,
+        ..GeneratorConfig::default()
+    };
+    let started = Instant::now();
+    let rows = generate_to(&args.output, cfg, args.row_group_rows)?;
+    println!(
+        "wrote {rows} events to {} in {:.2}s",
+        args.output.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(rows)
+}

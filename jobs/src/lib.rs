@@ -1,0 +1,23 @@
+//! The `tidepool` command line, as a library so tests drive exactly what users run.
+//!
+//! - [`cli`]: arguments (clap), defaults taken from the library crates.
+//! - [`commands`]: `backtest`, `import`, `generate`.
+//! - [`bench`]: `tidepool bench`, throughput measurements.
+//! - [`report`]: summary table, summary JSON, per-window metrics files.
+
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod cli;
+pub mod commands;
+pub mod report;
+
+/// Runs a parsed command line.
+pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    match cli.command {
+        cli::Command::Backtest(args) => commands::backtest(&args).map(drop),
+        cli::Command::Import(args) => commands::import(&args).map(drop),
+        cli::Command::Generate(args) => commands::generate(&args).map(drop),
+        cli::Command::Bench(args) => bench::bench(&args),
+    }
+}

@@ -1,0 +1,326 @@
+//! The replay dataflow: source → broadcast → prequential learner → probe, on timely
+//! workers, and the report it produces.
+//!
+//! ```text
+//!  source share (per worker) ──decode──► dead letters
+//!        │ timely time = event-time tick
+//!        ▼
+//!  broadcast: every worker gets every event of a round
+//!        │
+//!        ▼
+//!  Prequential (unary_frontier): stash per time; once the frontier passes t,
+//!  sort round t by (ts, pos) and, event by event, score-then-train the events of the
+//!  users this worker owns, while keeping the shared catalogue replica
+//!        │ per round: events owned
+//!        ▼
+//!  probe ──► flow control of the sources
+//! ```
+//!
+//! Why broadcast rather than exchange by user: the protocol's candidates ("every item
+//! seen before t"), the replay index that decides which events are scored, and
+//! `mostpop`'s counts are functions of the *global* replay order. Giving each worker the
+//! whole (compact, 40-byte) stream lets it keep exact replicas of those without any
+//! further coordination, and user state (histories, user embeddings) still lives only on
+//! the worker that owns the user. Within a process the broadcast costs one copy of the
+//! stream per worker, which is small next to training.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tidepool_pipeline::dead_letter::DeadLetterSink;
+use tidepool_pipeline::{Error, Event, EventSource, Quality, Result};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::ProbeHandle;
+
+use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
+use crate::ingest::{auto_tick, drive, Clock, EventInput, IngestStats};
+use crate::learner::{Learner, Protocol, WorkerResult};
+use crate::model::Model;
+
+/// Quality of one metrics window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WindowReport {
+    /// Window start, event time ms (inclusive).
+    pub start_ms: i64,
+    /// Window end, event time ms (exclusive).
+    pub end_ms: i64,
+    /// Counters of the window.
+    pub quality: Quality,
+}
+
+/// One variant's results.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VariantReport {
+    /// Variant name.
+    pub name: String,
+    /// Its model configuration.
+    pub model: ModelConfig,
+    /// Counters over the whole replay.
+    pub total: Quality,
+    /// Counters per window of event time, in time order (windows without events left out).
+    pub windows: Vec<WindowReport>,
+}
+
+/// The outcome of a backtest.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BacktestReport {
+    /// The configuration that ran.
+    pub config: BacktestConfig,
+    /// The protocol derived from it and the source.
+    pub protocol: Protocol,
+    /// Width of a timely round in event time.
+    pub tick_ms: i64,
+    /// Events replayed (scored or not, trained on).
+    pub events: u64,
+    /// Rows read from the source.
+    pub rows: u64,
+    /// Rows rejected as dead letters.
+    pub dead_letters: u64,
+    /// Events processed later than their timestamp because the input was not sorted.
+    pub reordered: u64,
+    /// Events for which fewer negatives than configured could be drawn.
+    pub sampler_shortfalls: u64,
+    /// Distinct users.
+    pub users: u64,
+    /// Distinct items.
+    pub items: u64,
+    /// Wall time of the replay.
+    pub seconds: f64,
+    /// Per-variant results.
+    pub variants: Vec<VariantReport>,
+}
+
+impl BacktestReport {
+    /// Events per second over the whole replay (decode, score, train).
+    pub fn events_per_sec(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.events as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+struct WorkerOutcome {
+    ingest: IngestStats,
+    learner: WorkerResult,
+}
+
+/// Replays `source` through the prequential dataflow on `config.workers` threads.
+///
+/// `progress` is called about ten times a second from the calling thread with the number
+/// of events processed so far. Dead letters go to `dead`. Fails when the source fails
+/// (I/O, schema) or a worker panics; every worker is stopped and joined first.
+pub fn run_backtest(
+    source: Arc<dyn EventSource>,
+    config: &BacktestConfig,
+    dead: Arc<dyn DeadLetterSink>,
+    progress: &dyn Fn(u64),
+) -> Result<BacktestReport> {
+    config.validate()?;
+    let info = source.info();
+    let rows = info.rows.ok_or_else(|| {
+        Error::Config(format!(
+            "source {} does not know its size; the warm-up share needs it",
+            info.description
+        ))
+    })?;
+    let min_ts = info.min_ts.unwrap_or(0);
+    let max_ts = info.max_ts.unwrap_or(min_ts).max(min_ts);
+    let tick_ms = config
+        .tick_ms
+        .unwrap_or_else(|| auto_tick(rows, max_ts - min_ts, TARGET_EVENTS_PER_ROUND));
+    let clock = Clock {
+        origin_ms: min_ts,
+        tick_ms,
+    };
+    let protocol = Protocol::new(&config.eval, rows, min_ts, max_ts);
+    let tables: Vec<_> = config
+        .variants
+        .iter()
+        .map(|v| Model::table_for(&v.model, config.seed))
+        .collect();
+
+    let processed = Arc::new(AtomicU64::new(0));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let guards = {
+        let config = config.clone();
+        let processed = Arc::clone(&processed);
+        let cancel = Arc::clone(&cancel);
+        let dead = Arc::clone(&dead);
+        timely::execute(timely::Config::process(config.workers), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let learner = Rc::new(RefCell::new(Some(Learner::new(
+                index,
+                peers,
+                protocol,
+                config.seed,
+                &config.variants,
+                &tables,
+            ))));
+            let mut input = EventInput::new();
+            let probe = ProbeHandle::new();
+            worker.dataflow::<u64, _, _>(|scope| {
+                let learner = Rc::clone(&learner);
+                let processed = Arc::clone(&processed);
+                scope
+                    .input_from(&mut input)
+                    .broadcast()
+                    .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<u64>>, _, _, _>(
+                        Pipeline,
+                        "Prequential",
+                        move |_, _| {
+                            let mut stash: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Event>)> =
+                                BTreeMap::new();
+                            move |(input, frontier), output| {
+                                input.for_each(|cap, data| {
+                                    if let Some(cap) = cap.retain_least(output.output_index()) {
+                                        let time = *cap.time();
+                                        stash.entry(time).or_insert_with(|| (cap, Vec::new())).1.append(data);
+                                    }
+                                });
+                                while let Some(entry) = stash.first_entry() {
+                                    if frontier.less_equal(entry.key()) {
+                                        break;
+                                    }
+                                    let (cap, mut events) = entry.remove();
+                                    let owned = learner
+                                        .borrow_mut()
+                                        .as_mut()
+                                        .map_or(0, |l| l.process_round(&mut events));
+                                    processed.fetch_add(owned, Ordering::Relaxed);
+                                    output.session(&cap).give(owned);
+                                }
+                            }
+                        },
+                    )
+                    .probe_with(&probe);
+            });
+
+            let ingest = source.open(index, peers).and_then(|reader| {
+                drive(
+                    worker,
+                    &mut input,
+                    &probe,
+                    reader,
+                    clock,
+                    config.rounds_in_flight,
+                    dead.as_ref(),
+                    &cancel,
+                )
+            });
+            if ingest.is_err() {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            // Closing the input lets the frontier run out; the dataflow must still be
+            // stepped to completion so that the other workers can finish too.
+            drop(input);
+            while !probe.done() {
+                worker.step_or_park(Some(Duration::from_millis(10)));
+            }
+            let learner = learner
+                .borrow_mut()
+                .take()
+                .ok_or_else(|| Error::Internal("learner taken twice".into()))?;
+            Ok::<_, Error>(WorkerOutcome {
+                ingest: ingest?,
+                learner: learner.finish(),
+            })
+        })
+        .map_err(|e| Error::Internal(format!("timely could not start its workers: {e}")))?
+    };
+
+    while !guards.guards().iter().all(|g| g.is_finished()) {
+        progress(processed.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    progress(processed.load(Ordering::Relaxed));
+    let seconds = started.elapsed().as_secs_f64();
+    let mut outcomes = Vec::new();
+    let mut first_error = None;
+    for joined in guards.join() {
+        match joined {
+            Ok(Ok(outcome)) => outcomes.push(outcome),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(panic) => {
+                first_error.get_or_insert(Error::Internal(format!("a worker panicked: {panic}")));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    dead.flush()?;
+    Ok(assemble(config, protocol, tick_ms, seconds, outcomes))
+}
+
+fn assemble(
+    config: &BacktestConfig,
+    protocol: Protocol,
+    tick_ms: i64,
+    seconds: f64,
+    outcomes: Vec<WorkerOutcome>,
+) -> BacktestReport {
+    let mut report = BacktestReport {
+        config: config.clone(),
+        protocol,
+        tick_ms,
+        events: 0,
+        rows: 0,
+        dead_letters: 0,
+        reordered: 0,
+        sampler_shortfalls: 0,
+        users: 0,
+        items: 0,
+        seconds,
+        variants: Vec::new(),
+    };
+    let mut merged: Vec<(Quality, BTreeMap<i64, Quality>)> =
+        vec![Default::default(); config.variants.len()];
+    for outcome in outcomes {
+        report.rows += outcome.ingest.rows;
+        report.dead_letters += outcome.ingest.dead;
+        report.reordered += outcome.ingest.reordered;
+        report.sampler_shortfalls += outcome.learner.sampler_shortfalls;
+        report.users += outcome.learner.users;
+        // Every worker holds the full catalogue replica.
+        report.items = report.items.max(outcome.learner.items);
+        for (slot, (_, total, windows)) in merged.iter_mut().zip(outcome.learner.variants) {
+            slot.0.merge(&total);
+            for (w, q) in windows {
+                slot.1.entry(w).or_default().merge(&q);
+            }
+        }
+    }
+    report.events = merged.first().map_or(0, |m| m.0.events);
+    report.variants = config
+        .variants
+        .iter()
+        .zip(merged)
+        .map(|(v, (total, windows))| VariantReport {
+            name: v.name.clone(),
+            model: v.model.clone(),
+            total,
+            windows: windows
+                .into_iter()
+                .map(|(w, quality)| WindowReport {
+                    start_ms: protocol.window_start(w),
+                    end_ms: protocol.window_start(w + 1),
+                    quality,
+                })
+                .collect(),
+        })
+        .collect();
+    report
+}

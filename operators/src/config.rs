@@ -1,0 +1,324 @@
+//! Configuration of the prequential learner: models, evaluation protocol, replay.
+//!
+//! Plain structs with `Default` and documented `DEFAULT_*` constants; `jobs` composes
+//! them from the command line and job files, validates once, and passes them down.
+
+use serde::{Deserialize, Serialize};
+use tidepool_pipeline::{Error, Result};
+
+/// Default value for [`ModelConfig::dim`].
+pub const DEFAULT_DIM: usize = 64;
+/// Default value for [`ModelConfig::lr`].
+pub const DEFAULT_LR: f32 = 0.05;
+/// Default value for [`ModelConfig::reg`].
+pub const DEFAULT_REG: f32 = 0.0025;
+/// Default value for [`ModelConfig::negatives`].
+pub const DEFAULT_NEGATIVES: usize = 4;
+/// Default value for [`ModelConfig::init_std`].
+pub const DEFAULT_INIT_STD: f32 = 0.1;
+/// Default value for [`EvalConfig::warmup`].
+pub const DEFAULT_WARMUP: f64 = 0.1;
+/// Default value for [`EvalConfig::eval_every`].
+pub const DEFAULT_EVAL_EVERY: u64 = 10;
+/// Default value for [`EvalConfig::k`].
+pub const DEFAULT_K: usize = 10;
+/// Default value for [`BacktestConfig::seed`].
+pub const DEFAULT_SEED: u64 = 42;
+/// Default value for [`BacktestConfig::rounds_in_flight`].
+pub const DEFAULT_ROUNDS_IN_FLIGHT: u64 = 8;
+/// Events per timely round that the automatic tick aims for.
+pub const TARGET_EVENTS_PER_ROUND: u64 = 32_768;
+
+/// Which model a variant trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Matrix factorisation trained with the BPR pairwise loss.
+    #[default]
+    Bpr,
+    /// Most popular items so far (counts), the baseline.
+    Mostpop,
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bpr" => Ok(ModelKind::Bpr),
+            "mostpop" => Ok(ModelKind::Mostpop),
+            other => Err(Error::Config(format!(
+                "unknown model {other:?}; valid: bpr, mostpop"
+            ))),
+        }
+    }
+}
+
+impl ModelKind {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Bpr => "bpr",
+            ModelKind::Mostpop => "mostpop",
+        }
+    }
+}
+
+/// The optimiser for embedding updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// Plain stochastic gradient descent.
+    Sgd,
+    /// Adagrad: per-coordinate step sizes from the accumulated squared gradients.
+    #[default]
+    Adagrad,
+}
+
+impl std::str::FromStr for Optimizer {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sgd" => Ok(Optimizer::Sgd),
+            "adagrad" => Ok(Optimizer::Adagrad),
+            other => Err(Error::Config(format!(
+                "unknown optimizer {other:?}; valid: sgd, adagrad"
+            ))),
+        }
+    }
+}
+
+/// A model and how it learns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Which model.
+    pub kind: ModelKind,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Learning rate.
+    pub lr: f32,
+    /// L2 regularisation applied on every step to the rows it touches.
+    pub reg: f32,
+    /// Optimiser.
+    pub optimizer: Optimizer,
+    /// Whether items have a learned bias term.
+    pub item_bias: bool,
+    /// Negatives drawn per positive.
+    pub negatives: usize,
+    /// Standard deviation of the initial embedding values.
+    pub init_std: f32,
+    /// Negative sampler (`uniform`).
+    pub sampler: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::default(),
+            dim: DEFAULT_DIM,
+            lr: DEFAULT_LR,
+            reg: DEFAULT_REG,
+            optimizer: Optimizer::default(),
+            item_bias: true,
+            negatives: DEFAULT_NEGATIVES,
+            init_std: DEFAULT_INIT_STD,
+            sampler: "uniform".to_string(),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Checks the values once, before a run starts.
+    pub fn validate(&self) -> Result<()> {
+        if self.kind == ModelKind::Mostpop {
+            return Ok(());
+        }
+        if self.dim == 0 || self.dim > 4096 {
+            return Err(Error::Config(format!(
+                "dim must be between 1 and 4096, got {}",
+                self.dim
+            )));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Config(format!(
+                "lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        if !(self.reg.is_finite() && self.reg >= 0.0) {
+            return Err(Error::Config(format!(
+                "reg must be zero or positive, got {}",
+                self.reg
+            )));
+        }
+        if !(self.init_std.is_finite() && self.init_std >= 0.0) {
+            return Err(Error::Config(format!(
+                "init_std must be zero or positive, got {}",
+                self.init_std
+            )));
+        }
+        if self.negatives == 0 || self.negatives > 1024 {
+            return Err(Error::Config(format!(
+                "negatives must be between 1 and 1024, got {}",
+                self.negatives
+            )));
+        }
+        if self.sampler != "uniform" {
+            return Err(Error::Config(format!(
+                "unknown sampler {:?}; valid: uniform",
+                self.sampler
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One model trained in a backtest, under a name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VariantConfig {
+    /// Name in reports.
+    pub name: String,
+    /// The model.
+    pub model: ModelConfig,
+}
+
+/// The prequential protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    /// Share of the events, from the start, that are trained on and never scored.
+    pub warmup: f64,
+    /// Score every N-th event after warm-up (counted from the first post-warm-up event);
+    /// 1 scores all, 0 turns evaluation off.
+    pub eval_every: u64,
+    /// Cut-off for recall@K and NDCG@K.
+    pub k: usize,
+    /// Width of the metric windows in event time (ms); `None` picks about 100 windows.
+    pub window_ms: Option<i64>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            warmup: DEFAULT_WARMUP,
+            eval_every: DEFAULT_EVAL_EVERY,
+            k: DEFAULT_K,
+            window_ms: None,
+        }
+    }
+}
+
+impl EvalConfig {
+    /// Checks the values once, before a run starts.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.warmup) {
+            return Err(Error::Config(format!(
+                "warmup must be in [0, 1), got {}",
+                self.warmup
+            )));
+        }
+        if self.k == 0 {
+            return Err(Error::Config("k must be at least 1".into()));
+        }
+        if self.window_ms.is_some_and(|w| w <= 0) {
+            return Err(Error::Config("the metrics window must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A whole backtest: what to train, how to score, how to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BacktestConfig {
+    /// Models trained side by side over one pass of the history.
+    pub variants: Vec<VariantConfig>,
+    /// The prequential protocol.
+    pub eval: EvalConfig,
+    /// Timely worker threads.
+    pub workers: usize,
+    /// Seed for every random choice (initialisation, negatives).
+    pub seed: u64,
+    /// Width of one timely round in event time (ms); `None` derives it from the source so
+    /// that a round carries about [`TARGET_EVENTS_PER_ROUND`] events.
+    pub tick_ms: Option<i64>,
+    /// How many rounds a source may run ahead of the slowest operator (memory bound).
+    pub rounds_in_flight: u64,
+}
+
+impl Default for BacktestConfig {
+    fn default() -> Self {
+        Self {
+            variants: vec![VariantConfig {
+                name: "bpr".into(),
+                model: ModelConfig::default(),
+            }],
+            eval: EvalConfig::default(),
+            workers: 1,
+            seed: DEFAULT_SEED,
+            tick_ms: None,
+            rounds_in_flight: DEFAULT_ROUNDS_IN_FLIGHT,
+        }
+    }
+}
+
+impl BacktestConfig {
+    /// Checks the values once, before a run starts.
+    pub fn validate(&self) -> Result<()> {
+        if self.variants.is_empty() {
+            return Err(Error::Config("at least one model variant is needed".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for v in &self.variants {
+            if !names.insert(v.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "variant name {:?} is used twice",
+                    v.name
+                )));
+            }
+            v.model
+                .validate()
+                .map_err(|e| Error::Config(format!("variant {}: {e}", v.name)))?;
+        }
+        self.eval.validate()?;
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(Error::Config(format!(
+                "workers must be between 1 and 1024, got {}",
+                self.workers
+            )));
+        }
+        if self.tick_ms.is_some_and(|t| t <= 0) {
+            return Err(Error::Config("the tick must be positive".into()));
+        }
+        if self.rounds_in_flight == 0 {
+            return Err(Error::Config("rounds_in_flight must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        BacktestConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut cfg = BacktestConfig::default();
+        cfg.variants[0].model.dim = 0;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("variant bpr: invalid configuration: dim"),
+            "{err}"
+        );
+        let mut cfg = BacktestConfig::default();
+        cfg.eval.warmup = 1.0;
+        assert!(cfg.validate().unwrap_err().to_string().contains("warmup"));
+        assert!("xyz"
+            .parse::<ModelKind>()
+            .unwrap_err()
+            .to_string()
+            .contains("bpr, mostpop"));
+    }
+}

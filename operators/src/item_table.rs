@@ -1,0 +1,326 @@
+//! Item embeddings shared by all workers of a process, updated Hogwild!-style.
+//!
+//! ## Consistency
+//!
+//! Users are partitioned over workers, items are not: any worker may train any item. The
+//! table therefore lives once per process behind an `Arc` and every worker reads and
+//! writes rows without locks (Recht et al., "Hogwild!", 2011). Each value is an
+//! `AtomicU32` holding `f32` bits, accessed with relaxed loads and stores, so there is no
+//! data race in the Rust sense; what can happen is that two workers training the same
+//! item at the same moment interleave, and one worker's update of a coordinate
+//! overwrites the other's (a lost update). With sparse updates (each step touches one
+//! positive and a few negatives out of thousands of items) such collisions are rare and
+//! SGD converges anyway; this is the standard trade-off of parallel matrix
+//! factorisation. With one worker there is no interleaving at all, which is why one
+//! worker and a fixed seed give bit-identical results.
+//!
+//! Rows are initialised exactly once, on first use, from a generator seeded by the run
+//! seed and the item's dense index (itself identical on every worker, see
+//! [`crate::state`]). A per-row state word makes initialisation race-free: the first
+//! worker to move it from `EMPTY` to `INITIALISING` writes the row and publishes it
+//! with a release store of `READY`; any other worker that finds `INITIALISING` waits for
+//! `READY`, which takes a few hundred nanoseconds.
+//!
+//! Storage grows in chunks of [`CHUNK_ROWS`] rows that never move, so a worker caches
+//! the chunk pointers it has seen and takes the table's lock only when the catalogue
+//! outgrows its cache.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+/// Rows per storage chunk.
+pub(crate) const CHUNK_ROWS: usize = 1024;
+
+const EMPTY: u8 = 0;
+const INITIALISING: u8 = 1;
+const READY: u8 = 2;
+
+/// Initial value of Adagrad accumulators, as in TensorFlow's Adagrad: it bounds the very
+/// first step to `lr * g / sqrt(0.1)` instead of `lr * sign(g)`.
+pub(crate) const ADAGRAD_INIT_ACC: f32 = 0.1;
+
+/// Where things sit in a row: `[embedding; dim] [bias] ([accumulators; dim] [bias acc])`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowLayout {
+    pub(crate) dim: usize,
+    pub(crate) adagrad: bool,
+}
+
+impl RowLayout {
+    /// Values per row.
+    #[inline]
+    pub(crate) fn stride(&self) -> usize {
+        if self.adagrad {
+            2 * (self.dim + 1)
+        } else {
+            self.dim + 1
+        }
+    }
+
+    /// Fills a fresh row: normal(0, std) embedding, zero bias, initial accumulators.
+    pub(crate) fn init(&self, seed: u64, salt: u64, key: u64, std: f32, row: &mut [f32]) {
+        let mut rng = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(crate::state::splitmix64(
+            seed ^ crate::state::splitmix64(salt ^ key),
+        ));
+        // A std of 0 is valid (all-zero start); Normal rejects only negative or NaN.
+        let normal = Normal::new(0.0f32, std).unwrap_or_else(|_| {
+            Normal::new(0.0, 0.0).unwrap_or_else(|_| unreachable!("std 0 is valid"))
+        });
+        for v in &mut row[..self.dim] {
+            *v = normal.sample(&mut rng);
+        }
+        row[self.dim] = 0.0;
+        if self.adagrad {
+            row[self.dim + 1..].fill(ADAGRAD_INIT_ACC);
+        }
+    }
+}
+
+struct Chunk {
+    values: Box<[AtomicU32]>,
+    states: Box<[AtomicU8]>,
+}
+
+impl Chunk {
+    fn new(stride: usize) -> Self {
+        Self {
+            values: (0..CHUNK_ROWS * stride)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            states: (0..CHUNK_ROWS).map(|_| AtomicU8::new(EMPTY)).collect(),
+        }
+    }
+}
+
+/// The process-wide item table of one model.
+pub struct ItemTable {
+    layout: RowLayout,
+    seed: u64,
+    init_std: f32,
+    // Append-only: chunks are pushed, never removed or moved, so a poisoned lock still
+    // guards a consistent list.
+    chunks: RwLock<Vec<Arc<Chunk>>>,
+}
+
+impl std::fmt::Debug for ItemTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ItemTable")
+            .field("layout", &self.layout)
+            .field("chunks", &self.chunk_list().len())
+            .finish()
+    }
+}
+
+/// Salt that keeps item initialisation independent of user initialisation.
+const ITEM_SALT: u64 = 0x17e5;
+
+impl ItemTable {
+    pub(crate) fn new(layout: RowLayout, seed: u64, init_std: f32) -> Self {
+        Self {
+            layout,
+            seed,
+            init_std,
+            chunks: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn chunk_list(&self) -> Vec<Arc<Chunk>> {
+        self.chunks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Bytes held by the table's storage.
+    pub fn bytes(&self) -> usize {
+        self.chunk_list().len() * CHUNK_ROWS * (self.layout.stride() * 4 + 1)
+    }
+}
+
+/// One worker's handle on an [`ItemTable`], with its cache of chunk pointers.
+pub(crate) struct ItemRows {
+    table: Arc<ItemTable>,
+    chunks: Vec<Arc<Chunk>>,
+    stride: usize,
+    scratch: Vec<f32>,
+}
+
+impl ItemRows {
+    pub(crate) fn new(table: Arc<ItemTable>) -> Self {
+        let stride = table.layout.stride();
+        Self {
+            table,
+            chunks: Vec::new(),
+            stride,
+            scratch: vec![0.0; stride],
+        }
+    }
+
+    pub(crate) fn layout(&self) -> RowLayout {
+        self.table.layout
+    }
+
+    #[cold]
+    fn grow(&mut self, chunk: usize) {
+        let mut list = self
+            .table
+            .chunks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while list.len() <= chunk {
+            list.push(Arc::new(Chunk::new(self.stride)));
+        }
+        self.chunks.clone_from(&list);
+    }
+
+    /// The row's values, initialised if this is the first use anywhere in the process.
+    #[inline]
+    fn row(&mut self, item: u32) -> &[AtomicU32] {
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        if c >= self.chunks.len() {
+            self.grow(c);
+        }
+        if self.chunks[c].states[r].load(Ordering::Acquire) != READY {
+            self.initialise(item);
+        }
+        let stride = self.stride;
+        &self.chunks[c].values[r * stride..(r + 1) * stride]
+    }
+
+    #[cold]
+    fn initialise(&mut self, item: u32) {
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        let chunk = Arc::clone(&self.chunks[c]);
+        let state = &chunk.states[r];
+        match state.compare_exchange(EMPTY, INITIALISING, Ordering::Acquire, Ordering::Acquire) {
+            Ok(_) => {
+                let table = &self.table;
+                table.layout.init(
+                    table.seed,
+                    ITEM_SALT,
+                    item as u64,
+                    table.init_std,
+                    &mut self.scratch,
+                );
+                let values = &chunk.values[r * self.stride..(r + 1) * self.stride];
+                for (slot, v) in values.iter().zip(&self.scratch) {
+                    slot.store(v.to_bits(), Ordering::Relaxed);
+                }
+                state.store(READY, Ordering::Release);
+            }
+            Err(_) => {
+                while state.load(Ordering::Acquire) != READY {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    /// Copies a row into `out` (length = stride).
+    #[inline]
+    pub(crate) fn load(&mut self, item: u32, out: &mut [f32]) {
+        let row = self.row(item);
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = f32::from_bits(v.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Writes a row back (length = stride).
+    #[inline]
+    pub(crate) fn store(&mut self, item: u32, values: &[f32]) {
+        let row = self.row(item);
+        for (slot, v) in row.iter().zip(values) {
+            slot.store(v.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Scores `p` against items `0..n`: `out[i] = p · q_i (+ b_i)`.
+    pub(crate) fn score_all(&mut self, p: &[f32], bias: bool, n: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.reserve(n);
+        let dim = self.table.layout.dim;
+        for item in 0..n as u32 {
+            let row = self.row(item);
+            let mut s = 0.0f32;
+            for (a, q) in p.iter().zip(&row[..dim]) {
+                s += a * f32::from_bits(q.load(Ordering::Relaxed));
+            }
+            if bias {
+                s += f32::from_bits(row[dim].load(Ordering::Relaxed));
+            }
+            out.push(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(adagrad: bool) -> Arc<ItemTable> {
+        Arc::new(ItemTable::new(RowLayout { dim: 4, adagrad }, 9, 0.1))
+    }
+
+    #[test]
+    fn rows_are_initialised_once_and_identically_across_handles() {
+        let t = table(true);
+        let mut a = ItemRows::new(Arc::clone(&t));
+        let mut b = ItemRows::new(Arc::clone(&t));
+        let mut ra = vec![0.0; 10];
+        let mut rb = vec![0.0; 10];
+        a.load(3000, &mut ra);
+        b.load(3000, &mut rb);
+        assert_eq!(ra, rb);
+        assert!(ra[..4].iter().any(|&v| v != 0.0));
+        assert_eq!(ra[4], 0.0);
+        assert_eq!(&ra[5..], &[ADAGRAD_INIT_ACC; 5]);
+        // A store through one handle is seen by the other, and not re-initialised.
+        ra[0] = 42.0;
+        a.store(3000, &ra);
+        b.load(3000, &mut rb);
+        assert_eq!(rb[0], 42.0);
+        // Different items get different rows.
+        b.load(3001, &mut rb);
+        assert_ne!(rb[..4], ra[..4]);
+    }
+
+    #[test]
+    fn concurrent_first_use_initialises_exactly_once() {
+        let t = table(false);
+        let rows: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let t = Arc::clone(&t);
+                    s.spawn(move || {
+                        let mut h = ItemRows::new(t);
+                        let mut out = vec![0.0; 5];
+                        for item in 0..5000 {
+                            h.load(item, &mut out);
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(rows.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn score_all_matches_dot_products() {
+        let t = table(false);
+        let mut h = ItemRows::new(t);
+        let p = [1.0, -2.0, 0.5, 0.25];
+        let mut scores = Vec::new();
+        h.score_all(&p, true, 3, &mut scores);
+        for item in 0..3 {
+            let mut row = vec![0.0; 5];
+            h.load(item, &mut row);
+            let dot: f32 = p.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() + row[4];
+            assert_eq!(scores[item as usize], dot);
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! tidepool's dataflow: timely operators and the online models they train.
+//!
+//! - [`run_backtest`]: replays an [`EventSource`](tidepool_pipeline::EventSource) through
+//!   the prequential dataflow and reports quality and throughput.
+//! - [`config`]: models, the evaluation protocol, replay settings.
+//! - `ingest`: source → timely input, event-time ticks, flow control.
+//! - `learner`: score-then-train per event, per worker.
+//! - `model`: `mostpop` and `bpr` (matrix factorisation, BPR loss, SGD/Adagrad).
+//! - `item_table`: item embeddings shared by a process's workers (Hogwild!).
+//! - `eval`: the rank of a held-out item under the protocol's tie rule.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod backtest;
+pub mod config;
+mod eval;
+mod ingest;
+mod item_table;
+mod learner;
+mod model;
+mod state;
+
+pub use backtest::{run_backtest, BacktestReport, VariantReport, WindowReport};
+pub use config::{BacktestConfig, EvalConfig, ModelConfig, ModelKind, Optimizer, VariantConfig};
+pub use ingest::{auto_tick, Clock, IngestStats};
+pub use item_table::ItemTable;
+pub use learner::{auto_window, Protocol};

@@ -1,0 +1,339 @@
+//! Matrix factorisation trained online with the BPR pairwise loss.
+//!
+//! `score(u, i) = p_u · q_i + b_i`. For a positive `i` and a negative `j`,
+//! `x = score(u, i) - score(u, j)` and the loss is `-ln σ(x) = softplus(-x)`
+//! (Rendle et al., UAI 2009), plus `reg/2 · ‖θ‖²` on the rows the step touches. Each
+//! event takes one step per negative, in the order the sampler drew them.
+//!
+//! User rows are local to the worker that owns the user; item rows live in the shared
+//! [`ItemTable`](crate::item_table::ItemTable). A step copies the rows it needs into
+//! scratch buffers, computes in plain `f32` (which the compiler vectorises), and writes
+//! them back.
+
+use std::sync::Arc;
+
+use tidepool_samplers::Negative;
+
+use crate::config::{ModelConfig, Optimizer};
+use crate::item_table::{ItemRows, ItemTable, RowLayout};
+
+/// Salt that keeps user initialisation independent of item initialisation.
+const USER_SALT: u64 = 0x05e7;
+
+/// `ln(1 + e^z)` without overflow.
+#[inline]
+pub(crate) fn softplus(z: f32) -> f32 {
+    if z > 0.0 {
+        z + (-z).exp().ln_1p()
+    } else {
+        z.exp().ln_1p()
+    }
+}
+
+/// `1 / (1 + e^-z)`.
+#[inline]
+pub(crate) fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Gradients of one BPR pair's loss with respect to every parameter it touches.
+#[derive(Debug, PartialEq)]
+pub(crate) struct PairGradient {
+    pub(crate) loss: f32,
+    pub(crate) p: Vec<f32>,
+    pub(crate) qi: Vec<f32>,
+    pub(crate) qj: Vec<f32>,
+    pub(crate) bi: f32,
+    pub(crate) bj: f32,
+}
+
+/// The loss and gradient of one pair: a reference implementation for tests (the training
+/// loop fuses the same arithmetic with the update).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn pair_gradient(
+    p: &[f32],
+    qi: &[f32],
+    qj: &[f32],
+    bi: f32,
+    bj: f32,
+    reg: f32,
+) -> PairGradient {
+    let x: f32 = p
+        .iter()
+        .zip(qi)
+        .zip(qj)
+        .map(|((p, i), j)| p * (i - j))
+        .sum::<f32>()
+        + bi
+        - bj;
+    let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+    let loss = softplus(-x) + 0.5 * reg * (norm(p) + norm(qi) + norm(qj) + bi * bi + bj * bj);
+    let g = sigmoid(-x);
+    PairGradient {
+        loss,
+        p: p.iter()
+            .zip(qi)
+            .zip(qj)
+            .map(|((p, i), j)| -g * (i - j) + reg * p)
+            .collect(),
+        qi: p.iter().zip(qi).map(|(p, i)| -g * p + reg * i).collect(),
+        qj: p.iter().zip(qj).map(|(p, j)| g * p + reg * j).collect(),
+        bi: -g + reg * bi,
+        bj: g + reg * bj,
+    }
+}
+
+/// Adagrad's step for one coordinate.
+#[inline(always)]
+fn adagrad(lr: f32, theta: &mut f32, acc: &mut f32, g: f32) {
+    *acc += g * g;
+    *theta -= lr * g / acc.sqrt();
+}
+
+/// The per-worker half of a BPR model: owned user rows plus a handle on the shared items.
+pub(crate) struct Bpr {
+    cfg: ModelConfig,
+    seed: u64,
+    layout: RowLayout,
+    items: ItemRows,
+    /// Row-major user rows, `layout.stride()` values each, indexed by dense user index.
+    users: Vec<f32>,
+    qi: Vec<f32>,
+    qj: Vec<f32>,
+}
+
+impl Bpr {
+    pub(crate) fn new(cfg: ModelConfig, seed: u64, table: Arc<ItemTable>) -> Self {
+        let items = ItemRows::new(table);
+        let layout = items.layout();
+        let stride = layout.stride();
+        Self {
+            seed,
+            layout,
+            items,
+            users: Vec::new(),
+            qi: vec![0.0; stride],
+            qj: vec![0.0; stride],
+            cfg,
+        }
+    }
+
+    /// The layout a table for this configuration needs.
+    pub(crate) fn layout_for(cfg: &ModelConfig) -> RowLayout {
+        RowLayout {
+            dim: cfg.dim,
+            adagrad: cfg.optimizer == Optimizer::Adagrad,
+        }
+    }
+
+    /// Makes sure dense user `user` (raw id `id`) has a row. Users arrive in dense order.
+    #[inline]
+    pub(crate) fn ensure_user(&mut self, user: u32, id: u64) {
+        let stride = self.layout.stride();
+        let start = user as usize * stride;
+        if start >= self.users.len() {
+            self.users.resize(start + stride, 0.0);
+            self.layout.init(
+                self.seed,
+                USER_SALT,
+                id,
+                self.cfg.init_std,
+                &mut self.users[start..start + stride],
+            );
+        }
+    }
+
+    /// Scores of user `user` against items `0..n`.
+    pub(crate) fn score_all(&mut self, user: u32, n: usize, out: &mut Vec<f32>) {
+        let stride = self.layout.stride();
+        let start = user as usize * stride;
+        let p = &self.users[start..start + self.layout.dim];
+        self.items.score_all(p, self.cfg.item_bias, n, out);
+    }
+
+    /// One BPR step per negative for the positive `pos`. Returns the summed pair loss
+    /// (before the steps, without the regulariser).
+    pub(crate) fn train(&mut self, user: u32, pos: u32, negatives: &[Negative]) -> f64 {
+        if negatives.is_empty() {
+            return 0.0;
+        }
+        let (dim, stride) = (self.layout.dim, self.layout.stride());
+        let (lr, reg, bias) = (self.cfg.lr, self.cfg.reg, self.cfg.item_bias);
+        let start = user as usize * stride;
+        // Rows are [embedding, bias | accumulators]; with SGD the second half is empty.
+        let (p, pacc) = self.users[start..start + stride].split_at_mut(dim + 1);
+        self.items.load(pos, &mut self.qi);
+        let mut loss = 0.0f64;
+        for neg in negatives {
+            self.items.load(neg.item, &mut self.qj);
+            let (qi, iacc) = self.qi.split_at_mut(dim + 1);
+            let (qj, jacc) = self.qj.split_at_mut(dim + 1);
+            let mut x = 0.0f32;
+            for k in 0..dim {
+                x += p[k] * (qi[k] - qj[k]);
+            }
+            if bias {
+                x += qi[dim] - qj[dim];
+            }
+            loss += softplus(-x) as f64;
+            let g = sigmoid(-x);
+            // Two loops rather than a branch per coordinate, so each one vectorises.
+            match self.cfg.optimizer {
+                Optimizer::Adagrad => {
+                    for k in 0..dim {
+                        let (pk, ik, jk) = (p[k], qi[k], qj[k]);
+                        adagrad(lr, &mut p[k], &mut pacc[k], -g * (ik - jk) + reg * pk);
+                        adagrad(lr, &mut qi[k], &mut iacc[k], -g * pk + reg * ik);
+                        adagrad(lr, &mut qj[k], &mut jacc[k], g * pk + reg * jk);
+                    }
+                    if bias {
+                        let (bi, bj) = (qi[dim], qj[dim]);
+                        adagrad(lr, &mut qi[dim], &mut iacc[dim], -g + reg * bi);
+                        adagrad(lr, &mut qj[dim], &mut jacc[dim], g + reg * bj);
+                    }
+                }
+                Optimizer::Sgd => {
+                    for k in 0..dim {
+                        let (pk, ik, jk) = (p[k], qi[k], qj[k]);
+                        p[k] -= lr * (-g * (ik - jk) + reg * pk);
+                        qi[k] -= lr * (-g * pk + reg * ik);
+                        qj[k] -= lr * (g * pk + reg * jk);
+                    }
+                    if bias {
+                        qi[dim] -= lr * (-g + reg * qi[dim]);
+                        qj[dim] -= lr * (g + reg * qj[dim]);
+                    }
+                }
+            }
+            self.items.store(neg.item, &self.qj);
+        }
+        self.items.store(pos, &self.qi);
+        loss
+    }
+
+    /// Bytes of user rows this worker holds.
+    #[allow(dead_code)]
+    pub(crate) fn user_bytes(&self) -> usize {
+        self.users.capacity() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loss_at(p: &[f32], qi: &[f32], qj: &[f32], bi: f32, bj: f32, reg: f32) -> f64 {
+        pair_gradient(p, qi, qj, bi, bj, reg).loss as f64
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let p = vec![0.3, -0.2, 0.5, 0.1];
+        let qi = vec![0.1, 0.4, -0.3, 0.2];
+        let qj = vec![-0.2, 0.1, 0.3, 0.05];
+        let (bi, bj, reg) = (0.2, -0.1, 0.01);
+        let g = pair_gradient(&p, &qi, &qj, bi, bj, reg);
+        let h = 1e-3f32;
+        let check = |analytic: f32, plus: f64, minus: f64| {
+            let numeric = (plus - minus) / (2.0 * h as f64);
+            assert!(
+                (analytic as f64 - numeric).abs() < 2e-3,
+                "analytic {analytic} vs numeric {numeric}"
+            );
+        };
+        for k in 0..4 {
+            let bump = |v: &[f32], d: f32| {
+                let mut v = v.to_vec();
+                v[k] += d;
+                v
+            };
+            check(
+                g.p[k],
+                loss_at(&bump(&p, h), &qi, &qj, bi, bj, reg),
+                loss_at(&bump(&p, -h), &qi, &qj, bi, bj, reg),
+            );
+            check(
+                g.qi[k],
+                loss_at(&p, &bump(&qi, h), &qj, bi, bj, reg),
+                loss_at(&p, &bump(&qi, -h), &qj, bi, bj, reg),
+            );
+            check(
+                g.qj[k],
+                loss_at(&p, &qi, &bump(&qj, h), bi, bj, reg),
+                loss_at(&p, &qi, &bump(&qj, -h), bi, bj, reg),
+            );
+        }
+        check(
+            g.bi,
+            loss_at(&p, &qi, &qj, bi + h, bj, reg),
+            loss_at(&p, &qi, &qj, bi - h, bj, reg),
+        );
+        check(
+            g.bj,
+            loss_at(&p, &qi, &qj, bi, bj + h, reg),
+            loss_at(&p, &qi, &qj, bi, bj - h, reg),
+        );
+    }
+
+    #[test]
+    fn softplus_is_stable() {
+        assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-6);
+        assert_eq!(softplus(100.0), 100.0);
+        assert!(softplus(-100.0) >= 0.0 && softplus(-100.0) < 1e-30);
+        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
+    }
+
+    fn model(opt: Optimizer) -> Bpr {
+        let cfg = ModelConfig {
+            dim: 8,
+            lr: 0.1,
+            optimizer: opt,
+            ..ModelConfig::default()
+        };
+        let table = Arc::new(ItemTable::new(Bpr::layout_for(&cfg), 1, cfg.init_std));
+        Bpr::new(cfg, 1, table)
+    }
+
+    #[test]
+    fn training_moves_the_positive_above_the_negative() {
+        for opt in [Optimizer::Sgd, Optimizer::Adagrad] {
+            let mut m = model(opt);
+            m.ensure_user(0, 77);
+            let negs = [Negative { item: 1, q: 0.5 }];
+            let first = m.train(0, 0, &negs);
+            let mut last = first;
+            for _ in 0..50 {
+                last = m.train(0, 0, &negs);
+            }
+            assert!(last < first * 0.5, "{opt:?}: loss {first} -> {last}");
+            let mut scores = Vec::new();
+            m.score_all(0, 2, &mut scores);
+            assert!(scores[0] > scores[1], "{opt:?}: {scores:?}");
+        }
+    }
+
+    #[test]
+    fn the_training_step_is_gradient_descent() {
+        // One SGD step must move every parameter by -lr * gradient of pair_gradient.
+        let mut m = model(Optimizer::Sgd);
+        m.cfg.reg = 0.01;
+        m.ensure_user(0, 5);
+        let stride = m.layout.stride();
+        let p0 = m.users[..8].to_vec();
+        let (mut qi0, mut qj0) = (vec![0.0; stride], vec![0.0; stride]);
+        m.items.load(0, &mut qi0);
+        m.items.load(1, &mut qj0);
+        let g = pair_gradient(&p0, &qi0[..8], &qj0[..8], qi0[8], qj0[8], 0.01);
+        m.train(0, 0, &[Negative { item: 1, q: 0.5 }]);
+        let (mut qi1, mut qj1) = (vec![0.0; stride], vec![0.0; stride]);
+        m.items.load(0, &mut qi1);
+        m.items.load(1, &mut qj1);
+        for k in 0..8 {
+            assert!((m.users[k] - (p0[k] - 0.1 * g.p[k])).abs() < 1e-6);
+            assert!((qi1[k] - (qi0[k] - 0.1 * g.qi[k])).abs() < 1e-6);
+            assert!((qj1[k] - (qj0[k] - 0.1 * g.qj[k])).abs() < 1e-6);
+        }
+        assert!((qi1[8] - (qi0[8] - 0.1 * g.bi)).abs() < 1e-6);
+        assert!((qj1[8] - (qj0[8] - 0.1 * g.bj)).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,80 @@
+//! The models a variant can train, behind one enum so the per-event loop stays
+//! monomorphic: `mostpop` (counts so far) and `bpr` (matrix factorisation).
+
+mod bpr;
+
+use std::sync::Arc;
+
+pub(crate) use bpr::Bpr;
+use rustc_hash::FxHashSet;
+use tidepool_samplers::Negative;
+
+use crate::config::{ModelConfig, ModelKind};
+use crate::eval::rank_of;
+use crate::item_table::ItemTable;
+use crate::state::ItemCatalogue;
+
+/// One variant's model on one worker.
+pub(crate) enum Model {
+    /// Scores items by how often they were interacted with so far; learns nothing else.
+    MostPop,
+    /// Matrix factorisation with BPR.
+    Bpr(Box<Bpr>),
+}
+
+impl Model {
+    /// The worker's half of a model; `table` is the process-wide item table for BPR.
+    pub(crate) fn new(cfg: &ModelConfig, seed: u64, table: Option<Arc<ItemTable>>) -> Self {
+        match (cfg.kind, table) {
+            (ModelKind::Bpr, Some(table)) => {
+                Model::Bpr(Box::new(Bpr::new(cfg.clone(), seed, table)))
+            }
+            _ => Model::MostPop,
+        }
+    }
+
+    /// The item table a process needs for this configuration, if any.
+    pub(crate) fn table_for(cfg: &ModelConfig, seed: u64) -> Option<Arc<ItemTable>> {
+        (cfg.kind == ModelKind::Bpr)
+            .then(|| Arc::new(ItemTable::new(Bpr::layout_for(cfg), seed, cfg.init_std)))
+    }
+
+    /// Whether training takes negatives.
+    pub(crate) fn wants_negatives(&self) -> bool {
+        matches!(self, Model::Bpr(_))
+    }
+
+    #[inline]
+    pub(crate) fn ensure_user(&mut self, user: u32, id: u64) {
+        if let Model::Bpr(m) = self {
+            m.ensure_user(user, id);
+        }
+    }
+
+    /// Rank of `target` for `user` among the first `catalogue.len()` items minus history.
+    pub(crate) fn rank(
+        &mut self,
+        user: u32,
+        target: u32,
+        catalogue: &ItemCatalogue,
+        history: &FxHashSet<u32>,
+        scratch: &mut Vec<f32>,
+    ) -> u64 {
+        match self {
+            Model::MostPop => rank_of(catalogue.counts(), target, history.iter().copied()),
+            Model::Bpr(m) => {
+                m.score_all(user, catalogue.len(), scratch);
+                rank_of(scratch, target, history.iter().copied())
+            }
+        }
+    }
+
+    /// Learns from one positive; returns the summed pair loss.
+    #[inline]
+    pub(crate) fn train(&mut self, user: u32, item: u32, negatives: &[Negative]) -> f64 {
+        match self {
+            Model::MostPop => 0.0,
+            Model::Bpr(m) => m.train(user, item, negatives),
+        }
+    }
+}

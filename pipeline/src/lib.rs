@@ -1,0 +1,24 @@
+//! tidepool's shared vocabulary: what every other crate speaks.
+//!
+//! - [`event`]: the event schema (Arrow columns, the compact [`Event`]) and the decoder.
+//! - [`source`]: [`EventSource`], the trait connectors implement.
+//! - [`dead_letter`]: records that could not be used, with their reason.
+//! - [`metrics`]: additive quality counters and the names they are reported under.
+//! - [`error`]: [`Error`], classified by domain.
+//!
+//! This crate depends on Arrow's data crates only: no timely, no client libraries.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod dead_letter;
+pub mod error;
+pub mod event;
+pub mod metrics;
+pub mod source;
+
+pub use dead_letter::{DeadLetter, DeadLetterSink, JsonlDeadLetters, MemoryDeadLetters};
+pub use error::{Error, ErrorDomain, Result};
+pub use event::{BatchOrigin, Event, EventType};
+pub use metrics::Quality;
+pub use source::{EventReader, EventSource, SourceBatch, SourceInfo};

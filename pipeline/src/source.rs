@@ -1,0 +1,47 @@
+//! Sources of events: the trait every connector implements to feed a replay or a stream.
+//!
+//! A source is opened once per timely worker. Each worker reads its own share (row groups,
+//! partitions) and hands back Arrow batches with canonical column names plus the
+//! [`BatchOrigin`] that positions them. Connectors live in their own crates and depend on
+//! this trait, never the other way round.
+
+use arrow_array::RecordBatch;
+
+use crate::error::Result;
+use crate::event::BatchOrigin;
+
+/// What a source knows about itself before it is read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceInfo {
+    /// A short human description (file names, generator settings).
+    pub description: String,
+    /// Total number of rows, when known up front (Parquet metadata, generator).
+    pub rows: Option<u64>,
+    /// Smallest event time in milliseconds, when known.
+    pub min_ts: Option<i64>,
+    /// Largest event time in milliseconds, when known.
+    pub max_ts: Option<i64>,
+}
+
+/// One batch from a source.
+#[derive(Clone, Debug)]
+pub struct SourceBatch {
+    /// Rows with canonical column names (see [`crate::event`]).
+    pub records: RecordBatch,
+    /// Where they came from.
+    pub origin: BatchOrigin,
+}
+
+/// A worker's share of a source: batches in the order the worker should replay them.
+pub type EventReader = Box<dyn Iterator<Item = Result<SourceBatch>>>;
+
+/// A source of behaviour events that can be split over timely workers.
+pub trait EventSource: Send + Sync {
+    /// What is known about the source without reading it.
+    fn info(&self) -> SourceInfo;
+
+    /// Opens the share of worker `worker` out of `workers`. Shares are disjoint and
+    /// together cover the source; each share yields batches in non-decreasing event time
+    /// when the source is sorted.
+    fn open(&self, worker: usize, workers: usize) -> Result<EventReader>;
+}
