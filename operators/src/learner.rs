@@ -364,7 +364,10 @@ mod tests {
             l.process_round(&mut b);
             merged.merge(&l.finish().variants[0].1);
         }
-        assert_eq!(merged, single);
+        // Counts agree exactly; float sums only up to summation order.
+        assert_eq!((merged.events, merged.scored, merged.hits), (single.events, single.scored, single.hits));
+        assert!((merged.ndcg_sum - single.ndcg_sum).abs() < 1e-9);
+        assert!((merged.rr_sum - single.rr_sum).abs() < 1e-9);
         assert_eq!(single.events, 200);
         assert_eq!(single.scored, 198);
     }

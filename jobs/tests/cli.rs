@@ -1,0 +1,143 @@
+//! The `tidepool` binary as users run it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tidepool(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("tidepool runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn default_backtest_writes_summary_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tidepool(
+        &[
+            "backtest",
+            "--events",
+            "20000",
+            "--summary-json",
+            "summary.json",
+            "--metrics-out",
+            "metrics.csv",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("recall@10"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    for key in [
+        "model",
+        "events",
+        "events_scored",
+        "recall@10",
+        "ndcg@10",
+        "mrr",
+        "train_events_per_sec",
+        "total_seconds",
+        "config",
+    ] {
+        assert!(summary.get(key).is_some(), "summary lacks {key}: {summary}");
+    }
+    assert_eq!(summary["model"], "bpr");
+    assert_eq!(summary["events"], 20000);
+    assert_eq!(summary["events_scored"], 1800);
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("variant,window_start_ms"));
+    let events: u64 = lines
+        .map(|l| l.split(',').nth(3).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(events, 20000, "windows cover every event");
+}
+
+#[test]
+fn generate_import_and_backtest_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tidepool(
+        &["generate", "-o", "gen.parquet", "--events", "5000", "--users", "50", "--items", "80", "--seed", "3"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        dir.path().join("u.data"),
+        "1\t10\t5\t881250949\n2\t10\t3\t881250950\n1\t20\t4\t881250948\n",
+    )
+    .unwrap();
+    let out = tidepool(
+        &["import", "u.data", "-o", "ml.parquet", "--preset", "movielens-100k"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("imported 3 rows"), "{}", text(&out.stdout));
+    let out = tidepool(
+        &[
+            "backtest",
+            "gen.parquet",
+            "ml.parquet",
+            "--model",
+            "mostpop",
+            "--workers",
+            "2",
+            "--metrics-out",
+            "m.parquet",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("5003 events"), "{}", text(&out.stdout));
+    let file = std::fs::File::open(dir.path().join("m.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    assert!(reader.metadata().file_metadata().num_rows() > 0);
+}
+
+#[test]
+fn bad_input_fails_with_file_line_and_reason_or_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.csv"),
+        "userId,movieId,rating,timestamp\n1,2,4.0,10\n1,oops,4.0,11\n",
+    )
+    .unwrap();
+    let out = tidepool(
+        &["import", "r.csv", "-o", "r.parquet", "--preset", "movielens-csv"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("r.csv:3: item \"oops\" is not an unsigned integer"), "{err}");
+    assert!(!dir.path().join("r.parquet").exists());
+
+    let out = tidepool(
+        &["import", "r.csv", "-o", "r.parquet", "--preset", "movielens-csv", "--skip-bad"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let letters = std::fs::read_to_string(dir.path().join("r.parquet.dead-letters.jsonl")).unwrap();
+    assert_eq!(letters.lines().count(), 1);
+    assert!(letters.contains("\"raw\":\"1,oops,4.0,11\""), "{letters}");
+}
+
+#[test]
+fn invalid_flags_are_rejected_with_the_valid_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tidepool(&["backtest", "--model", "svd"], dir.path());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("valid: bpr, mostpop"), "{}", text(&out.stderr));
+    let out = tidepool(&["backtest", "--warmup", "1.5"], dir.path());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("must be in [0, 1)"));
+    let out = tidepool(&["backtest", "missing.parquet"], dir.path());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("missing.parquet"), "{}", text(&out.stderr));
+}

@@ -1,0 +1,6 @@
+//! tidepool's integration tests: one binary, one module per area.
+
+mod backtest_determinism;
+mod backtest_parquet;
+mod common;
+mod movielens_oracle;
