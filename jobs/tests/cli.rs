@@ -65,7 +65,19 @@ fn default_backtest_writes_summary_and_metrics() {
 fn generate_import_and_backtest_parquet() {
     let dir = tempfile::tempdir().unwrap();
     let out = tidepool(
-        &["generate", "-o", "gen.parquet", "--events", "5000", "--users", "50", "--items", "80", "--seed", "3"],
+        &[
+            "generate",
+            "-o",
+            "gen.parquet",
+            "--events",
+            "5000",
+            "--users",
+            "50",
+            "--items",
+            "80",
+            "--seed",
+            "3",
+        ],
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -75,11 +87,22 @@ fn generate_import_and_backtest_parquet() {
     )
     .unwrap();
     let out = tidepool(
-        &["import", "u.data", "-o", "ml.parquet", "--preset", "movielens-100k"],
+        &[
+            "import",
+            "u.data",
+            "-o",
+            "ml.parquet",
+            "--preset",
+            "movielens-100k",
+        ],
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("imported 3 rows"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("imported 3 rows"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = tidepool(
         &[
             "backtest",
@@ -95,9 +118,14 @@ fn generate_import_and_backtest_parquet() {
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("5003 events"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("5003 events"),
+        "{}",
+        text(&out.stdout)
+    );
     let file = std::fs::File::open(dir.path().join("m.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
     assert!(reader.metadata().file_metadata().num_rows() > 0);
 }
 
@@ -110,16 +138,34 @@ fn bad_input_fails_with_file_line_and_reason_or_is_dead_lettered() {
     )
     .unwrap();
     let out = tidepool(
-        &["import", "r.csv", "-o", "r.parquet", "--preset", "movielens-csv"],
+        &[
+            "import",
+            "r.csv",
+            "-o",
+            "r.parquet",
+            "--preset",
+            "movielens-csv",
+        ],
         dir.path(),
     );
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("r.csv:3: item \"oops\" is not an unsigned integer"), "{err}");
+    assert!(
+        err.contains("r.csv:3: item \"oops\" is not an unsigned integer"),
+        "{err}"
+    );
     assert!(!dir.path().join("r.parquet").exists());
 
     let out = tidepool(
-        &["import", "r.csv", "-o", "r.parquet", "--preset", "movielens-csv", "--skip-bad"],
+        &[
+            "import",
+            "r.csv",
+            "-o",
+            "r.parquet",
+            "--preset",
+            "movielens-csv",
+            "--skip-bad",
+        ],
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -133,11 +179,19 @@ fn invalid_flags_are_rejected_with_the_valid_choices() {
     let dir = tempfile::tempdir().unwrap();
     let out = tidepool(&["backtest", "--model", "svd"], dir.path());
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("valid: bpr, mostpop"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("valid: bpr, mostpop"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = tidepool(&["backtest", "--warmup", "1.5"], dir.path());
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("must be in [0, 1)"));
     let out = tidepool(&["backtest", "missing.parquet"], dir.path());
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("missing.parquet"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("missing.parquet"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -41,7 +41,7 @@ use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
-use crate::ingest::{auto_tick, drive, Clock, EventInput, IngestStats};
+use crate::ingest::{auto_tick, drive, Clock, EventInput, Feed, IngestStats};
 use crate::learner::{Learner, Protocol, WorkerResult};
 use crate::model::Model;
 
@@ -207,16 +207,13 @@ pub fn run_backtest(
             });
 
             let ingest = source.open(index, peers).and_then(|reader| {
-                drive(
-                    worker,
-                    &mut input,
-                    &probe,
-                    reader,
+                let feed = Feed {
                     clock,
-                    config.rounds_in_flight,
-                    dead.as_ref(),
-                    &cancel,
-                )
+                    rounds_in_flight: config.rounds_in_flight,
+                    dead: dead.as_ref(),
+                    cancel: &cancel,
+                };
+                drive(worker, &mut input, &probe, reader, &feed)
             });
             if ingest.is_err() {
                 cancel.store(true, Ordering::Relaxed);

@@ -11,11 +11,11 @@ pub const DEFAULT_DIM: usize = 64;
 /// Default value for [`ModelConfig::lr`].
 pub const DEFAULT_LR: f32 = 0.05;
 /// Default value for [`ModelConfig::reg`].
-pub const DEFAULT_REG: f32 = 0.0025;
+pub const DEFAULT_REG: f32 = 0.01;
 /// Default value for [`ModelConfig::negatives`].
 pub const DEFAULT_NEGATIVES: usize = 4;
 /// Default value for [`ModelConfig::init_std`].
-pub const DEFAULT_INIT_STD: f32 = 0.1;
+pub const DEFAULT_INIT_STD: f32 = 0.01;
 /// Default value for [`EvalConfig::warmup`].
 pub const DEFAULT_WARMUP: f64 = 0.1;
 /// Default value for [`EvalConfig::eval_every`].

@@ -72,18 +72,30 @@ const SEND_BATCH: usize = 4096;
 
 pub(crate) type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<Event>>>;
 
-/// Reads `reader` to the end into `input`. Stops early (without error) when `cancel`
-/// is set by another worker that failed.
+/// How a worker feeds its input: the clock, the flow-control bound, where dead letters
+/// go, and the flag another worker sets when it fails.
+pub(crate) struct Feed<'a> {
+    pub(crate) clock: Clock,
+    pub(crate) rounds_in_flight: u64,
+    pub(crate) dead: &'a dyn DeadLetterSink,
+    pub(crate) cancel: &'a AtomicBool,
+}
+
+/// Reads `reader` to the end into `input`. Stops early (without error) when
+/// `feed.cancel` is set by another worker that failed.
 pub(crate) fn drive(
     worker: &mut Worker,
     input: &mut EventInput,
     probe: &ProbeHandle<u64>,
     reader: EventReader,
-    clock: Clock,
-    rounds_in_flight: u64,
-    dead: &dyn DeadLetterSink,
-    cancel: &AtomicBool,
+    feed: &Feed<'_>,
 ) -> Result<IngestStats> {
+    let Feed {
+        clock,
+        rounds_in_flight,
+        dead,
+        cancel,
+    } = *feed;
     let mut stats = IngestStats::default();
     let mut decoded = Vec::new();
     let mut pending: Vec<Event> = Vec::with_capacity(SEND_BATCH);

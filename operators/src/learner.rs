@@ -55,7 +55,9 @@ impl Protocol {
     /// Whether the event at replay index `index` is scored.
     #[inline]
     pub fn scores(&self, index: u64) -> bool {
-        self.eval_every > 0 && index >= self.warmup && (index - self.warmup) % self.eval_every == 0
+        self.eval_every > 0
+            && index >= self.warmup
+            && (index - self.warmup).is_multiple_of(self.eval_every)
     }
 
     /// The window an event time falls in.
@@ -365,7 +367,10 @@ mod tests {
             merged.merge(&l.finish().variants[0].1);
         }
         // Counts agree exactly; float sums only up to summation order.
-        assert_eq!((merged.events, merged.scored, merged.hits), (single.events, single.scored, single.hits));
+        assert_eq!(
+            (merged.events, merged.scored, merged.hits),
+            (single.events, single.scored, single.hits)
+        );
         assert!((merged.ndcg_sum - single.ndcg_sum).abs() < 1e-9);
         assert!((merged.rr_sum - single.rr_sum).abs() < 1e-9);
         assert_eq!(single.events, 200);

@@ -104,7 +104,7 @@ struct RowGroup {
     min_ts: Option<i64>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct FileEntry {
     path: PathBuf,
     name: Arc<str>,
@@ -142,7 +142,7 @@ impl ParquetSource {
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             let builder = ParquetRecordBatchReaderBuilder::try_new(file)
                 .map_err(|e| Error::connector(context(), e))?;
-            let schema = builder.schema().clone();
+            let schema = Arc::clone(builder.schema());
             let (projection, ts_type) = project(&schema, &mapping)
                 .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
             let int_time = matches!(ts_type, DataType::Int64 | DataType::Int32);
@@ -296,22 +296,16 @@ impl EventSource for ParquetSource {
             .filter(|(i, _)| i % workers.max(1) == worker)
             .map(|(_, rg)| rg.clone())
             .collect();
-        let files: Vec<(PathBuf, Arc<str>, Vec<(usize, &'static str)>, bool)> = self
-            .files
-            .iter()
-            .map(|f| {
-                (
-                    f.path.clone(),
-                    Arc::clone(&f.name),
-                    f.projection.clone(),
-                    f.int_time,
-                )
-            })
-            .collect();
+        let files = self.files.clone();
         let unit = self.mapping.int_time_unit;
         let batch_rows = self.batch_rows;
         let reader = mine.into_iter().flat_map(move |rg| {
-            let (path, name, projection, int_time) = files[rg.file].clone();
+            let FileEntry {
+                path,
+                name,
+                projection,
+                int_time,
+            } = files[rg.file].clone();
             match open_row_group(&path, &rg, &projection, batch_rows) {
                 Err(e) => Box::new(std::iter::once(Err(e))) as EventReader,
                 Ok(batches) => {

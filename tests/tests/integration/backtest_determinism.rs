@@ -40,8 +40,15 @@ fn mostpop_is_the_same_on_one_two_and_three_workers() {
         let (many, _) = run(source(40_000), &config(ModelKind::Mostpop, workers));
         let what = format!("workers={workers}");
         assert_same_quality(&many.variants[0].total, &one.variants[0].total, &what);
-        assert_eq!(many.variants[0].windows.len(), one.variants[0].windows.len());
-        for (m, o) in many.variants[0].windows.iter().zip(&one.variants[0].windows) {
+        assert_eq!(
+            many.variants[0].windows.len(),
+            one.variants[0].windows.len()
+        );
+        for (m, o) in many.variants[0]
+            .windows
+            .iter()
+            .zip(&one.variants[0].windows)
+        {
             assert_eq!(m.start_ms, o.start_ms);
             assert_same_quality(&m.quality, &o.quality, &what);
         }
@@ -53,6 +60,9 @@ fn mostpop_is_the_same_on_one_two_and_three_workers() {
 fn bpr_learns_the_synthetic_stream_better_than_popularity() {
     let (pop, _) = run(source(60_000), &config(ModelKind::Mostpop, 1));
     let (bpr, _) = run(source(60_000), &config(ModelKind::Bpr, 2));
-    let (p, b) = (pop.variants[0].total.recall(), bpr.variants[0].total.recall());
+    let (p, b) = (
+        pop.variants[0].total.recall(),
+        bpr.variants[0].total.recall(),
+    );
     assert!(b > 1.2 * p, "bpr recall {b} vs mostpop {p}");
 }

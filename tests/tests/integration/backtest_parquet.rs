@@ -20,11 +20,13 @@ fn write(path: &Path, rows: &[(Option<u64>, u64, i64)]) {
         Field::new("timestamp", DataType::Int64, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        )),
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.1))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
     ];
-    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns).unwrap();
     let mut w = EventWriter::create(path, schema, 1024).unwrap();
     w.write(&batch).unwrap();
     w.finish().unwrap();
@@ -54,9 +56,8 @@ fn tiny_history_end_to_end_across_files_and_workers() {
         &[(Some(3), 10, 4), (None, 10, 5), (Some(1), 20, 6)],
     );
     for workers in [1, 2] {
-        let source = Arc::new(
-            ParquetSource::open(&[dir.path().display().to_string()], mapping()).unwrap(),
-        );
+        let source =
+            Arc::new(ParquetSource::open(&[dir.path().display().to_string()], mapping()).unwrap());
         let mut cfg = config(ModelKind::Mostpop, workers);
         cfg.eval.warmup = 0.0;
         cfg.eval.eval_every = 1;
@@ -65,17 +66,27 @@ fn tiny_history_end_to_end_across_files_and_workers() {
         // e0 unseen: miss; e1 {10}: hit; e2 item 20 unseen: miss;
         // e3 user 3 knows 20, so {10}: hit; e4 user 1 knows 10, so {20}: hit.
         let q = report.variants[0].total;
-        assert_eq!((report.rows, report.events, q.scored, q.hits), (6, 5, 5, 3), "workers={workers}");
+        assert_eq!(
+            (report.rows, report.events, q.scored, q.hits),
+            (6, 5, 5, 3),
+            "workers={workers}"
+        );
         assert_eq!(report.dead_letters, 1);
         let letters = dead.kept();
-        assert!(letters[0].location.ends_with("part-1.parquet row 1"), "{letters:?}");
+        assert!(
+            letters[0].location.ends_with("part-1.parquet row 1"),
+            "{letters:?}"
+        );
         assert_eq!(letters[0].reason, "user_id is null");
         assert_eq!(report.reordered, 0);
         assert_eq!(report.items, 2);
         assert_eq!(report.users, 3);
         // Windows add up to the totals.
         let mut sum = Quality::default();
-        report.variants[0].windows.iter().for_each(|w| sum.merge(&w.quality));
+        report.variants[0]
+            .windows
+            .iter()
+            .for_each(|w| sum.merge(&w.quality));
         assert_eq!(sum, q);
     }
 }
@@ -85,7 +96,13 @@ fn unsorted_input_is_processed_late_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shuffled.parquet");
     let rows: Vec<_> = (0..2000i64)
-        .map(|i| (Some((i % 37) as u64), (i * 7 % 101) as u64, if i % 10 == 5 { i - 1000 } else { i }))
+        .map(|i| {
+            (
+                Some((i % 37) as u64),
+                (i * 7 % 101) as u64,
+                if i % 10 == 5 { i - 1000 } else { i },
+            )
+        })
         .collect();
     write(&path, &rows);
     let source = Arc::new(ParquetSource::open(&[path.display().to_string()], mapping()).unwrap());
@@ -105,7 +122,10 @@ fn missing_columns_and_files_are_clear_errors() {
     let err = ParquetSource::open(&[path.display().to_string()], ColumnMapping::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("column user_id (for user_id) is missing"), "{err}");
+    assert!(
+        err.contains("column user_id (for user_id) is missing"),
+        "{err}"
+    );
     assert!(err.contains("userId, movieId, timestamp"), "{err}");
     let err = ParquetSource::open(&[format!("{}/*.nothing", dir.path().display())], mapping())
         .unwrap_err()

@@ -42,9 +42,12 @@ pub(crate) fn config(model: ModelKind, workers: usize) -> BacktestConfig {
 }
 
 /// Runs a backtest with dead letters kept in memory.
-pub(crate) fn run(source: Arc<dyn EventSource>, cfg: &BacktestConfig) -> (BacktestReport, Arc<MemoryDeadLetters>) {
+pub(crate) fn run(
+    source: Arc<dyn EventSource>,
+    cfg: &BacktestConfig,
+) -> (BacktestReport, Arc<MemoryDeadLetters>) {
     let dead = Arc::new(MemoryDeadLetters::new(100));
-    let report = run_backtest(source, cfg, dead.clone(), &|_| {}).expect("backtest runs");
+    let report = run_backtest(source, cfg, Arc::clone(&dead) as _, &|_| {}).expect("backtest runs");
     (report, dead)
 }
 
@@ -56,7 +59,14 @@ pub(crate) fn assert_same_quality(a: &Quality, b: &Quality, what: &str) {
         (b.events, b.scored, b.hits, b.pairs),
         "{what}"
     );
-    for (x, y) in [(a.ndcg_sum, b.ndcg_sum), (a.rr_sum, b.rr_sum), (a.loss_sum, b.loss_sum)] {
-        assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{what}: {x} vs {y}");
+    for (x, y) in [
+        (a.ndcg_sum, b.ndcg_sum),
+        (a.rr_sum, b.rr_sum),
+        (a.loss_sum, b.loss_sum),
+    ] {
+        assert!(
+            (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+            "{what}: {x} vs {y}"
+        );
     }
 }

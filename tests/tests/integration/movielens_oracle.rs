@@ -27,14 +27,19 @@ fn mostpop_matches_the_reference_on_1_and_2_workers() {
 
     for workers in [1, 2] {
         let source = Arc::new(
-            ParquetSource::open(&[parquet.display().to_string()], ColumnMapping::default()).unwrap(),
+            ParquetSource::open(&[parquet.display().to_string()], ColumnMapping::default())
+                .unwrap(),
         );
         let (report, _) = run(source, &config(ModelKind::Mostpop, workers));
         let q = report.variants[0].total;
         assert_eq!(report.events, 100_836, "workers={workers}");
         assert_eq!(report.protocol.warmup, 10_083);
         assert_eq!(q.scored, 9_076);
-        assert_eq!(format!("{:.6}", q.recall()), "0.032724", "workers={workers}");
+        assert_eq!(
+            format!("{:.6}", q.recall()),
+            "0.032724",
+            "workers={workers}"
+        );
         assert_eq!(format!("{:.6}", q.ndcg()), "0.016644", "workers={workers}");
         assert_eq!(report.dead_letters, 0);
         assert_eq!(report.reordered, 0);
