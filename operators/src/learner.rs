@@ -101,8 +101,36 @@ struct Variant {
     sampler: Uniform,
     negatives: usize,
     rng: Xoshiro256PlusPlus,
-    total: Quality,
+    /// The window events are being added to; flushed into `windows` when it changes, so
+    /// the per-event path touches no map while event time stays in one window.
+    current: (i64, Quality),
     windows: BTreeMap<i64, Quality>,
+}
+
+impl Variant {
+    #[inline]
+    fn window(&mut self, window: i64) -> &mut Quality {
+        if self.current.0 != window {
+            self.flush();
+            self.current.0 = window;
+        }
+        &mut self.current.1
+    }
+
+    fn flush(&mut self) {
+        let (w, q) = std::mem::take(&mut self.current);
+        if q != Quality::default() {
+            self.windows.entry(w).or_default().merge(&q);
+        }
+    }
+
+    /// Totals and per-window counters; the totals are the sum of the windows.
+    fn finish(mut self) -> (String, Quality, BTreeMap<i64, Quality>) {
+        self.flush();
+        let mut total = Quality::default();
+        self.windows.values().for_each(|q| total.merge(q));
+        (self.name, total, self.windows)
+    }
 }
 
 /// What a worker hands back at the end of a replay.
@@ -155,7 +183,7 @@ impl Learner {
                 rng: Xoshiro256PlusPlus::seed_from_u64(splitmix64(
                     seed ^ splitmix64(((v as u64) << 32) | worker as u64),
                 )),
-                total: Quality::default(),
+                current: (0, Quality::default()),
                 windows: BTreeMap::new(),
             })
             .collect();
@@ -199,11 +227,8 @@ impl Learner {
         let target = self.catalogue.lookup(event.item);
         for v in &mut self.variants {
             v.model.ensure_user(user, event.user);
-            let q = v.windows.entry(window).or_default();
-            q.events += 1;
-            v.total.events += 1;
-            if scored {
-                let rank = target.map(|t| {
+            let rank = if scored {
+                Some(target.map(|t| {
                     v.model.rank(
                         user,
                         t,
@@ -211,9 +236,14 @@ impl Learner {
                         self.users.history(user),
                         &mut self.scores,
                     )
-                });
+                }))
+            } else {
+                None
+            };
+            let q = v.window(window);
+            q.events += 1;
+            if let Some(rank) = rank {
                 q.record_rank(rank, self.protocol.k);
-                v.total.record_rank(rank, self.protocol.k);
             }
         }
 
@@ -238,23 +268,16 @@ impl Learner {
                 }
             }
             let loss = v.model.train(user, item, &self.negatives);
-            let pairs = self.negatives.len() as u64;
-            let q = v.windows.entry(window).or_default();
-            q.pairs += pairs;
+            let q = v.window(window);
+            q.pairs += self.negatives.len() as u64;
             q.loss_sum += loss;
-            v.total.pairs += pairs;
-            v.total.loss_sum += loss;
         }
         self.users.remember(user, item);
     }
 
     pub(crate) fn finish(self) -> WorkerResult {
         WorkerResult {
-            variants: self
-                .variants
-                .into_iter()
-                .map(|v| (v.name, v.total, v.windows))
-                .collect(),
+            variants: self.variants.into_iter().map(Variant::finish).collect(),
             sampler_shortfalls: self.sampler_shortfalls,
             users: self.users.len() as u64,
             items: self.catalogue.len() as u64,
