@@ -105,8 +105,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             "{:<18} {:<8} {:>8} {:>12} {:>14.0}",
             r["data"].as_str().unwrap_or(""),
             r["model"].as_str().unwrap_or(""),
-            r["workers"],
-            r["events"],
+            r["workers"].as_u64().unwrap_or(0),
+            r["events"].as_u64().unwrap_or(0),
             r["events_per_sec"].as_f64().unwrap_or(0.0)
         );
     }

@@ -109,6 +109,12 @@ impl BacktestReport {
     }
 }
 
+/// Tick width when the source cannot tell its time range.
+const DEFAULT_TICK_WITHOUT_STATS_MS: i64 = 3_600_000;
+
+/// Metrics window when the source cannot tell its time range.
+const DEFAULT_WINDOW_WITHOUT_STATS_MS: i64 = 86_400_000;
+
 struct WorkerOutcome {
     ingest: IngestStats,
     learner: WorkerResult,
@@ -133,16 +139,37 @@ pub fn run_backtest(
             info.description
         ))
     })?;
-    let min_ts = info.min_ts.unwrap_or(0);
-    let max_ts = info.max_ts.unwrap_or(min_ts).max(min_ts);
-    let tick_ms = config
-        .tick_ms
-        .unwrap_or_else(|| auto_tick(rows, max_ts - min_ts, TARGET_EVENTS_PER_ROUND));
+    let (min_ts, max_ts, tick_ms) = match (info.min_ts, info.max_ts) {
+        (Some(lo), Some(hi)) => {
+            let hi = hi.max(lo);
+            let tick = config
+                .tick_ms
+                .unwrap_or_else(|| auto_tick(rows, hi - lo, TARGET_EVENTS_PER_ROUND));
+            (lo, hi, tick)
+        }
+        _ => {
+            // Without time statistics a derived tick could be a millisecond, and a round
+            // per distinct millisecond is slow; an hour is a safe default.
+            tracing::warn!(
+                source = %info.description,
+                "the source has no event-time statistics; using a 1 hour tick (set --tick to change)"
+            );
+            (
+                0,
+                0,
+                config.tick_ms.unwrap_or(DEFAULT_TICK_WITHOUT_STATS_MS),
+            )
+        }
+    };
     let clock = Clock {
         origin_ms: min_ts,
         tick_ms,
     };
-    let protocol = Protocol::new(&config.eval, rows, min_ts, max_ts);
+    let mut eval = config.eval.clone();
+    if info.min_ts.is_none() || info.max_ts.is_none() {
+        eval.window_ms = eval.window_ms.or(Some(DEFAULT_WINDOW_WITHOUT_STATS_MS));
+    }
+    let protocol = Protocol::new(&eval, rows, min_ts, max_ts);
     let tables: Vec<_> = config
         .variants
         .iter()
