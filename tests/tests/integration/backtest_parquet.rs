@@ -132,3 +132,24 @@ fn missing_columns_and_files_are_clear_errors() {
         .to_string();
     assert!(err.contains("matches no files"), "{err}");
 }
+
+#[test]
+fn a_source_without_time_statistics_still_replays_in_coarse_rounds() {
+    use tidepool_connector_generator::{Generator, GeneratorConfig};
+    let batches: Vec<_> = Generator::new(GeneratorConfig {
+        events: 5_000,
+        users: 100,
+        items: 100,
+        ..GeneratorConfig::default()
+    })
+    .unwrap()
+    .collect();
+    let (report, _) = run(
+        Arc::new(crate::common::VecSource(batches)),
+        &config(ModelKind::Mostpop, 2),
+    );
+    assert_eq!(report.events, 5_000);
+    assert_eq!(report.tick_ms, 3_600_000);
+    assert_eq!(report.protocol.window_ms, 86_400_000);
+    assert!(report.variants[0].windows.len() <= 2);
+}

@@ -70,3 +70,46 @@ pub(crate) fn assert_same_quality(a: &Quality, b: &Quality, what: &str) {
         );
     }
 }
+
+/// An in-memory source of canonical event batches that knows nothing about its time
+/// range, like a stream without statistics.
+pub(crate) struct VecSource(pub(crate) Vec<arrow_array::RecordBatch>);
+
+impl EventSource for VecSource {
+    fn info(&self) -> tidepool_pipeline::SourceInfo {
+        tidepool_pipeline::SourceInfo {
+            description: "vec".into(),
+            rows: Some(self.0.iter().map(|b| b.num_rows() as u64).sum()),
+            min_ts: None,
+            max_ts: None,
+        }
+    }
+
+    fn open(
+        &self,
+        worker: usize,
+        _workers: usize,
+    ) -> tidepool_pipeline::Result<tidepool_pipeline::EventReader> {
+        if worker != 0 {
+            return Ok(Box::new(std::iter::empty()));
+        }
+        let mut pos = 0u64;
+        let batches: Vec<_> = self
+            .0
+            .iter()
+            .map(|records| {
+                let origin = tidepool_pipeline::BatchOrigin {
+                    source: "vec".into(),
+                    first_row: pos,
+                    first_pos: pos,
+                };
+                pos += records.num_rows() as u64;
+                Ok(tidepool_pipeline::SourceBatch {
+                    records: records.clone(),
+                    origin,
+                })
+            })
+            .collect();
+        Ok(Box::new(batches.into_iter()))
+    }
+}
