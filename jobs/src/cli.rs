@@ -40,27 +40,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 2min, 1h, 7days)"))
 }
 
-fn parse_model(s: &str) -> Result<ModelKind, String> {
-    s.parse()
-        .map_err(|e: tidepool_pipeline::Error| e.to_string())
-}
-
-fn parse_optimizer(s: &str) -> Result<Optimizer, String> {
-    s.parse()
-        .map_err(|e: tidepool_pipeline::Error| e.to_string())
-}
-
-fn parse_col(s: &str) -> Result<ColRef, String> {
-    s.parse()
-        .map_err(|e: tidepool_pipeline::Error| e.to_string())
-}
-
-fn parse_unit(s: &str) -> Result<IntTimeUnit, String> {
-    s.parse()
-        .map_err(|e: tidepool_pipeline::Error| e.to_string())
-}
-
-fn parse_preset(s: &str) -> Result<Preset, String> {
+/// Parses with the library's `FromStr`, whose errors already list the valid choices.
+fn parse_lib<T: std::str::FromStr<Err = tidepool_pipeline::Error>>(s: &str) -> Result<T, String> {
     s.parse()
         .map_err(|e: tidepool_pipeline::Error| e.to_string())
 }
@@ -91,7 +72,7 @@ pub struct BacktestArgs {
     /// in memory (see --events, --users, --items).
     pub inputs: Vec<String>,
     /// Model: bpr or mostpop.
-    #[arg(long, default_value = "bpr", value_parser = parse_model)]
+    #[arg(long, default_value = "bpr", value_parser = parse_lib::<ModelKind>)]
     pub model: ModelKind,
     /// Timely worker threads.
     #[arg(long, short = 'w', default_value_t = 1)]
@@ -106,7 +87,7 @@ pub struct BacktestArgs {
     #[arg(long, default_value_t = DEFAULT_REG)]
     pub reg: f32,
     /// Optimiser: sgd or adagrad.
-    #[arg(long, default_value = "adagrad", value_parser = parse_optimizer)]
+    #[arg(long, default_value = "adagrad", value_parser = parse_lib::<Optimizer>)]
     pub optimizer: Optimizer,
     /// Train without an item bias term.
     #[arg(long)]
@@ -157,7 +138,7 @@ pub struct BacktestArgs {
     #[arg(long, default_value = "ts")]
     pub time_col: String,
     /// Unit of an integer time column: s or ms.
-    #[arg(long, default_value = "ms", value_parser = parse_unit)]
+    #[arg(long, default_value = "ms", value_parser = parse_lib::<IntTimeUnit>)]
     pub time_unit: IntTimeUnit,
     /// Generated stream (no INPUT): events.
     #[arg(long, default_value_t = GeneratorConfig::default().events)]
@@ -182,7 +163,7 @@ pub struct ImportArgs {
     #[arg(long, short = 'o')]
     pub output: PathBuf,
     /// Known format: movielens-100k (u.data) or movielens-csv (ratings.csv).
-    #[arg(long, value_parser = parse_preset)]
+    #[arg(long, value_parser = parse_lib::<Preset>)]
     pub preset: Option<Preset>,
     /// Field delimiter (one character, or \t).
     #[arg(long, value_parser = parse_delimiter)]
@@ -191,19 +172,19 @@ pub struct ImportArgs {
     #[arg(long)]
     pub no_header: bool,
     /// User id column: header name or 0-based index.
-    #[arg(long, value_parser = parse_col)]
+    #[arg(long, value_parser = parse_lib::<ColRef>)]
     pub user: Option<ColRef>,
     /// Item id column: header name or 0-based index.
-    #[arg(long, value_parser = parse_col)]
+    #[arg(long, value_parser = parse_lib::<ColRef>)]
     pub item: Option<ColRef>,
     /// Event time column: header name or 0-based index.
-    #[arg(long, value_parser = parse_col)]
+    #[arg(long, value_parser = parse_lib::<ColRef>)]
     pub time: Option<ColRef>,
     /// Unit of the time column: s or ms.
-    #[arg(long, value_parser = parse_unit)]
+    #[arg(long, value_parser = parse_lib::<IntTimeUnit>)]
     pub time_unit: Option<IntTimeUnit>,
     /// Rating column (becomes the weight).
-    #[arg(long, value_parser = parse_col)]
+    #[arg(long, value_parser = parse_lib::<ColRef>)]
     pub rating: Option<ColRef>,
     /// Leave out rows rated below this.
     #[arg(long)]
