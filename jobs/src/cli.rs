@@ -95,6 +95,18 @@ pub struct BacktestArgs {
     /// Standard deviation of the initial embeddings.
     #[arg(long, default_value_t = DEFAULT_INIT_STD)]
     pub init_std: f32,
+    /// Negative sampler: uniform, pop[:ALPHA], decay:HALF_LIFE, dns:M[:BASE],
+    /// inbatch[:B], mix:W*SPEC+W*SPEC...
+    #[arg(long, default_value = "uniform")]
+    pub sampler: String,
+    /// Train several models side by side in one pass: NAME=SAMPLER[,key=value...]
+    /// (keys: model, dim, lr, reg, optimizer, negatives, init_std, item_bias); repeatable.
+    /// The other flags are each variant's defaults.
+    #[arg(long = "variant", value_name = "NAME=SPEC")]
+    pub variants: Vec<String>,
+    /// Width of the sliding event-time window over which popularity samplers count.
+    #[arg(long, default_value = "30days", value_parser = parse_duration)]
+    pub pop_window: Duration,
     /// Negatives per positive.
     #[arg(long, default_value_t = DEFAULT_NEGATIVES)]
     pub negatives: usize,

@@ -25,7 +25,7 @@ fn millis(d: std::time::Duration) -> i64 {
 
 impl BacktestArgs {
     /// The library configuration these arguments describe.
-    pub fn config(&self) -> BacktestConfig {
+    pub fn config(&self) -> anyhow::Result<BacktestConfig> {
         let model = ModelConfig {
             kind: self.model,
             dim: self.dim,
@@ -35,13 +35,21 @@ impl BacktestArgs {
             item_bias: !self.no_item_bias,
             negatives: self.negatives,
             init_std: self.init_std,
-            sampler: "uniform".into(),
+            sampler: self.sampler.clone(),
         };
-        BacktestConfig {
-            variants: vec![VariantConfig {
+        let variants = if self.variants.is_empty() {
+            vec![VariantConfig {
                 name: self.model.name().into(),
                 model,
-            }],
+            }]
+        } else {
+            self.variants
+                .iter()
+                .map(|spec| VariantConfig::parse(spec, &model))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(BacktestConfig {
+            variants,
             eval: EvalConfig {
                 warmup: self.warmup,
                 eval_every: self.eval_every,
@@ -52,7 +60,8 @@ impl BacktestArgs {
             seed: self.seed,
             tick_ms: self.tick.map(millis),
             rounds_in_flight: self.rounds_in_flight,
-        }
+            popularity_window_ms: millis(self.pop_window),
+        })
     }
 
     /// The source: the Parquet inputs, or the generated default stream.
@@ -79,7 +88,7 @@ impl BacktestArgs {
 
 /// Runs a backtest as the CLI does: progress bar, table on stdout, optional files.
 pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
-    let config = args.config();
+    let config = args.config()?;
     config.validate()?;
     let source = args.source()?;
     let info = source.info();

@@ -34,9 +34,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::{Error, Event, EventSource, Quality, Result};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::ProbeHandle;
 
@@ -44,6 +47,8 @@ use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
 use crate::ingest::{auto_tick, drive, Clock, EventInput, Feed, IngestStats};
 use crate::learner::{Learner, Protocol, WorkerResult};
 use crate::model::Model;
+use crate::popularity::{CountChange, WindowedPopularity};
+use tidepool_samplers::SamplerSpec;
 
 /// Quality of one metrics window.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -109,6 +114,58 @@ impl BacktestReport {
     }
 }
 
+/// Records stashed by timely time until the frontiers pass it, each time with the
+/// capability that lets the operator emit at it.
+struct Stash<D> {
+    by_time: BTreeMap<u64, (Option<Capability<u64>>, Vec<D>)>,
+}
+
+impl<D> Default for Stash<D> {
+    fn default() -> Self {
+        Self {
+            by_time: BTreeMap::new(),
+        }
+    }
+}
+
+impl<D> Stash<D> {
+    fn stash(&mut self, cap: Option<Capability<u64>>, data: &mut Vec<D>) {
+        let Some(cap) = cap else { return };
+        let entry = self
+            .by_time
+            .entry(*cap.time())
+            .or_insert_with(|| (None, Vec::new()));
+        entry.0.get_or_insert(cap);
+        entry.1.append(data);
+    }
+
+    /// Stashes data without a capability (data that is never emitted at its time).
+    fn stash_at(&mut self, time: Option<u64>, data: &mut Vec<D>) {
+        let Some(time) = time else { return };
+        self.by_time
+            .entry(time)
+            .or_insert_with(|| (None, Vec::new()))
+            .1
+            .append(data);
+    }
+
+    fn first_time(&self) -> Option<u64> {
+        self.by_time.keys().next().copied()
+    }
+
+    fn take(&mut self, time: u64) -> Option<(Capability<u64>, Vec<D>)> {
+        let (cap, data) = self.by_time.remove(&time)?;
+        cap.map(|c| (c, data))
+    }
+
+    /// Everything stashed at times before `time`, releasing those capabilities.
+    fn take_before(&mut self, time: u64) -> Vec<D> {
+        let later = self.by_time.split_off(&time);
+        let earlier = std::mem::replace(&mut self.by_time, later);
+        earlier.into_values().flat_map(|(_, data)| data).collect()
+    }
+}
+
 /// Tick width when the source cannot tell its time range.
 const DEFAULT_TICK_WITHOUT_STATS_MS: i64 = 3_600_000;
 
@@ -139,12 +196,21 @@ pub fn run_backtest(
             info.description
         ))
     })?;
+    let needs_counts = config.variants.iter().any(|v| {
+        SamplerSpec::parse(&v.model.sampler).is_ok_and(|s| s.build().needs_window_counts())
+    });
     let (min_ts, max_ts, tick_ms) = match (info.min_ts, info.max_ts) {
         (Some(lo), Some(hi)) => {
             let hi = hi.max(lo);
-            let tick = config
-                .tick_ms
-                .unwrap_or_else(|| auto_tick(rows, hi - lo, TARGET_EVENTS_PER_ROUND));
+            let tick = config.tick_ms.unwrap_or_else(|| {
+                let tick = auto_tick(rows, hi - lo, TARGET_EVENTS_PER_ROUND);
+                if needs_counts {
+                    // The popularity window is counted in ticks: keep sixteen per window.
+                    tick.min((config.popularity_window_ms / 16).max(1))
+                } else {
+                    tick
+                }
+            });
             (lo, hi, tick)
         }
         _ => {
@@ -170,6 +236,9 @@ pub fn run_backtest(
         eval.window_ms = eval.window_ms.or(Some(DEFAULT_WINDOW_WITHOUT_STATS_MS));
     }
     let protocol = Protocol::new(&eval, rows, min_ts, max_ts);
+    let window_ticks = (config.popularity_window_ms as u64)
+        .div_ceil(tick_ms as u64)
+        .max(1);
     let tables: Vec<_> = config
         .variants
         .iter()
@@ -199,33 +268,60 @@ pub fn run_backtest(
             worker.dataflow::<u64, _, _>(|scope| {
                 let learner = Rc::clone(&learner);
                 let processed = Arc::clone(&processed);
-                scope
-                    .input_from(&mut input)
+                let events = scope.input_from(&mut input);
+                let counts = if needs_counts {
+                    events
+                        .clone()
+                        .windowed_counts(window_ticks)
+                        .inner
+                        .broadcast()
+                } else {
+                    empty(scope)
+                };
+                events
                     .broadcast()
-                    .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<u64>>, _, _, _>(
+                    .binary_frontier::<_, CapacityContainerBuilder<Vec<u64>>, _, _, _, _>(
+                        counts,
+                        Pipeline,
                         Pipeline,
                         "Prequential",
                         move |_, _| {
-                            let mut stash: BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Event>)> =
-                                BTreeMap::new();
-                            move |(input, frontier), output| {
-                                input.for_each(|cap, data| {
-                                    if let Some(cap) = cap.retain_least(output.output_index()) {
-                                        let time = *cap.time();
-                                        stash.entry(time).or_insert_with(|| (cap, Vec::new())).1.append(data);
-                                    }
+                            let mut rounds = Stash::<Event>::default();
+                            let mut changes = Stash::<CountChange>::default();
+                            move |(events, events_frontier), (counts, counts_frontier), output| {
+                                events.for_each(|cap, data| {
+                                    rounds.stash(cap.retain_least(output.output_index()), data);
                                 });
-                                while let Some(entry) = stash.first_entry() {
-                                    if frontier.less_equal(entry.key()) {
-                                        break;
+                                counts.for_each(|cap, data| {
+                                    // Only the time is kept: holding a capability for
+                                    // changes would hold back the probe, and with it the
+                                    // sources, until the next round (a deadlock when the
+                                    // sources wait for the probe).
+                                    let time =
+                                        cap.retain_least(output.output_index()).map(|c| *c.time());
+                                    changes.stash_at(time, data);
+                                });
+                                let done = |t: &u64| {
+                                    !events_frontier.less_equal(t) && !counts_frontier.less_equal(t)
+                                };
+                                let mut learner = learner.borrow_mut();
+                                let Some(learner) = learner.as_mut() else {
+                                    return;
+                                };
+                                while let Some(time) = rounds.first_time().filter(|t| done(t)) {
+                                    // Popularity as of the rounds before this one.
+                                    let mut before = changes.take_before(time);
+                                    learner.apply_counts(&mut before);
+                                    if let Some((cap, mut batch)) = rounds.take(time) {
+                                        let owned = learner.process_round(&mut batch);
+                                        processed.fetch_add(owned, Ordering::Relaxed);
+                                        output.session(&cap).give(owned);
                                     }
-                                    let (cap, mut events) = entry.remove();
-                                    let owned = learner
-                                        .borrow_mut()
-                                        .as_mut()
-                                        .map_or(0, |l| l.process_round(&mut events));
-                                    processed.fetch_add(owned, Ordering::Relaxed);
-                                    output.session(&cap).give(owned);
+                                }
+                                // Changes with no round after them only matter at the end.
+                                if events_frontier.is_empty() && counts_frontier.is_empty() {
+                                    let mut rest = changes.take_before(u64::MAX);
+                                    learner.apply_counts(&mut rest);
                                 }
                             }
                         },

@@ -26,6 +26,8 @@ pub const DEFAULT_K: usize = 10;
 pub const DEFAULT_SEED: u64 = 42;
 /// Default value for [`BacktestConfig::rounds_in_flight`].
 pub const DEFAULT_ROUNDS_IN_FLIGHT: u64 = 8;
+/// Default value for [`BacktestConfig::popularity_window_ms`]: 30 days.
+pub const DEFAULT_POPULARITY_WINDOW_MS: i64 = 30 * 86_400_000;
 /// Events per timely round that the automatic tick aims for.
 pub const TARGET_EVENTS_PER_ROUND: u64 = 32_768;
 
@@ -106,7 +108,7 @@ pub struct ModelConfig {
     pub negatives: usize,
     /// Standard deviation of the initial embedding values.
     pub init_std: f32,
-    /// Negative sampler (`uniform`).
+    /// Negative sampler spec (see [`tidepool_samplers::SamplerSpec`]), e.g. `pop:0.75`.
     pub sampler: String,
 }
 
@@ -162,12 +164,7 @@ impl ModelConfig {
                 self.negatives
             )));
         }
-        if self.sampler != "uniform" {
-            return Err(Error::Config(format!(
-                "unknown sampler {:?}; valid: uniform",
-                self.sampler
-            )));
-        }
+        tidepool_samplers::SamplerSpec::parse(&self.sampler).map_err(Error::Config)?;
         Ok(())
     }
 }
@@ -179,6 +176,66 @@ pub struct VariantConfig {
     pub name: String,
     /// The model.
     pub model: ModelConfig,
+}
+
+impl VariantConfig {
+    /// Parses `NAME=SAMPLER[,key=value...]` on top of `base`. Keys: `model`, `dim`, `lr`,
+    /// `reg`, `optimizer`, `negatives`, `init_std`, `item_bias`. `SAMPLER` may be empty to
+    /// keep the base sampler.
+    pub fn parse(spec: &str, base: &ModelConfig) -> Result<Self> {
+        let (name, rest) = spec.split_once('=').ok_or_else(|| {
+            Error::Config(format!(
+                "variant {spec:?} must be NAME=SAMPLER[,key=value...]"
+            ))
+        })?;
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(Error::Config(format!(
+                "variant name {name:?} must be letters, digits, '_', '-' or '.'"
+            )));
+        }
+        let mut model = base.clone();
+        let mut parts = rest.split(',');
+        if let Some(sampler) = parts.next().map(str::trim).filter(|s| !s.is_empty()) {
+            model.sampler = sampler.to_string();
+        }
+        for part in parts {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                Error::Config(format!("variant {name}: {part:?} must be key=value"))
+            })?;
+            let bad = |what: &str| {
+                Error::Config(format!("variant {name}: {key}={value:?} is not {what}"))
+            };
+            match key.trim() {
+                "model" => model.kind = value.parse()?,
+                "dim" => model.dim = value.parse().map_err(|_| bad("an integer"))?,
+                "lr" => model.lr = value.parse().map_err(|_| bad("a number"))?,
+                "reg" => model.reg = value.parse().map_err(|_| bad("a number"))?,
+                "optimizer" => model.optimizer = value.parse()?,
+                "negatives" => model.negatives = value.parse().map_err(|_| bad("an integer"))?,
+                "init_std" => model.init_std = value.parse().map_err(|_| bad("a number"))?,
+                "item_bias" => model.item_bias = value.parse().map_err(|_| bad("true or false"))?,
+                other => {
+                    return Err(Error::Config(format!(
+                        "variant {name}: unknown key {other:?}; valid: model, dim, lr, reg, optimizer, negatives, init_std, item_bias"
+                    )))
+                }
+            }
+        }
+        let variant = VariantConfig {
+            name: name.to_string(),
+            model,
+        };
+        variant
+            .model
+            .validate()
+            .map_err(|e| Error::Config(format!("variant {name}: {e}")))?;
+        Ok(variant)
+    }
 }
 
 /// The prequential protocol.
@@ -241,6 +298,9 @@ pub struct BacktestConfig {
     pub tick_ms: Option<i64>,
     /// How many rounds a source may run ahead of the slowest operator (memory bound).
     pub rounds_in_flight: u64,
+    /// Width of the sliding window of event time over which item popularity is counted
+    /// for popularity samplers.
+    pub popularity_window_ms: i64,
 }
 
 impl Default for BacktestConfig {
@@ -255,6 +315,7 @@ impl Default for BacktestConfig {
             seed: DEFAULT_SEED,
             tick_ms: None,
             rounds_in_flight: DEFAULT_ROUNDS_IN_FLIGHT,
+            popularity_window_ms: DEFAULT_POPULARITY_WINDOW_MS,
         }
     }
 }
@@ -286,6 +347,11 @@ impl BacktestConfig {
         }
         if self.tick_ms.is_some_and(|t| t <= 0) {
             return Err(Error::Config("the tick must be positive".into()));
+        }
+        if self.popularity_window_ms <= 0 {
+            return Err(Error::Config(
+                "the popularity window must be positive".into(),
+            ));
         }
         if self.rounds_in_flight == 0 {
             return Err(Error::Config("rounds_in_flight must be at least 1".into()));
@@ -320,5 +386,38 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("bpr, mostpop"));
+        let mut cfg = BacktestConfig::default();
+        cfg.variants[0].model.sampler = "zipf".into();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("valid: uniform | pop"));
+    }
+
+    #[test]
+    fn variants_parse_with_overrides() {
+        let base = ModelConfig::default();
+        let v = VariantConfig::parse("hard=dns:32,lr=0.1,negatives=2", &base).unwrap();
+        assert_eq!(v.name, "hard");
+        assert_eq!(v.model.sampler, "dns:32");
+        assert_eq!((v.model.lr, v.model.negatives), (0.1, 2));
+        let v = VariantConfig::parse("pop=model=mostpop", &base);
+        assert!(v.is_err(), "a bare key=value is read as the sampler");
+        let v = VariantConfig::parse("base=,model=mostpop", &base).unwrap();
+        assert_eq!(
+            (v.model.kind, v.model.sampler.as_str()),
+            (ModelKind::Mostpop, "uniform")
+        );
+        for (spec, reason) in [
+            ("noequals", "NAME=SAMPLER"),
+            ("a b=uniform", "letters, digits"),
+            ("x=pop,dim=big", "not an integer"),
+            ("x=pop,colour=red", "unknown key"),
+            ("x=zipf", "unknown sampler"),
+        ] {
+            let err = VariantConfig::parse(spec, &base).unwrap_err().to_string();
+            assert!(err.contains(reason), "{spec}: {err}");
+        }
     }
 }

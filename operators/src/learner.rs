@@ -16,11 +16,12 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
 use serde::Serialize;
 use tidepool_pipeline::{Event, Quality};
-use tidepool_samplers::{Negative, Sampler, Uniform};
+use tidepool_samplers::{AnySampler, Negative, Refresh, Sampler, SamplerSpec};
 
 use crate::config::{EvalConfig, VariantConfig};
 use crate::item_table::ItemTable;
 use crate::model::Model;
+use crate::popularity::CountChange;
 use crate::state::{owner, splitmix64, Excluding, ItemCatalogue, Users};
 
 /// Which events are scored and how metrics are bucketed.
@@ -98,7 +99,7 @@ pub fn auto_window(span_ms: i64) -> i64 {
 struct Variant {
     name: String,
     model: Model,
-    sampler: Uniform,
+    sampler: AnySampler,
     negatives: usize,
     rng: Xoshiro256PlusPlus,
     /// The window events are being added to; flushed into `windows` when it changes, so
@@ -159,6 +160,9 @@ pub(crate) struct Learner {
     scores: Vec<f32>,
     negatives: Vec<Negative>,
     sampler_shortfalls: u64,
+    /// Windowed interaction counts by dense item, replicated from the differential
+    /// popularity collection.
+    window_counts: Vec<u64>,
 }
 
 impl Learner {
@@ -178,7 +182,10 @@ impl Learner {
             .map(|(v, (cfg, table))| Variant {
                 name: cfg.name.clone(),
                 model: Model::new(&cfg.model, seed, table.clone()),
-                sampler: Uniform,
+                // Specs are validated with the configuration; uniform is the safe fallback.
+                sampler: SamplerSpec::parse(&cfg.model.sampler)
+                    .map(|s| s.build())
+                    .unwrap_or(AnySampler::Uniform(tidepool_samplers::Uniform)),
                 negatives: cfg.model.negatives,
                 rng: Xoshiro256PlusPlus::seed_from_u64(splitmix64(
                     seed ^ splitmix64(((v as u64) << 32) | worker as u64),
@@ -198,6 +205,29 @@ impl Learner {
             scores: Vec::new(),
             negatives: Vec::new(),
             sampler_shortfalls: 0,
+            window_counts: Vec::new(),
+        }
+    }
+
+    /// Applies changes of the windowed counts (all of them at times before the round
+    /// about to be processed).
+    pub(crate) fn apply_counts(&mut self, changes: &mut [CountChange]) {
+        // Per item and time, the retraction of the old count comes before the new one.
+        changes.sort_unstable_by_key(|&((item, _), time, diff)| (item, time, diff));
+        for &((item, count), _, diff) in changes.iter() {
+            let Some(dense) = self.catalogue.lookup(item) else {
+                continue;
+            };
+            let dense = dense as usize;
+            if dense >= self.window_counts.len() {
+                self.window_counts.resize(dense + 1, 0);
+            }
+            let count = count.max(0) as u64;
+            if diff > 0 {
+                self.window_counts[dense] = count;
+            } else if self.window_counts[dense] == count {
+                self.window_counts[dense] = 0;
+            }
         }
     }
 
@@ -205,6 +235,16 @@ impl Learner {
     /// how many of them this worker owned.
     pub(crate) fn process_round(&mut self, events: &mut [Event]) -> u64 {
         events.sort_unstable_by_key(Event::key);
+        if let Some(first) = events.first() {
+            self.window_counts.resize(self.catalogue.len(), 0);
+            let live = Refresh {
+                window_counts: &self.window_counts,
+                now_ms: first.ts,
+            };
+            self.variants
+                .iter_mut()
+                .for_each(|v| v.sampler.refresh(&live));
+        }
         let mut owned = 0;
         for event in events.iter() {
             let index = self.seen;
@@ -213,7 +253,10 @@ impl Learner {
                 owned += 1;
                 self.learn(event, index);
             } else {
-                self.catalogue.observe(event.item);
+                let item = self.catalogue.observe(event.item);
+                for v in &mut self.variants {
+                    v.sampler.observe(item, event.ts);
+                }
             }
         }
         owned
@@ -250,20 +293,28 @@ impl Learner {
         let item = self.catalogue.observe(event.item);
         for v in &mut self.variants {
             self.negatives.clear();
+            v.sampler.observe(item, event.ts);
             if v.model.wants_negatives() {
-                v.sampler.observe(item, event.ts);
                 let exclusion = Excluding {
                     history: self.users.history(user),
                     positive: item,
                 };
-                let drawn = v.sampler.sample(
+                let Variant {
+                    model,
+                    sampler,
+                    rng,
+                    negatives,
+                    ..
+                } = v;
+                let drawn = sampler.sample(
                     &self.catalogue,
                     &exclusion,
-                    v.negatives,
-                    &mut v.rng,
+                    *negatives,
+                    rng,
+                    &mut |candidate| model.score(user, candidate),
                     &mut self.negatives,
                 );
-                if drawn < v.negatives {
+                if drawn < *negatives {
                     self.sampler_shortfalls += 1;
                 }
             }

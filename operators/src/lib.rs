@@ -8,6 +8,7 @@
 //! - `model`: `mostpop` and `bpr` (matrix factorisation, BPR loss, SGD/Adagrad).
 //! - `item_table`: item embeddings shared by a process's workers (Hogwild!).
 //! - `eval`: the rank of a held-out item under the protocol's tie rule.
+//! - [`WindowedPopularity`]: item counts over a sliding window, in differential dataflow.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -19,6 +20,7 @@ mod ingest;
 mod item_table;
 mod learner;
 mod model;
+mod popularity;
 mod state;
 
 pub use backtest::{run_backtest, BacktestReport, VariantReport, WindowReport};
@@ -26,3 +28,4 @@ pub use config::{BacktestConfig, EvalConfig, ModelConfig, ModelKind, Optimizer, 
 pub use ingest::{auto_tick, Clock, IngestStats};
 pub use item_table::ItemTable;
 pub use learner::{auto_window, Protocol};
+pub use popularity::{CountChange, WindowedPopularity};

@@ -1,28 +1,48 @@
 //! Negative samplers over dense item ids.
 //!
 //! This crate owns the *algorithms* that pick negatives for a positive (user, item) event.
-//! It knows nothing about dataflows, Arrow or time: items are dense `u32` indices assigned
-//! in order of first appearance by the caller, and a sampler sees the catalogue only through
-//! [`Catalogue`] (how many items exist) and the user's known positives through
-//! [`Exclusion`].
+//! It knows nothing about dataflows, Arrow or time sources: items are dense `u32`
+//! indices assigned in order of first appearance by the caller, the catalogue is seen
+//! through [`Catalogue`] (how many items exist), the user's known positives through
+//! [`Exclusion`], live popularity through [`Sampler::refresh`], and the current model
+//! through a scoring closure.
 //!
 //! Contract every sampler keeps:
 //! - never returns an item for which [`Exclusion::excludes`] is true (the user's known
 //!   positives and the positive being trained);
 //! - is reproducible: the same RNG state and the same observations give the same draws;
-//! - reports the probability `q` it drew each negative with, so a model can apply the
-//!   sampled-softmax logQ correction;
+//! - reports the probability `q` with which it proposed each negative, so a model can
+//!   apply the sampled-softmax logQ correction;
 //! - gives up after a bounded number of rejections instead of looping forever when the
 //!   user has interacted with (almost) every item, and says how many it could draw.
 //!
-//! - [`Uniform`]: uniform over the items seen so far.
+//! The samplers ([`AnySampler`], parsed from a [`SamplerSpec`]):
+//! - `uniform`: uniform over the items seen so far.
+//! - `pop:ALPHA`: live (windowed) popularity to the power `alpha` (0.75 by default), by
+//!   alias table.
+//! - `decay:HALF_LIFE`: popularity with exponential decay in event time.
+//! - `dns:M`: dynamic hard negatives: M candidates from a base sampler, the best-scored
+//!   kept (Zhang et al., SIGIR 2013).
+//! - `inbatch[:B]`: other recent positives (a ring of the last B), with `q` from the
+//!   streaming frequency estimator of Yi et al. (RecSys 2019).
+//! - `mix:W*SPEC+W*SPEC...`: a weighted mixture (Yang et al., WWW 2020).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-mod uniform;
+mod alias;
+mod frequency;
+mod samplers;
+mod spec;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
 
-pub use uniform::Uniform;
+pub use alias::AliasTable;
+pub use frequency::FrequencyEstimator;
+pub use samplers::{AnySampler, Decay, Dns, InBatch, Mix, Popularity, Uniform};
+pub use spec::{SamplerSpec, DEFAULT_INBATCH, DEFAULT_POP_ALPHA};
 
 use rand::Rng;
 
@@ -70,21 +90,41 @@ impl Exclusion for () {
     }
 }
 
+/// Live state handed to samplers once per round (before the round's events).
+#[derive(Clone, Copy, Debug)]
+pub struct Refresh<'a> {
+    /// Interactions per dense item over the popularity window, as of the round's start.
+    pub window_counts: &'a [u64],
+    /// Event time of the round's start, in milliseconds.
+    pub now_ms: i64,
+}
+
+/// Scores candidates with the current model (higher = more relevant to the user).
+pub type Scorer<'a> = dyn FnMut(u32) -> f32 + 'a;
+
 /// A negative sampler.
 ///
 /// Generic over the RNG so that the hot path is monomorphised; callers pass a seeded
 /// generator they own, which keeps runs reproducible.
 pub trait Sampler {
-    /// A short name for reports, e.g. `uniform`.
+    /// The spec that builds this sampler, e.g. `pop:0.75`.
     fn name(&self) -> String;
 
-    /// Tell the sampler that `item` received a positive at event time `ts_ms`. Samplers that
-    /// keep popularity use it; the default ignores it.
+    /// Tells the sampler that `item` received a positive at event time `ts_ms`.
     fn observe(&mut self, item: u32, ts_ms: i64) {
         let _ = (item, ts_ms);
     }
 
-    /// Draw up to `count` negatives for one positive, appending them to `out`.
+    /// Updates live state (alias tables) once per round.
+    fn refresh(&mut self, live: &Refresh<'_>) {
+        let _ = live;
+    }
+
+    /// The probability with which the sampler proposes `item` right now, from a catalogue
+    /// of `len` items.
+    fn probability(&self, item: u32, len: usize) -> f32;
+
+    /// Draws up to `count` negatives for one positive, appending them to `out`.
     ///
     /// Returns how many were drawn. Fewer than `count` means the catalogue had (almost) no
     /// item left that the exclusion allows; callers count that, they do not loop.
@@ -94,6 +134,7 @@ pub trait Sampler {
         exclusion: &impl Exclusion,
         count: usize,
         rng: &mut R,
+        scorer: &mut Scorer<'_>,
         out: &mut Vec<Negative>,
     ) -> usize;
 }

@@ -116,6 +116,25 @@ pub(crate) fn diff_dot(p: &[f32], a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `p · a` with eight independent partial sums (see [`diff_dot`]).
+#[inline]
+pub(crate) fn dot(p: &[f32], a: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (pc, ac) = (p.chunks_exact(8), a.chunks_exact(8));
+    let tail: f32 = pc
+        .remainder()
+        .iter()
+        .zip(ac.remainder())
+        .map(|(p, a)| p * a)
+        .sum();
+    for (p, a) in pc.zip(ac) {
+        for l in 0..8 {
+            lanes[l] += p[l] * a[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Adagrad's step for one coordinate.
 #[inline(always)]
 fn adagrad(lr: f32, theta: &mut f32, acc: &mut f32, g: f32) {
@@ -182,6 +201,21 @@ impl Bpr {
         let start = user as usize * stride;
         let p = &self.users[start..start + self.layout.dim];
         self.items.score_all(p, self.cfg.item_bias, n, out);
+    }
+
+    /// `p_u · q_i (+ b_i)` for one item.
+    #[inline]
+    pub(crate) fn score(&mut self, user: u32, item: u32) -> f32 {
+        let (dim, stride) = (self.layout.dim, self.layout.stride());
+        self.items.load(item, &mut self.qj);
+        let start = user as usize * stride;
+        let p = &self.users[start..start + dim];
+        let s = dot(p, &self.qj[..dim]);
+        if self.cfg.item_bias {
+            s + self.qj[dim]
+        } else {
+            s
+        }
     }
 
     /// One BPR step per negative for the positive `pos`. Returns the summed pair loss

@@ -69,6 +69,16 @@ impl Model {
         }
     }
 
+    /// The model's score of one item for a user (for hard-negative samplers).
+    #[inline]
+    pub(crate) fn score(&mut self, user: u32, item: u32) -> f32 {
+        match self {
+            // Mostpop trains no negatives; a constant keeps samplers well defined.
+            Model::MostPop => 0.0,
+            Model::Bpr(m) => m.score(user, item),
+        }
+    }
+
     /// Learns from one positive; returns the summed pair loss.
     #[inline]
     pub(crate) fn train(&mut self, user: u32, item: u32, negatives: &[Negative]) -> f64 {
