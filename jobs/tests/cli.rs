@@ -195,3 +195,41 @@ fn invalid_flags_are_rejected_with_the_valid_choices() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn variants_are_listed_in_the_table_and_the_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tidepool(
+        &[
+            "backtest",
+            "--events",
+            "10000",
+            "--variant",
+            "plain=uniform",
+            "--variant",
+            "hard=dns:8,lr=0.1",
+            "--summary-json",
+            "s.json",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("\nplain ") && stdout.contains("\nhard "), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
+    let variants = summary["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2);
+    assert_eq!(variants[0]["name"], "plain");
+    assert_eq!(variants[1]["name"], "hard");
+    for v in variants {
+        for key in ["events", "events_scored", "recall@10", "ndcg@10", "mrr", "model"] {
+            assert!(v.get(key).is_some(), "variant lacks {key}: {v}");
+        }
+    }
+    assert_eq!(variants[1]["model_config"]["sampler"], "dns:8");
+
+    let out = tidepool(&["backtest", "--sampler", "zipf:2"], dir.path());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("unknown sampler"), "{}", text(&out.stderr));
+}

@@ -4,3 +4,4 @@ mod backtest_determinism;
 mod backtest_parquet;
 mod common;
 mod movielens_oracle;
+mod variants;
