@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::json;
 use tidepool_connector_generator::GeneratorConfig;
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource, Preset};
-use tidepool_operators::{run_backtest, BacktestConfig, ModelKind};
+use tidepool_operators::{run_backtest, BacktestConfig, ModelKind, VariantConfig};
 use tidepool_pipeline::MemoryDeadLetters;
 
 use crate::cli::BenchArgs;
@@ -21,6 +21,74 @@ use crate::commands::generate_to;
 pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
     flag.or_else(|| std::env::var_os("TIDEPOOL_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("../shared/data"))
+}
+
+/// Samplers compared by `bench`, with the decay half-life suited to each data set.
+fn sampler_specs(decay: &str) -> Vec<String> {
+    vec![
+        "uniform".into(),
+        "pop:0.75".into(),
+        format!("decay:{decay}"),
+        "dns:32".into(),
+        "inbatch".into(),
+        "mix:0.5*uniform+0.5*dns:32".into(),
+        "mix:0.5*pop:0.75+0.5*dns:32".into(),
+    ]
+}
+
+/// One pass with every sampler as a variant (quality), then one run per sampler with
+/// evaluation off (speed).
+fn samplers(
+    data: &str,
+    input: &std::path::Path,
+    decay: &str,
+    results: &mut Vec<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let specs = sampler_specs(decay);
+    let open = || -> anyhow::Result<Arc<ParquetSource>> {
+        Ok(Arc::new(ParquetSource::open(
+            &[input.display().to_string()],
+            ColumnMapping::default(),
+        )?))
+    };
+    let mut config = BacktestConfig::default();
+    let base = config.variants[0].model.clone();
+    config.variants = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let mut v = VariantConfig::parse(&format!("v{i}={spec}"), &base)?;
+            v.name = spec.clone();
+            Ok(v)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let quality = run_backtest(
+        open()?,
+        &config,
+        Arc::new(MemoryDeadLetters::new(0)),
+        &|_| {},
+    )?;
+    for (spec, v) in specs.iter().zip(&quality.variants) {
+        let mut speed = BacktestConfig::default();
+        speed.eval.eval_every = 0;
+        speed.variants[0].model.sampler = spec.clone();
+        let run = run_backtest(
+            open()?,
+            &speed,
+            Arc::new(MemoryDeadLetters::new(0)),
+            &|_| {},
+        )?;
+        eprintln!(
+            "{data} {spec}: recall@10 {:.6}, {:.0} events/s",
+            v.total.recall(),
+            run.events_per_sec()
+        );
+        results.push(json!({
+            "data": data, "sampler": spec, "recall@10": v.total.recall(),
+            "ndcg@10": v.total.ndcg(), "events_per_sec": run.events_per_sec(),
+        }));
+    }
+    Ok(())
 }
 
 fn throughput(
@@ -55,40 +123,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let mut results = Vec::new();
-
-    let synthetic = dir.path().join("synthetic.parquet");
-    let cfg = GeneratorConfig {
-        events: args.events,
-        users: (args.events / 100).max(1000),
-        items: (args.events / 500).max(1000),
-        ..GeneratorConfig::default()
-    };
-    let started = Instant::now();
-    generate_to(&synthetic, cfg, 1 << 20)?;
-    eprintln!(
-        "generated {} events in {:.1}s",
-        args.events,
-        started.elapsed().as_secs_f64()
-    );
-    for &w in &args.workers {
-        let (events, eps) = throughput(&synthetic, w, ModelKind::Bpr)?;
-        eprintln!("synthetic bpr, {w} worker(s): {eps:.0} events/s");
-        results.push(json!({"data": "synthetic", "model": "bpr", "workers": w, "events": events, "events_per_sec": eps}));
-    }
-
+    let mut sampler_results = Vec::new();
     let ratings = data_dir(args.data_dir.clone()).join("ml-latest-small/ratings.csv");
+    let ml = dir.path().join("ml.parquet");
     if ratings.exists() {
-        let ml = dir.path().join("ml.parquet");
         let options = CsvOptions {
             dedup: true,
             ..CsvOptions::preset(Preset::MovielensCsv)
         };
         import_csv(&ratings, &ml, &options, &MemoryDeadLetters::new(0))?;
-        for &w in &args.workers {
-            let (events, eps) = throughput(&ml, w, ModelKind::Bpr)?;
-            eprintln!("ml-latest-small bpr, {w} worker(s): {eps:.0} events/s");
-            results.push(json!({"data": "ml-latest-small", "model": "bpr", "workers": w, "events": events, "events_per_sec": eps}));
-        }
     } else {
         eprintln!(
             "warning: {} not found; MovieLens figures skipped",
@@ -96,25 +139,79 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    println!(
-        "{:<18} {:<8} {:>8} {:>12} {:>14}",
-        "data", "model", "workers", "events", "events/s"
-    );
-    for r in &results {
-        println!(
-            "{:<18} {:<8} {:>8} {:>12} {:>14.0}",
-            r["data"].as_str().unwrap_or(""),
-            r["model"].as_str().unwrap_or(""),
-            r["workers"].as_u64().unwrap_or(0),
-            r["events"].as_u64().unwrap_or(0),
-            r["events_per_sec"].as_f64().unwrap_or(0.0)
+    if args.samplers {
+        let small = dir.path().join("synthetic-100k.parquet");
+        generate_to(&small, GeneratorConfig::default(), 1 << 20)?;
+        samplers("synthetic-100k", &small, "10min", &mut sampler_results)?;
+        if ml.exists() {
+            samplers("ml-latest-small", &ml, "30days", &mut sampler_results)?;
+        }
+    }
+
+    if !args.no_throughput {
+        let synthetic = dir.path().join("synthetic.parquet");
+        let cfg = GeneratorConfig {
+            events: args.events,
+            users: (args.events / 100).max(1000),
+            items: (args.events / 500).max(1000),
+            ..GeneratorConfig::default()
+        };
+        let started = Instant::now();
+        generate_to(&synthetic, cfg, 1 << 20)?;
+        eprintln!(
+            "generated {} events in {:.1}s",
+            args.events,
+            started.elapsed().as_secs_f64()
         );
+        let mut inputs = vec![("synthetic", synthetic)];
+        if ml.exists() {
+            inputs.push(("ml-latest-small", ml.clone()));
+        }
+        for (data, input) in &inputs {
+            for &w in &args.workers {
+                let (events, eps) = throughput(input, w, ModelKind::Bpr)?;
+                eprintln!("{data} bpr, {w} worker(s): {eps:.0} events/s");
+                results.push(json!({"data": data, "model": "bpr", "workers": w, "events": events, "events_per_sec": eps}));
+            }
+        }
+    }
+
+    if !results.is_empty() {
+        println!(
+            "{:<18} {:<8} {:>8} {:>12} {:>14}",
+            "data", "model", "workers", "events", "events/s"
+        );
+        for r in &results {
+            println!(
+                "{:<18} {:<8} {:>8} {:>12} {:>14.0}",
+                r["data"].as_str().unwrap_or(""),
+                r["model"].as_str().unwrap_or(""),
+                r["workers"].as_u64().unwrap_or(0),
+                r["events"].as_u64().unwrap_or(0),
+                r["events_per_sec"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    if !sampler_results.is_empty() {
+        println!();
+        println!(
+            "{:<18} {:<30} {:>10} {:>10} {:>12}",
+            "data", "sampler", "recall@10", "ndcg@10", "events/s"
+        );
+        for r in &sampler_results {
+            println!(
+                "{:<18} {:<30} {:>10.6} {:>10.6} {:>12.0}",
+                r["data"].as_str().unwrap_or(""),
+                r["sampler"].as_str().unwrap_or(""),
+                r["recall@10"].as_f64().unwrap_or(0.0),
+                r["ndcg@10"].as_f64().unwrap_or(0.0),
+                r["events_per_sec"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&json!({ "results": results }))?,
-        )?;
+        let all = json!({ "results": results, "samplers": sampler_results });
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
     }
     Ok(())
 }

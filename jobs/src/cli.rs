@@ -253,4 +253,10 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also compare the negative samplers (quality in one pass, speed one by one).
+    #[arg(long)]
+    pub samplers: bool,
+    /// Skip the 10 M-event throughput runs.
+    #[arg(long)]
+    pub no_throughput: bool,
 }

@@ -215,7 +215,10 @@ fn variants_are_listed_in_the_table_and_the_json() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("\nplain ") && stdout.contains("\nhard "), "{stdout}");
+    assert!(
+        stdout.contains("\nplain ") && stdout.contains("\nhard "),
+        "{stdout}"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
     let variants = summary["variants"].as_array().unwrap();
@@ -223,7 +226,14 @@ fn variants_are_listed_in_the_table_and_the_json() {
     assert_eq!(variants[0]["name"], "plain");
     assert_eq!(variants[1]["name"], "hard");
     for v in variants {
-        for key in ["events", "events_scored", "recall@10", "ndcg@10", "mrr", "model"] {
+        for key in [
+            "events",
+            "events_scored",
+            "recall@10",
+            "ndcg@10",
+            "mrr",
+            "model",
+        ] {
             assert!(v.get(key).is_some(), "variant lacks {key}: {v}");
         }
     }
@@ -231,5 +241,9 @@ fn variants_are_listed_in_the_table_and_the_json() {
 
     let out = tidepool(&["backtest", "--sampler", "zipf:2"], dir.path());
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("unknown sampler"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unknown sampler"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -41,7 +41,12 @@ fn variants_share_one_pass_without_interfering() {
         assert_eq!(v.total.events, 30_000, "{}", v.name);
         assert_eq!(v.total.scored, 2_700, "{}", v.name);
         if v.name != "mostpop" {
-            assert!(v.total.pairs > 100_000, "{} trained {} pairs", v.name, v.total.pairs);
+            assert!(
+                v.total.pairs > 100_000,
+                "{} trained {} pairs",
+                v.name,
+                v.total.pairs
+            );
         }
     }
     // A variant's result does not depend on which others ran beside it: each has its
@@ -73,5 +78,9 @@ fn popularity_samplers_work_on_two_workers() {
         assert_eq!(v.total.events, 30_000);
         assert!(v.total.recall() > 0.0, "{} learned nothing", v.name);
     }
-    assert!(report.tick_ms <= 10 * 60_000 / 16, "tick {} too coarse for the window", report.tick_ms);
+    assert!(
+        report.tick_ms <= 10 * 60_000 / 16,
+        "tick {} too coarse for the window",
+        report.tick_ms
+    );
 }
