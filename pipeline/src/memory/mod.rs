@@ -1,0 +1,9 @@
+//! Memory discipline: the sharded buffer pool that tidepool's Arrow columns are built in.
+
+#[allow(unsafe_code)]
+mod pool;
+
+pub use pool::{
+    BufferPool, PoolConfig, PoolStats, PooledVec, ALIGN, DEFAULT_CEILING, DEFAULT_FLOOR,
+    DEFAULT_RETAIN_PER_CLASS, POISON,
+};
