@@ -46,6 +46,40 @@ fn parse_lib<T: std::str::FromStr<Err = tidepool_pipeline::Error>>(s: &str) -> R
         .map_err(|e: tidepool_pipeline::Error| e.to_string())
 }
 
+/// Parses sizes as humans write them: `4096`, `64KiB`, `512MiB`, `2GiB`, `10MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4KiB, 64MiB, 2GiB)"))?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" | "K" | "k" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; valid: B, KiB, MiB, GiB, KB, MB, GB"
+            ))
+        }
+    };
+    Ok((n * scale) as usize)
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
+}
+
 fn parse_delimiter(s: &str) -> Result<u8, String> {
     match s {
         "\\t" | "tab" => Ok(b'\t'),
@@ -164,6 +198,21 @@ pub struct BacktestArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The sharded Arrow buffer pool: on or off (to compare).
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub pool: bool,
+    /// Smallest pooled size class.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    pub pool_floor: usize,
+    /// Largest pooled size class; bigger buffers are allocated unpooled (and counted).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub pool_ceiling: usize,
+    /// Bytes the pool keeps per size class.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub pool_retain: usize,
+    /// Overwrite returned buffers with a poison pattern (catches use after return).
+    #[arg(long)]
+    pub pool_poison: bool,
 }
 
 /// Arguments of `tidepool import`.

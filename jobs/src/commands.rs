@@ -14,7 +14,9 @@ use tidepool_operators::{
     run_backtest, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, VariantConfig,
 };
 use tidepool_pipeline::event::event_schema;
-use tidepool_pipeline::{DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters};
+use tidepool_pipeline::{
+    BufferPool, DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters, PoolConfig,
+};
 
 use crate::cli::{BacktestArgs, GenerateArgs, ImportArgs};
 use crate::report::{summary_json, summary_table, write_metrics};
@@ -64,8 +66,21 @@ impl BacktestArgs {
         })
     }
 
-    /// The source: the Parquet inputs, or the generated default stream.
-    pub fn source(&self) -> anyhow::Result<Arc<dyn EventSource>> {
+    /// The buffer pool these arguments describe, one shard per worker.
+    pub fn pool(&self) -> BufferPool {
+        BufferPool::new(PoolConfig {
+            enabled: self.pool,
+            floor: self.pool_floor,
+            ceiling: self.pool_ceiling,
+            shards: self.workers,
+            retain_per_class: self.pool_retain,
+            poison: self.pool_poison,
+        })
+    }
+
+    /// The source: the Parquet inputs, or the generated default stream, building its
+    /// batches in `pool`.
+    pub fn source(&self, pool: &BufferPool) -> anyhow::Result<Arc<dyn EventSource>> {
         if self.inputs.is_empty() {
             let cfg = GeneratorConfig {
                 events: self.events,
@@ -73,7 +88,7 @@ impl BacktestArgs {
                 items: self.items,
                 ..GeneratorConfig::default()
             };
-            return Ok(Arc::new(GeneratorSource::new(cfg)?));
+            return Ok(Arc::new(GeneratorSource::new(cfg)?.with_pool(pool.clone())));
         }
         let mapping = ColumnMapping {
             user: self.user_col.clone(),
@@ -82,7 +97,9 @@ impl BacktestArgs {
             int_time_unit: self.time_unit,
             ..ColumnMapping::default()
         };
-        Ok(Arc::new(ParquetSource::open(&self.inputs, mapping)?))
+        Ok(Arc::new(
+            ParquetSource::open(&self.inputs, mapping)?.with_pool(pool.clone()),
+        ))
     }
 }
 
@@ -90,7 +107,8 @@ impl BacktestArgs {
 pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     let config = args.config()?;
     config.validate()?;
-    let source = args.source()?;
+    let pool = args.pool();
+    let source = args.source(&pool)?;
     let info = source.info();
     tracing::info!(source = %info.description, workers = config.workers, "backtest starting");
     let dead: Arc<dyn DeadLetterSink> = match &args.dead_letters {
@@ -103,6 +121,13 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     })?;
     bar.finish_and_clear();
     print!("{}", summary_table(&report));
+    let stats = pool.stats();
+    if args.pool {
+        println!(
+            "buffer pool: hit rate {:.3} ({} gets, {} misses), {} bytes held",
+            stats.hit_rate, stats.gets, stats.misses, stats.bytes_held
+        );
+    }
     if report.dead_letters > 0 {
         match &args.dead_letters {
             Some(path) => eprintln!(
@@ -123,7 +148,10 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         );
     }
     if let Some(path) = &args.summary_json {
-        let text = serde_json::to_string_pretty(&summary_json(&report, &info.description))?;
+        let mut summary = summary_json(&report, &info.description);
+        summary["pool"] = serde_json::to_value(pool.stats())?;
+        summary["pool"]["enabled"] = serde_json::Value::Bool(args.pool);
+        let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.metrics_out {

@@ -50,6 +50,14 @@ fn default_backtest_writes_summary_and_metrics() {
         assert!(summary.get(key).is_some(), "summary lacks {key}: {summary}");
     }
     assert_eq!(summary["model"], "bpr");
+    let pool = &summary["pool"];
+    for key in ["hit_rate", "gets", "misses", "bytes_held"] {
+        assert!(pool.get(key).is_some(), "pool stats lack {key}: {pool}");
+    }
+    assert!(
+        pool["hit_rate"].as_f64().unwrap() > 0.5,
+        "generated batches reuse blocks: {pool}"
+    );
     assert_eq!(summary["events"], 20000);
     assert_eq!(summary["events_scored"], 1800);
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();

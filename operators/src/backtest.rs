@@ -255,6 +255,8 @@ pub fn run_backtest(
         let dead = Arc::clone(&dead);
         timely::execute(timely::Config::process(config.workers), move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
+            // Buffers built or dropped on this thread use its shard of the pool.
+            tidepool_pipeline::BufferPool::register_worker(index);
             let learner = Rc::new(RefCell::new(Some(Learner::new(
                 index,
                 peers,

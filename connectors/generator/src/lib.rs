@@ -27,6 +27,7 @@ use rand::{RngExt, SeedableRng};
 use rand_distr::weighted::WeightedAliasIndex;
 use rand_distr::{Distribution, Exp, StandardNormal};
 use tidepool_pipeline::event::event_schema;
+use tidepool_pipeline::BufferPool;
 use tidepool_pipeline::{
     BatchOrigin, Error, EventReader, EventSource, EventType, Result, SourceBatch, SourceInfo,
 };
@@ -200,11 +201,17 @@ pub struct Generator {
     clock: f64,
     candidates: Vec<u32>,
     noise: Vec<f32>,
+    pool: BufferPool,
 }
 
 impl Generator {
-    /// A generator for `cfg`.
+    /// A generator for `cfg` whose batches are built in a private pool.
     pub fn new(cfg: GeneratorConfig) -> Result<Self> {
+        Self::with_pool(cfg, BufferPool::new(Default::default()))
+    }
+
+    /// A generator for `cfg` whose column buffers come from `pool`.
+    pub fn with_pool(cfg: GeneratorConfig, pool: BufferPool) -> Result<Self> {
         cfg.validate()?;
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(cfg.seed);
         let users = Population::new(cfg.users as usize, cfg.user_zipf, cfg.latent_dim, &mut rng)?;
@@ -221,6 +228,7 @@ impl Generator {
             items,
             gap,
             produced: 0,
+            pool,
         })
     }
 
@@ -231,11 +239,12 @@ impl Generator {
             return None;
         }
         let n = remaining.min(self.cfg.batch_rows as u64) as usize;
-        let (mut users, mut items, mut kinds, mut times) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
+        let (mut users, mut items, mut kinds, mut times, mut weights) = (
+            self.pool.vec::<u64>(n),
+            self.pool.vec::<u64>(n),
+            self.pool.vec::<u8>(n),
+            self.pool.vec::<i64>(n),
+            self.pool.vec::<f32>(n),
         );
         let dim = self.cfg.latent_dim;
         for _ in 0..n {
@@ -288,15 +297,18 @@ impl Generator {
             items.push(item as u64);
             kinds.push(kind as u8);
             times.push(self.clock as i64);
+            weights.push(1.0);
         }
         let batch = RecordBatch::try_new(
             event_schema(),
             vec![
-                Arc::new(UInt64Array::from(users)),
-                Arc::new(UInt64Array::from(items)),
-                Arc::new(UInt8Array::from(kinds)),
-                Arc::new(TimestampMillisecondArray::from(times).with_timezone("UTC")),
-                Arc::new(Float32Array::from(vec![1.0f32; n])),
+                Arc::new(UInt64Array::new(users.into_scalar(), None)),
+                Arc::new(UInt64Array::new(items.into_scalar(), None)),
+                Arc::new(UInt8Array::new(kinds.into_scalar(), None)),
+                Arc::new(
+                    TimestampMillisecondArray::new(times.into_scalar(), None).with_timezone("UTC"),
+                ),
+                Arc::new(Float32Array::new(weights.into_scalar(), None)),
             ],
         );
         // The schema and the columns are built together above; a mismatch is a bug.
@@ -316,13 +328,23 @@ impl Iterator for Generator {
 #[derive(Clone, Debug)]
 pub struct GeneratorSource {
     cfg: GeneratorConfig,
+    pool: BufferPool,
 }
 
 impl GeneratorSource {
     /// A source for `cfg`.
     pub fn new(cfg: GeneratorConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg })
+        Ok(Self {
+            cfg,
+            pool: BufferPool::new(Default::default()),
+        })
+    }
+
+    /// Builds batches in `pool`.
+    pub fn with_pool(mut self, pool: BufferPool) -> Self {
+        self.pool = pool;
+        self
     }
 }
 
@@ -345,7 +367,7 @@ impl EventSource for GeneratorSource {
         if worker != 0 {
             return Ok(Box::new(std::iter::empty()));
         }
-        let generator = Generator::new(self.cfg.clone())?;
+        let generator = Generator::with_pool(self.cfg.clone(), self.pool.clone())?;
         let source: Arc<str> = "generator".into();
         let mut row = 0u64;
         Ok(Box::new(generator.map(move |records| {

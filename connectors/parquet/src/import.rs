@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arrow_array::{Float32Array, RecordBatch, TimestampMillisecondArray, UInt64Array, UInt8Array};
 use rustc_hash::FxHashSet;
 use tidepool_pipeline::event::event_schema;
-use tidepool_pipeline::{DeadLetter, DeadLetterSink, Error, EventType, Result};
+use tidepool_pipeline::{BufferPool, DeadLetter, DeadLetterSink, Error, EventType, Result};
 
 use crate::source::IntTimeUnit;
 use crate::writer::EventWriter;
@@ -297,8 +297,10 @@ pub fn import_csv(
     }
 
     let mut writer = EventWriter::create(output, event_schema(), options.row_group_rows)?;
+    // Each chunk's columns reuse the blocks of the previous chunk, dropped once written.
+    let pool = BufferPool::new(Default::default());
     for chunk in rows.chunks(64 * 1024) {
-        writer.write(&rows_to_batch(chunk)?)?;
+        writer.write(&rows_to_batch(chunk, &pool)?)?;
     }
     report.rows_written = writer.finish()?;
     dead.flush()?;
@@ -351,22 +353,32 @@ fn parse_row(
     }))
 }
 
-fn rows_to_batch(rows: &[Row]) -> Result<RecordBatch> {
+fn rows_to_batch(rows: &[Row], pool: &BufferPool) -> Result<RecordBatch> {
+    let column = |f: &dyn Fn(&Row) -> u64| {
+        let mut v = pool.vec::<u64>(rows.len());
+        rows.iter().for_each(|r| v.push(f(r)));
+        v.into_scalar()
+    };
+    let (mut kinds, mut times, mut weights) = (
+        pool.vec::<u8>(rows.len()),
+        pool.vec::<i64>(rows.len()),
+        pool.vec::<f32>(rows.len()),
+    );
+    for r in rows {
+        kinds.push(r.kind as u8);
+        times.push(r.ts);
+        weights.push(r.weight);
+    }
     RecordBatch::try_new(
         event_schema(),
         vec![
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.user))),
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.item))),
-            Arc::new(UInt8Array::from_iter_values(
-                rows.iter().map(|r| r.kind as u8),
-            )),
+            Arc::new(UInt64Array::new(column(&|r| r.user), None)),
+            Arc::new(UInt64Array::new(column(&|r| r.item), None)),
+            Arc::new(UInt8Array::new(kinds.into_scalar(), None)),
             Arc::new(
-                TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts))
-                    .with_timezone("UTC"),
+                TimestampMillisecondArray::new(times.into_scalar(), None).with_timezone("UTC"),
             ),
-            Arc::new(Float32Array::from_iter_values(
-                rows.iter().map(|r| r.weight),
-            )),
+            Arc::new(Float32Array::new(weights.into_scalar(), None)),
         ],
     )
     .map_err(|e| Error::Internal(format!("building an event batch: {e}")))

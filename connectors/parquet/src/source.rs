@@ -23,7 +23,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::file::statistics::Statistics;
 use tidepool_pipeline::event::{EVENT_TYPE, ITEM_ID, TS, USER_ID, WEIGHT};
 use tidepool_pipeline::{
-    BatchOrigin, Error, EventReader, EventSource, Result, SourceBatch, SourceInfo,
+    BatchOrigin, BufferPool, Error, EventReader, EventSource, Result, SourceBatch, SourceInfo,
 };
 
 use crate::paths::expand_inputs;
@@ -122,6 +122,7 @@ pub struct ParquetSource {
     info: SourceInfo,
     mapping: ColumnMapping,
     batch_rows: usize,
+    pool: BufferPool,
 }
 
 impl ParquetSource {
@@ -220,7 +221,14 @@ impl ParquetSource {
             },
             mapping,
             batch_rows: DEFAULT_BATCH_ROWS,
+            pool: BufferPool::new(Default::default()),
         })
+    }
+
+    /// Builds the columns tidepool converts (integer times) in `pool`.
+    pub fn with_pool(mut self, pool: BufferPool) -> Self {
+        self.pool = pool;
+        self
     }
 
     /// Sets the rows per batch (at least 1).
@@ -299,6 +307,7 @@ impl EventSource for ParquetSource {
         let files = self.files.clone();
         let unit = self.mapping.int_time_unit;
         let batch_rows = self.batch_rows;
+        let pool = self.pool.clone();
         let reader = mine.into_iter().flat_map(move |rg| {
             let FileEntry {
                 path,
@@ -309,13 +318,14 @@ impl EventSource for ParquetSource {
             match open_row_group(&path, &rg, &projection, batch_rows) {
                 Err(e) => Box::new(std::iter::once(Err(e))) as EventReader,
                 Ok(batches) => {
+                    let pool = pool.clone();
                     let mut row = rg.first_row;
                     let file_bits = (rg.file as u64) << ROW_BITS;
                     Box::new(batches.map(move |batch| {
                         let batch = batch.map_err(|e| {
                             Error::connector(format!("reading {name} row group {}", rg.index), e)
                         })?;
-                        let records = canonical(&batch, &projection, int_time, unit)?;
+                        let records = canonical(&batch, &projection, int_time, unit, &pool)?;
                         let origin = BatchOrigin {
                             source: Arc::clone(&name),
                             first_row: row,
@@ -356,25 +366,30 @@ fn canonical(
     projection: &[(usize, &'static str)],
     int_time: bool,
     unit: IntTimeUnit,
+    pool: &BufferPool,
 ) -> Result<RecordBatch> {
     let mut fields = Vec::with_capacity(projection.len());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(projection.len());
     for (position, (_, name)) in projection.iter().enumerate() {
         let mut column = Arc::clone(batch.column(position));
         if *name == TS && int_time {
-            column = match column.data_type() {
-                DataType::Int64 => {
-                    let a = column.as_primitive::<Int64Type>();
-                    Arc::new(a.unary::<_, Int64Type>(|v| unit.to_ms(v))) as ArrayRef
-                }
-                DataType::Int32 => {
-                    let a = column.as_primitive::<arrow_array::types::Int32Type>();
-                    Arc::new(Int64Array::from_iter(
-                        a.iter().map(|v| v.map(|v| unit.to_ms(v as i64))),
-                    ))
-                }
-                _ => column,
-            };
+            let mut ms = pool.vec::<i64>(column.len());
+            match column.data_type() {
+                DataType::Int64 => column
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .iter()
+                    .for_each(|&v| ms.push(unit.to_ms(v))),
+                DataType::Int32 => column
+                    .as_primitive::<arrow_array::types::Int32Type>()
+                    .values()
+                    .iter()
+                    .for_each(|&v| ms.push(unit.to_ms(v as i64))),
+                _ => {}
+            }
+            if ms.len() == column.len() {
+                column = Arc::new(Int64Array::new(ms.into_scalar(), column.nulls().cloned()));
+            }
         }
         fields.push(Field::new(*name, column.data_type().clone(), true));
         columns.push(column);

@@ -18,8 +18,9 @@
 //!   blocks (private and shared) into it; a block reused before the next rotation comes
 //!   back, an idle pool is empty after two rotations, as Go's GC does to `sync.Pool`. The
 //!   state-compaction cycle calls it.
-//! - **Retention.** Bytes held per class are bounded (`retain_per_class`); a block
-//!   returned beyond that is freed and counted as a drop.
+//! - **Retention.** Bytes held per class are bounded (`retain_per_class`, split evenly
+//!   over the shards' shared stacks); a block returned beyond that is freed and counted
+//!   as a drop.
 //! - **Reset is the pool's job.** A block handed out is empty by construction (the
 //!   builders start at length 0), and with `poison` on, returned memory is overwritten
 //!   with [`POISON`] so a use after return reads garbage that tests can see.
@@ -137,7 +138,6 @@ unsafe impl Send for Block {}
 #[derive(Default)]
 #[repr(align(128))]
 struct Counters {
-    gets: AtomicU64,
     hits_private: AtomicU64,
     hits_shared: AtomicU64,
     hits_stolen: AtomicU64,
@@ -160,6 +160,9 @@ struct Shard {
     /// One block per class, or null. Swapped atomically so any thread may use it.
     private: Box<[AtomicPtr<u8>]>,
     shared: Box<[Mutex<Vec<Block>>]>,
+    /// Bytes in `shared`, per class; read before locking so empty stacks are skipped.
+    /// Kept per shard so that threads working on their own shards share no counters.
+    held: Box<[AtomicUsize]>,
     counters: Counters,
 }
 
@@ -169,8 +172,8 @@ struct PoolInner {
     classes: usize,
     shards: Box<[Shard]>,
     victim: Box<[Mutex<Vec<Block>>]>,
-    /// Bytes held per class (private + shared + victim).
-    held: Box<[AtomicUsize]>,
+    /// Bytes in the victim tier, per class.
+    victim_held: Box<[AtomicUsize]>,
     steal_from: AtomicUsize,
 }
 
@@ -222,39 +225,43 @@ impl PoolInner {
     fn get(&self, class: usize, shard: usize) -> Block {
         let size = self.class_size(class);
         let me = &self.shards[shard];
-        Counters::bump(&me.counters.gets);
-        let found = NonNull::new(me.private[class].swap(std::ptr::null_mut(), Ordering::Acquire))
-            .map(|p| (Block(p), &me.counters.hits_private))
-            .or_else(|| {
-                lock(&me.shared[class])
-                    .pop()
-                    .map(|b| (b, &me.counters.hits_shared))
-            })
-            .or_else(|| {
-                let n = self.shards.len();
-                let start = self.steal_from.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|i| (start + i) % n)
-                    .filter(|&s| s != shard)
-                    .find_map(|s| lock(&self.shards[s].shared[class]).pop())
-                    .map(|b| (b, &me.counters.hits_stolen))
-            })
-            .or_else(|| {
-                lock(&self.victim[class])
-                    .pop()
-                    .map(|b| (b, &me.counters.hits_victim))
-            });
-        match found {
-            Some((block, counter)) => {
-                Counters::bump(counter);
-                self.held[class].fetch_sub(size, Ordering::Relaxed);
-                block
+        // The fast path is one atomic swap and one counter.
+        if let Some(p) =
+            NonNull::new(me.private[class].swap(std::ptr::null_mut(), Ordering::Acquire))
+        {
+            Counters::bump(&me.counters.hits_private);
+            return Block(p);
+        }
+        let pop = |stack: &Mutex<Vec<Block>>, held: &AtomicUsize| {
+            if held.load(Ordering::Relaxed) < size {
+                return None;
             }
-            None => {
-                Counters::bump(&me.counters.misses);
-                Block(Self::allocate(size))
+            let block = lock(stack).pop()?;
+            held.fetch_sub(size, Ordering::Relaxed);
+            Some(block)
+        };
+        if let Some(block) = pop(&me.shared[class], &me.held[class]) {
+            Counters::bump(&me.counters.hits_shared);
+            return block;
+        }
+        let n = self.shards.len();
+        if n > 1 {
+            let start = self.steal_from.fetch_add(1, Ordering::Relaxed);
+            let stolen = (0..n)
+                .map(|i| (start + i) % n)
+                .filter(|&s| s != shard)
+                .find_map(|s| pop(&self.shards[s].shared[class], &self.shards[s].held[class]));
+            if let Some(block) = stolen {
+                Counters::bump(&me.counters.hits_stolen);
+                return block;
             }
         }
+        if let Some(block) = pop(&self.victim[class], &self.victim_held[class]) {
+            Counters::bump(&me.counters.hits_victim);
+            return block;
+        }
+        Counters::bump(&me.counters.misses);
+        Block(Self::allocate(size))
     }
 
     fn put(&self, block: Block, class: usize, shard: usize) {
@@ -265,43 +272,44 @@ impl PoolInner {
             // the caller (it is being returned).
             unsafe { std::ptr::write_bytes(block.0.as_ptr(), POISON, size) };
         }
-        if self.held[class].fetch_add(size, Ordering::Relaxed) + size > self.cfg.retain_per_class {
-            self.held[class].fetch_sub(size, Ordering::Relaxed);
-            Counters::bump(&me.counters.drops);
-            // SAFETY: pooled blocks of this class were allocated with `size` bytes.
-            unsafe { Self::free(block.0, size) };
-            return;
-        }
-        Counters::bump(&me.counters.puts);
-        let ptr = block.0.as_ptr();
         if me.private[class]
             .compare_exchange(
                 std::ptr::null_mut(),
-                ptr,
+                block.0.as_ptr(),
                 Ordering::Release,
                 Ordering::Relaxed,
             )
             .is_ok()
         {
+            Counters::bump(&me.counters.puts);
+            return;
+        }
+        // Retention is split evenly over the shards, so the check reads one counter.
+        let limit = self.cfg.retain_per_class / self.shards.len();
+        if me.held[class].load(Ordering::Relaxed) + size > limit {
+            Counters::bump(&me.counters.drops);
+            // SAFETY: pooled blocks of this class were allocated with `size` bytes.
+            unsafe { Self::free(block.0, size) };
             return;
         }
         lock(&me.shared[class]).push(block);
+        me.held[class].fetch_add(size, Ordering::Relaxed);
+        Counters::bump(&me.counters.puts);
     }
 
     fn rotate(&self) {
         for class in 0..self.classes {
             let size = self.class_size(class);
             let old = std::mem::take(&mut *lock(&self.victim[class]));
-            let freed = old.len();
+            self.victim_held[class].fetch_sub(old.len() * size, Ordering::Relaxed);
+            self.shards[0]
+                .counters
+                .expired
+                .fetch_add(old.len() as u64, Ordering::Relaxed);
             for block in old {
                 // SAFETY: victim blocks of this class were allocated with `size` bytes.
                 unsafe { Self::free(block.0, size) };
             }
-            self.held[class].fetch_sub(freed * size, Ordering::Relaxed);
-            self.shards[0]
-                .counters
-                .expired
-                .fetch_add(freed as u64, Ordering::Relaxed);
             let mut moved = Vec::new();
             for shard in self.shards.iter() {
                 if let Some(p) =
@@ -309,10 +317,31 @@ impl PoolInner {
                 {
                     moved.push(Block(p));
                 }
-                moved.append(&mut lock(&shard.shared[class]));
+                let mut shared = lock(&shard.shared[class]);
+                shard.held[class].fetch_sub(shared.len() * size, Ordering::Relaxed);
+                moved.append(&mut shared);
             }
+            self.victim_held[class].fetch_add(moved.len() * size, Ordering::Relaxed);
             lock(&self.victim[class]).append(&mut moved);
         }
+    }
+
+    /// Bytes and blocks held right now.
+    fn held(&self) -> (u64, u64) {
+        let (mut bytes, mut blocks) = (0u64, 0u64);
+        for class in 0..self.classes {
+            let size = self.class_size(class) as u64;
+            let mut class_bytes = self.victim_held[class].load(Ordering::Relaxed) as u64;
+            for shard in self.shards.iter() {
+                class_bytes += shard.held[class].load(Ordering::Relaxed) as u64;
+                if !shard.private[class].load(Ordering::Relaxed).is_null() {
+                    class_bytes += size;
+                }
+            }
+            bytes += class_bytes;
+            blocks += class_bytes / size;
+        }
+        (bytes, blocks)
     }
 }
 
@@ -376,6 +405,7 @@ impl BufferPool {
                     .map(|_| AtomicPtr::new(std::ptr::null_mut()))
                     .collect(),
                 shared: (0..classes).map(|_| Mutex::new(Vec::new())).collect(),
+                held: (0..classes).map(|_| AtomicUsize::new(0)).collect(),
                 counters: Counters::default(),
             })
             .collect();
@@ -385,7 +415,7 @@ impl BufferPool {
                 classes,
                 shards,
                 victim: (0..classes).map(|_| Mutex::new(Vec::new())).collect(),
-                held: (0..classes).map(|_| AtomicUsize::new(0)).collect(),
+                victim_held: (0..classes).map(|_| AtomicUsize::new(0)).collect(),
                 steal_from: AtomicUsize::new(0),
                 cfg,
             }),
@@ -403,7 +433,7 @@ impl BufferPool {
     }
 
     /// An empty vector of `T` with room for at least `capacity` values.
-    pub fn vec<T: ArrowNativeType>(&self, capacity: usize) -> PooledVec<T> {
+    pub fn vec<T: ArrowNativeType>(&self, capacity: usize) -> PooledVec<'_, T> {
         PooledVec::with_capacity(self, capacity)
     }
 
@@ -418,7 +448,6 @@ impl BufferPool {
         for shard in self.inner.shards.iter() {
             let c = &shard.counters;
             let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            s.gets += get(&c.gets);
             s.hits_private += get(&c.hits_private);
             s.hits_shared += get(&c.hits_shared);
             s.hits_stolen += get(&c.hits_stolen);
@@ -429,20 +458,9 @@ impl BufferPool {
             s.expired += get(&c.expired);
             s.unpooled += get(&c.unpooled);
         }
-        s.bytes_held = self
-            .inner
-            .held
-            .iter()
-            .map(|h| h.load(Ordering::Relaxed) as u64)
-            .sum();
-        s.blocks_held = self
-            .inner
-            .held
-            .iter()
-            .enumerate()
-            .map(|(class, h)| (h.load(Ordering::Relaxed) / self.inner.class_size(class)) as u64)
-            .sum();
+        (s.bytes_held, s.blocks_held) = self.inner.held();
         let hits = s.hits_private + s.hits_shared + s.hits_stolen + s.hits_victim;
+        s.gets = hits + s.misses;
         s.hit_rate = if hits + s.misses == 0 {
             0.0
         } else {
@@ -512,8 +530,11 @@ impl Drop for PooledAllocation {
 
 /// A growable vector of Arrow native values in a pooled block: build a column, then turn it
 /// into an Arrow buffer with [`PooledVec::into_buffer`] or [`PooledVec::into_scalar`].
-pub struct PooledVec<T: ArrowNativeType> {
-    pool: BufferPool,
+///
+/// It borrows the pool rather than cloning its `Arc`, which keeps two atomic reference
+/// count updates off every get+put; the `Arc` is cloned only into an Arrow buffer's owner.
+pub struct PooledVec<'p, T: ArrowNativeType> {
+    pool: &'p BufferPool,
     ptr: NonNull<u8>,
     capacity: usize,
     class: Option<usize>,
@@ -521,15 +542,16 @@ pub struct PooledVec<T: ArrowNativeType> {
     _type: PhantomData<T>,
 }
 
-// SAFETY: a PooledVec uniquely owns its block, like a Vec<T> with T: Send.
-unsafe impl<T: ArrowNativeType> Send for PooledVec<T> {}
+// SAFETY: a PooledVec uniquely owns its block, like a Vec<T> with T: Send, and the pool
+// it borrows is Sync.
+unsafe impl<T: ArrowNativeType> Send for PooledVec<'_, T> {}
 
-impl<T: ArrowNativeType> PooledVec<T> {
-    fn with_capacity(pool: &BufferPool, capacity: usize) -> Self {
+impl<'p, T: ArrowNativeType> PooledVec<'p, T> {
+    fn with_capacity(pool: &'p BufferPool, capacity: usize) -> Self {
         let bytes = capacity.saturating_mul(std::mem::size_of::<T>());
         let (ptr, capacity, class) = pool.acquire(bytes);
         Self {
-            pool: pool.clone(),
+            pool,
             ptr,
             capacity,
             class,
@@ -556,7 +578,7 @@ impl<T: ArrowNativeType> PooledVec<T> {
     #[cold]
     fn grow(&mut self, needed: usize) {
         let want = needed.max(self.capacity() * 2).max(8);
-        let mut bigger = Self::with_capacity(&self.pool, want);
+        let mut bigger = Self::with_capacity(self.pool, want);
         // SAFETY: both blocks are valid for their capacities, do not overlap, and the
         // first `len` values of `self` are initialised.
         unsafe {
@@ -609,9 +631,7 @@ impl<T: ArrowNativeType> PooledVec<T> {
     /// last reference to the buffer drops.
     pub fn into_buffer(self) -> Buffer {
         let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: the pool handle is moved out exactly once and `this` is never dropped, so
-        // the handle is neither duplicated nor leaked.
-        let pool = unsafe { std::ptr::read(&this.pool) };
+        let pool = this.pool.clone();
         let len = this.len * std::mem::size_of::<T>();
         let owner = Arc::new(PooledAllocation {
             pool,
@@ -631,7 +651,7 @@ impl<T: ArrowNativeType> PooledVec<T> {
     }
 }
 
-impl<T: ArrowNativeType> Drop for PooledVec<T> {
+impl<T: ArrowNativeType> Drop for PooledVec<'_, T> {
     fn drop(&mut self) {
         // SAFETY: the block came from `acquire` on this pool and is not used again.
         unsafe { self.pool.release(self.ptr, self.capacity, self.class) };
