@@ -155,7 +155,7 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.metrics_out {
-        write_metrics(&report, path)?;
+        write_metrics(&report, path, &pool)?;
     }
     Ok(report)
 }

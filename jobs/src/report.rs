@@ -13,6 +13,7 @@ use tidepool_operators::{BacktestReport, VariantReport};
 use tidepool_pipeline::metrics::{
     ndcg_key, recall_key, EVENTS, EVENTS_SCORED, MRR, TOTAL_SECONDS, TRAIN_EVENTS_PER_SEC,
 };
+use tidepool_pipeline::BufferPool;
 
 fn variant_json(report: &BacktestReport, v: &VariantReport) -> Map<String, Value> {
     let k = report.protocol.k;
@@ -127,31 +128,38 @@ const WINDOW_COLUMNS: [&str; 11] = [
 ];
 
 /// Writes the per-window metrics: Parquet when the path ends in `.parquet`, CSV otherwise.
-pub fn write_metrics(report: &BacktestReport, path: &Path) -> anyhow::Result<()> {
+pub fn write_metrics(
+    report: &BacktestReport,
+    path: &Path,
+    pool: &BufferPool,
+) -> anyhow::Result<()> {
     let rows: Vec<(&str, &tidepool_operators::WindowReport)> = report
         .variants
         .iter()
         .flat_map(|v| v.windows.iter().map(move |w| (v.name.as_str(), w)))
         .collect();
     if path.extension().is_some_and(|e| e == "parquet") {
+        // Numeric columns are built in the pool like every batch tidepool builds; the
+        // variant names are a string column, built by arrow.
         let u = |f: &dyn Fn(&tidepool_pipeline::Quality) -> u64| -> ArrayRef {
-            Arc::new(UInt64Array::from_iter_values(
-                rows.iter().map(|(_, w)| f(&w.quality)),
-            ))
+            let mut v = pool.vec::<u64>(rows.len());
+            rows.iter().for_each(|(_, w)| v.push(f(&w.quality)));
+            Arc::new(UInt64Array::new(v.into_scalar(), None))
         };
         let x = |f: &dyn Fn(&tidepool_pipeline::Quality) -> f64| -> ArrayRef {
-            Arc::new(Float64Array::from_iter_values(
-                rows.iter().map(|(_, w)| f(&w.quality)),
-            ))
+            let mut v = pool.vec::<f64>(rows.len());
+            rows.iter().for_each(|(_, w)| v.push(f(&w.quality)));
+            Arc::new(Float64Array::new(v.into_scalar(), None))
+        };
+        let i = |f: &dyn Fn(&tidepool_operators::WindowReport) -> i64| -> ArrayRef {
+            let mut v = pool.vec::<i64>(rows.len());
+            rows.iter().for_each(|(_, w)| v.push(f(w)));
+            Arc::new(Int64Array::new(v.into_scalar(), None))
         };
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|(n, _)| *n))),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|(_, w)| w.start_ms),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|(_, w)| w.end_ms),
-            )),
+            i(&|w| w.start_ms),
+            i(&|w| w.end_ms),
             u(&|q| q.events),
             u(&|q| q.scored),
             u(&|q| q.hits),
