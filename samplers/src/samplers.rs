@@ -37,6 +37,41 @@ fn exhausted(len: usize, exclusion: &impl Exclusion) -> bool {
     len == 0 || exclusion.excluded_count() >= len
 }
 
+/// `q` of an alias-table sampler, uniform while the table has no mass.
+fn weighted_probability(table: &AliasTable, item: u32, len: usize) -> f32 {
+    if table.has_mass() {
+        table.probability(item) as f32
+    } else {
+        1.0 / len.max(1) as f32
+    }
+}
+
+/// Draws from an alias table by rejection; uniform while the table has no mass (before
+/// any popularity arrived, or when the window is empty).
+fn weighted_sample<R: Rng + ?Sized>(
+    table: &AliasTable,
+    catalogue: &impl Catalogue,
+    exclusion: &impl Exclusion,
+    count: usize,
+    rng: &mut R,
+    scorer: &mut Scorer<'_>,
+    out: &mut Vec<Negative>,
+) -> usize {
+    if !table.has_mass() {
+        return Uniform.sample(catalogue, exclusion, count, rng, scorer, out);
+    }
+    if exhausted(catalogue.len(), exclusion) {
+        return 0;
+    }
+    by_rejection(count, exclusion, rng, out, |rng| {
+        let item = table.draw(rng);
+        Some(Negative {
+            item,
+            q: table.probability(item) as f32,
+        })
+    })
+}
+
 /// Uniform over the items seen so far, rejecting excluded items.
 ///
 /// Each draw costs O(1) expected proposals while the user has seen a small share of the
@@ -125,11 +160,7 @@ impl Sampler for Popularity {
     }
 
     fn probability(&self, item: u32, len: usize) -> f32 {
-        if self.table.has_mass() {
-            self.table.probability(item) as f32
-        } else {
-            1.0 / len.max(1) as f32
-        }
+        weighted_probability(&self.table, item, len)
     }
 
     fn sample<R: Rng + ?Sized>(
@@ -141,20 +172,7 @@ impl Sampler for Popularity {
         scorer: &mut Scorer<'_>,
         out: &mut Vec<Negative>,
     ) -> usize {
-        if !self.table.has_mass() {
-            return Uniform.sample(catalogue, exclusion, count, rng, scorer, out);
-        }
-        if exhausted(catalogue.len(), exclusion) {
-            return 0;
-        }
-        let table = &self.table;
-        by_rejection(count, exclusion, rng, out, |rng| {
-            let item = table.draw(rng);
-            Some(Negative {
-                item,
-                q: table.probability(item) as f32,
-            })
-        })
+        weighted_sample(&self.table, catalogue, exclusion, count, rng, scorer, out)
     }
 }
 
@@ -224,11 +242,7 @@ impl Sampler for Decay {
     }
 
     fn probability(&self, item: u32, len: usize) -> f32 {
-        if self.table.has_mass() {
-            self.table.probability(item) as f32
-        } else {
-            1.0 / len.max(1) as f32
-        }
+        weighted_probability(&self.table, item, len)
     }
 
     fn sample<R: Rng + ?Sized>(
@@ -240,20 +254,7 @@ impl Sampler for Decay {
         scorer: &mut Scorer<'_>,
         out: &mut Vec<Negative>,
     ) -> usize {
-        if !self.table.has_mass() {
-            return Uniform.sample(catalogue, exclusion, count, rng, scorer, out);
-        }
-        if exhausted(catalogue.len(), exclusion) {
-            return 0;
-        }
-        let table = &self.table;
-        by_rejection(count, exclusion, rng, out, |rng| {
-            let item = table.draw(rng);
-            Some(Negative {
-                item,
-                q: table.probability(item) as f32,
-            })
-        })
+        weighted_sample(&self.table, catalogue, exclusion, count, rng, scorer, out)
     }
 }
 
