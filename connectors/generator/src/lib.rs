@@ -311,8 +311,12 @@ impl Generator {
                 Arc::new(Float32Array::new(weights.into_scalar(), None)),
             ],
         );
-        // The schema and the columns are built together above; a mismatch is a bug.
-        batch.ok()
+        // The schema and the columns are built together above: a mismatch is a bug, and
+        // ending the stream quietly would lose events, so it panics with the reason.
+        match batch {
+            Ok(batch) => Some(batch),
+            Err(e) => panic!("generator columns do not match the event schema (a bug): {e}"),
+        }
     }
 }
 
