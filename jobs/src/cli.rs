@@ -48,28 +48,9 @@ fn parse_lib<T: std::str::FromStr<Err = tidepool_pipeline::Error>>(s: &str) -> R
 
 /// Parses sizes as humans write them: `4096`, `64KiB`, `512MiB`, `2GiB`, `10MB`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: f64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4KiB, 64MiB, 2GiB)"))?;
-    let scale: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KiB" | "K" | "k" => 1024.0,
-        "MiB" | "M" => 1024.0 * 1024.0,
-        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
-        "KB" | "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; valid: B, KiB, MiB, GiB, KB, MB, GB"
-            ))
-        }
-    };
-    Ok((n * scale) as usize)
+    tidepool_pipeline::memory::gc::parse_bytes(s)
+        .map(|b| b as usize)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {

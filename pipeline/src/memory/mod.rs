@@ -1,4 +1,7 @@
-//! Memory discipline: the sharded buffer pool that tidepool's Arrow columns are built in.
+//! Memory discipline: the sharded buffer pool that tidepool's Arrow columns are built in,
+//! and the heap-ratio trigger that decides when streaming state is compacted.
+
+pub mod gc;
 
 #[allow(unsafe_code)]
 mod pool;
