@@ -314,7 +314,16 @@ mod tests {
             ..cfg()
         };
         // (case, config, marked heap, live heap, now ms, expected trigger, expected goal)
-        let cases: Vec<(&str, GcConfig, u64, u64, u64, Option<TriggerKind>, u64)> = vec![
+        type Case = (
+            &'static str,
+            GcConfig,
+            u64,
+            u64,
+            u64,
+            Option<TriggerKind>,
+            u64,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "below the ratio goal",
                 cfg(),
