@@ -151,6 +151,9 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         let mut summary = summary_json(&report, &info.description);
         summary["pool"] = serde_json::to_value(pool.stats())?;
         summary["pool"]["enabled"] = serde_json::Value::Bool(args.pool);
+        if let Some(peak) = tidepool_pipeline::memory::heap::heap_peak() {
+            summary["heap_peak_bytes"] = peak.into();
+        }
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }

@@ -1,6 +1,11 @@
 //! The `tidepool` binary.
 
 use clap::Parser;
+use tidepool_pipeline::memory::heap::CountingAllocator;
+
+/// Counts live heap bytes so runs can report (and the GC trigger can read) a measured heap.
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator::new();
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()

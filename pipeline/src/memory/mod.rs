@@ -2,6 +2,8 @@
 //! and the heap-ratio trigger that decides when streaming state is compacted.
 
 pub mod gc;
+#[allow(unsafe_code)]
+pub mod heap;
 
 #[allow(unsafe_code)]
 mod pool;
