@@ -334,12 +334,6 @@ impl Learner {
             items: self.catalogue.len() as u64,
         }
     }
-
-    /// Replay index of the next event (events processed so far).
-    #[allow(dead_code)]
-    pub(crate) fn seen(&self) -> u64 {
-        self.seen
-    }
 }
 
 #[cfg(test)]

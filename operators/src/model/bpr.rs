@@ -274,12 +274,6 @@ impl Bpr {
         self.items.store(pos, &self.qi);
         loss
     }
-
-    /// Bytes of user rows this worker holds.
-    #[allow(dead_code)]
-    pub(crate) fn user_bytes(&self) -> usize {
-        self.users.capacity() * 4
-    }
 }
 
 #[cfg(test)]
