@@ -219,7 +219,9 @@ impl ItemRows {
         }
     }
 
-    /// Copies a row into `out` (length = stride).
+    /// Copies the first `out.len()` values of a row into `out`: the whole row (stride
+    /// values) to train, or only embedding and bias (`dim + 1`) to score, which leaves the
+    /// optimiser's accumulators behind.
     #[inline]
     pub(crate) fn load(&mut self, item: u32, out: &mut [f32]) {
         let row = self.row(item);

@@ -207,7 +207,7 @@ impl Bpr {
     #[inline]
     pub(crate) fn score(&mut self, user: u32, item: u32) -> f32 {
         let (dim, stride) = (self.layout.dim, self.layout.stride());
-        self.items.load(item, &mut self.qj);
+        self.items.load(item, &mut self.qj[..=dim]);
         let start = user as usize * stride;
         let p = &self.users[start..start + dim];
         let s = dot(p, &self.qj[..dim]);
