@@ -5,6 +5,7 @@
 //! - [`bench`]: `tidepool bench`, throughput measurements.
 //! - [`report`]: summary table, summary JSON, per-window metrics files.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod bench;
