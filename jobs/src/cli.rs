@@ -194,6 +194,9 @@ pub struct BacktestArgs {
     /// Overwrite returned buffers with a poison pattern (catches use after return).
     #[arg(long)]
     pub pool_poison: bool,
+    /// Pool shards; 0 means one per worker.
+    #[arg(long, default_value_t = 0)]
+    pub pool_shards: usize,
 }
 
 /// Arguments of `tidepool import`.

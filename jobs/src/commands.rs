@@ -72,7 +72,11 @@ impl BacktestArgs {
             enabled: self.pool,
             floor: self.pool_floor,
             ceiling: self.pool_ceiling,
-            shards: self.workers,
+            shards: if self.pool_shards == 0 {
+                self.workers
+            } else {
+                self.pool_shards
+            },
             retain_per_class: self.pool_retain,
             poison: self.pool_poison,
         })
