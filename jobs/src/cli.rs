@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Replay history (Parquet, or a generated stream when no INPUT is given) and score
     /// the model prequentially: every event is ranked before it is trained on.
-    Backtest(BacktestArgs),
+    Backtest(Box<BacktestArgs>),
     /// Convert a CSV/TSV export into Parquet sorted by event time.
     Import(ImportArgs),
     /// Write a synthetic behaviour stream to Parquet.
