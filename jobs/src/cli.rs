@@ -197,6 +197,47 @@ pub struct BacktestArgs {
     /// Pool shards; 0 means one per worker.
     #[arg(long, default_value_t = 0)]
     pub pool_shards: usize,
+    /// Generated stream (no INPUT): replace the user population with new ids this many
+    /// times over the stream (ever-new users).
+    #[arg(long, default_value_t = 0)]
+    pub user_churn: u64,
+    /// GC trigger: compact state when the live heap grows by this many percent over the
+    /// heap after the last cycle, or off (default: $TIDEPOOL_GC, else 100).
+    #[arg(long = "gc", value_name = "off|PERCENT", value_parser = parse_gc_percent)]
+    pub gc_percent: Option<GcPercent>,
+    /// No ratio-triggered cycle below this live heap.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub gc_min_heap: usize,
+    /// Soft memory limit: compact earlier as the live heap approaches it (default:
+    /// $TIDEPOOL_MEMORY_LIMIT, else none).
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<usize>,
+    /// A cycle runs when none ran for this long (wall time), also while input is idle.
+    #[arg(long, default_value = "2min", value_parser = parse_duration)]
+    pub gc_force_interval: Duration,
+    /// Print one line per GC cycle on stderr (also $TIDEPOOL_GCTRACE=1).
+    #[arg(long)]
+    pub gctrace: bool,
+    /// Evict users idle this long in event time (history and embedding); default: keep.
+    #[arg(long, value_parser = parse_duration)]
+    pub user_ttl: Option<Duration>,
+    /// Expire items idle this long in event time (catalogue entry and embedding row);
+    /// default: keep.
+    #[arg(long, value_parser = parse_duration)]
+    pub item_ttl: Option<Duration>,
+    /// Write a report directory: heap.svg (live heap over time, GC cycles marked).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+/// A `--gc` value: a percentage, or `None` for off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcPercent(pub Option<u32>);
+
+fn parse_gc_percent(s: &str) -> Result<GcPercent, String> {
+    tidepool_pipeline::memory::gc::parse_gc_percent(s)
+        .map(GcPercent)
+        .map_err(|e| e.to_string())
 }
 
 /// Arguments of `tidepool import`.

@@ -11,9 +11,12 @@ use tidepool_connector_parquet::{
     import_csv, ColumnMapping, CsvOptions, EventWriter, ImportReport, ParquetSource,
 };
 use tidepool_operators::{
-    run_backtest, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, VariantConfig,
+    run_backtest_with, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, StateConfig,
+    VariantConfig,
 };
 use tidepool_pipeline::event::event_schema;
+use tidepool_pipeline::memory::collector::GcController;
+use tidepool_pipeline::memory::gc::GcConfig;
 use tidepool_pipeline::{
     BufferPool, DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters, PoolConfig,
 };
@@ -63,7 +66,31 @@ impl BacktestArgs {
             tick_ms: self.tick.map(millis),
             rounds_in_flight: self.rounds_in_flight,
             popularity_window_ms: millis(self.pop_window),
+            state: StateConfig {
+                user_ttl_ms: self.user_ttl.map(millis),
+                item_ttl_ms: self.item_ttl.map(millis),
+            },
+            gc: self.gc_config()?,
         })
+    }
+
+    /// `[gc]` from the environment (`TIDEPOOL_GC`, `TIDEPOOL_MEMORY_LIMIT`,
+    /// `TIDEPOOL_GCTRACE`), overridden by the flags given.
+    pub fn gc_config(&self) -> anyhow::Result<GcConfig> {
+        let mut gc = GcConfig {
+            min_heap: self.gc_min_heap as u64,
+            force_interval_ms: millis(self.gc_force_interval).max(1) as u64,
+            ..GcConfig::default()
+        }
+        .with_env(|k| std::env::var(k).ok())?;
+        if let Some(p) = self.gc_percent {
+            gc.gc_percent = p.0;
+        }
+        if let Some(limit) = self.memory_limit {
+            gc.memory_limit = Some(limit as u64);
+        }
+        gc.trace |= self.gctrace;
+        Ok(gc)
     }
 
     /// The buffer pool these arguments describe, one shard per worker.
@@ -90,6 +117,7 @@ impl BacktestArgs {
                 events: self.events,
                 users: self.users,
                 items: self.items,
+                user_churn: self.user_churn,
                 ..GeneratorConfig::default()
             };
             return Ok(Arc::new(GeneratorSource::new(cfg)?.with_pool(pool.clone())));
@@ -120,9 +148,18 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         None => Arc::new(MemoryDeadLetters::new(5)),
     };
     let bar = progress_bar(info.rows.unwrap_or(0), args.quiet);
-    let report = run_backtest(source, &config, Arc::clone(&dead), &|done| {
-        bar.set_position(done)
-    })?;
+    let gc = Arc::new(GcController::new(config.gc.clone(), config.workers).with_pool(pool.clone()));
+    // `kill -USR1 PID` asks for a compaction cycle, like calling runtime.GC().
+    #[cfg(unix)]
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
+        .context("installing the SIGUSR1 handler")?;
+    let report = run_backtest_with(
+        source,
+        &config,
+        Arc::clone(&dead),
+        Arc::clone(&gc),
+        &|done| bar.set_position(done),
+    )?;
     bar.finish_and_clear();
     print!("{}", summary_table(&report));
     let stats = pool.stats();
@@ -158,13 +195,32 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         if let Some(peak) = tidepool_pipeline::memory::heap::heap_peak() {
             summary["heap_peak_bytes"] = peak.into();
         }
+        summary["gc"] = gc_summary(&report)?;
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.metrics_out {
         write_metrics(&report, path, &pool)?;
     }
+    if let Some(dir) = &args.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let svg = dir.join("heap.svg");
+        crate::plot::heap_svg(&report.gc, &svg)?;
+        eprintln!("report: {}", svg.display());
+    }
     Ok(report)
+}
+
+/// The `gc` object of the summary JSON: counters without the long timeline and samples.
+fn gc_summary(report: &BacktestReport) -> anyhow::Result<serde_json::Value> {
+    let mut gc = serde_json::to_value(&report.gc)?;
+    if let Some(obj) = gc.as_object_mut() {
+        obj.remove("timeline");
+        obj.remove("heap_samples");
+        obj.insert("users_evicted".into(), report.users_evicted.into());
+        obj.insert("items_expired".into(), report.items_expired.into());
+    }
+    Ok(gc)
 }
 
 fn progress_bar(total: u64, quiet: bool) -> ProgressBar {

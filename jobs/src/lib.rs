@@ -4,6 +4,7 @@
 //! - [`commands`]: `backtest`, `import`, `generate`.
 //! - [`bench`]: `tidepool bench`, throughput measurements.
 //! - [`report`]: summary table, summary JSON, per-window metrics files.
+//! - [`plot`]: charts for report directories (plotters, SVG).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -11,6 +12,7 @@
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod plot;
 pub mod report;
 
 /// Runs a parsed command line.

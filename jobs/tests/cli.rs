@@ -70,6 +70,101 @@ fn default_backtest_writes_summary_and_metrics() {
     assert_eq!(events, 20000, "windows cover every event");
 }
 
+/// GC settings from flags and the environment: a manual-free run with a tiny floor
+/// prints GCTRACE lines, counts cycles and evictions in the summary, and draws the heap.
+#[test]
+fn gc_flags_trace_summary_and_heap_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "backtest",
+            "--quiet",
+            "--events",
+            "60000",
+            "--user-churn",
+            "10",
+            "--user-ttl",
+            "5min",
+            "--gc-min-heap",
+            "1MiB",
+            "--gc",
+            "25",
+            "--summary-json",
+            "summary.json",
+            "--report",
+            "report",
+        ])
+        .env("TIDEPOOL_GCTRACE", "1")
+        .current_dir(dir.path())
+        .output()
+        .expect("tidepool runs");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("gc 1 @"))
+        .unwrap_or_else(|| panic!("no GCTRACE line: {stderr}"));
+    for part in [
+        " ratio: ",
+        "MB -> ",
+        "(goal ",
+        "ms; history -",
+        ", embeddings -",
+        ", traces -",
+        ", pool -",
+    ] {
+        assert!(line.contains(part), "{line}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    let gc = &summary["gc"];
+    assert!(gc["cycles_total"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(gc["cycles"]["ratio"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(gc["users_evicted"].as_u64().unwrap() > 0, "{gc}");
+    assert_eq!(gc["config"]["gc_percent"], 25, "{gc}");
+    for key in [
+        "pause_total_ms",
+        "pause_max_ms",
+        "freed",
+        "heap_peak",
+        "throttled",
+    ] {
+        assert!(gc.get(key).is_some(), "gc lacks {key}: {gc}");
+    }
+    let svg = std::fs::read_to_string(dir.path().join("report/heap.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+    assert!(
+        svg.contains("ratio cycle"),
+        "cycles are marked and labelled"
+    );
+
+    // Bad values are refused with the valid forms.
+    let bad = tidepool(&["backtest", "--gc", "lots"], dir.path());
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("off or a whole number"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["backtest", "--events", "100"])
+        .env("TIDEPOOL_MEMORY_LIMIT", "2 parsecs")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("TIDEPOOL_MEMORY_LIMIT"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
 #[test]
 fn generate_import_and_backtest_parquet() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,18 @@
 //!  probe ──► flow control of the sources
 //! ```
 //!
+//! ## Compaction cycles
+//!
+//! A second input carries control commands: when the GC controller decides on a cycle,
+//! worker 0 stamps a [`CycleTicket`] at its current input time `t`; it is broadcast and
+//! merged with the popularity changes into the learner's second input. A learner runs
+//! the cycle once every round before `t` is processed and before round `t`, so every
+//! worker compacts between the same two rounds (the catalogue replicas expire the same
+//! items) and an idle input, whose frontier stays at `t`, still compacts. The cycle
+//! evicts users and expires items past their TTL, advances the popularity trace's
+//! compaction to `t`, and reports what it freed to the controller, whose last report
+//! closes the cycle.
+//!
 //! Why broadcast rather than exchange by user: the protocol's candidates ("every item
 //! seen before t"), the replay index that decides which events are scored, and
 //! `mostpop`'s counts are functions of the *global* replay order. Giving each worker the
@@ -31,23 +43,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tidepool_pipeline::dead_letter::DeadLetterSink;
+use tidepool_pipeline::memory::collector::{CycleTicket, Freed, GcController, GcStats};
 use tidepool_pipeline::{Error, Event, EventSource, Quality, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::Capability;
-use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::operators::{Concat, Input, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
-use crate::ingest::{auto_tick, drive, Clock, EventInput, Feed, IngestStats};
+use crate::ingest::{auto_tick, drive, Clock, Feed, IngestStats, Inputs};
 use crate::learner::{Learner, Protocol, WorkerResult};
 use crate::model::Model;
-use crate::popularity::{CountChange, WindowedPopularity};
+use crate::popularity::{compact_trace, CountChange, PopularityTrace, WindowedPopularity};
 use tidepool_samplers::SamplerSpec;
 
 /// Quality of one metrics window.
@@ -93,10 +106,18 @@ pub struct BacktestReport {
     pub reordered: u64,
     /// Events for which fewer negatives than configured could be drawn.
     pub sampler_shortfalls: u64,
-    /// Distinct users.
+    /// Users held at the end (distinct users, unless a TTL evicted some).
     pub users: u64,
-    /// Distinct items.
+    /// Live items at the end (distinct items, unless a TTL expired some).
     pub items: u64,
+    /// Users evicted past their TTL (a returning user counts again).
+    pub users_evicted: u64,
+    /// Items expired past their TTL.
+    pub items_expired: u64,
+    /// Approximate bytes of user state (histories and user embedding rows) at the end.
+    pub user_state_bytes: u64,
+    /// Compaction cycles, pauses, bytes freed, heap.
+    pub gc: GcStats,
     /// Wall time of the replay.
     pub seconds: f64,
     /// Per-variant results.
@@ -177,7 +198,19 @@ struct WorkerOutcome {
     learner: WorkerResult,
 }
 
-/// Replays `source` through the prequential dataflow on `config.workers` threads.
+/// The learner's second input: popularity changes and compaction commands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Side {
+    Count(CountChange),
+    Cycle(CycleTicket),
+}
+
+/// Merge effort differential spends per idle activation, so compacted traces shrink
+/// even when no new updates arrive.
+const IDLE_MERGE_EFFORT: isize = 100_000;
+
+/// Replays `source` through the prequential dataflow on `config.workers` threads, with a
+/// GC controller built from `config.gc`.
 ///
 /// `progress` is called about ten times a second from the calling thread with the number
 /// of events processed so far. Dead letters go to `dead`. Fails when the source fails
@@ -186,6 +219,20 @@ pub fn run_backtest(
     source: Arc<dyn EventSource>,
     config: &BacktestConfig,
     dead: Arc<dyn DeadLetterSink>,
+    progress: &dyn Fn(u64),
+) -> Result<BacktestReport> {
+    let gc = Arc::new(GcController::new(config.gc.clone(), config.workers));
+    run_backtest_with(source, config, dead, gc, progress)
+}
+
+/// As [`run_backtest`], with a GC controller of the caller's (to change settings while
+/// running, request cycles, or rotate a buffer pool). `gc` must have been made for
+/// `config.workers` workers.
+pub fn run_backtest_with(
+    source: Arc<dyn EventSource>,
+    config: &BacktestConfig,
+    dead: Arc<dyn DeadLetterSink>,
+    gc: Arc<GcController>,
     progress: &dyn Fn(u64),
 ) -> Result<BacktestReport> {
     config.validate()?;
@@ -253,7 +300,13 @@ pub fn run_backtest(
         let processed = Arc::clone(&processed);
         let cancel = Arc::clone(&cancel);
         let dead = Arc::clone(&dead);
-        timely::execute(timely::Config::process(config.workers), move |worker| {
+        let gc = Arc::clone(&gc);
+        let mut timely_config = timely::Config::process(config.workers);
+        differential_dataflow::configure(
+            &mut timely_config.worker,
+            &differential_dataflow::Config::default().idle_merge_effort(Some(IDLE_MERGE_EFFORT)),
+        );
+        timely::execute(timely_config, move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
             // Buffers built or dropped on this thread use its shard of the pool.
             tidepool_pipeline::BufferPool::register_worker(index);
@@ -264,64 +317,95 @@ pub fn run_backtest(
                 config.seed,
                 &config.variants,
                 &tables,
+                config.state.clone(),
             ))));
-            let mut input = EventInput::new();
+            let mut input = Inputs::new();
             let probe = ProbeHandle::new();
             worker.dataflow::<u64, _, _>(|scope| {
                 let learner = Rc::clone(&learner);
                 let processed = Arc::clone(&processed);
-                let events = scope.input_from(&mut input);
-                let counts = if needs_counts {
-                    events
-                        .clone()
-                        .windowed_counts(window_ticks)
-                        .inner
-                        .broadcast()
+                let gc = Arc::clone(&gc);
+                let events = scope.input_from(&mut input.events);
+                let control = scope
+                    .input_from(&mut input.control)
+                    .broadcast()
+                    .map(Side::Cycle);
+                let (counts, mut trace): (_, Option<PopularityTrace>) = if needs_counts {
+                    let (counts, trace) = events.clone().windowed_counts_traced(window_ticks);
+                    (counts.inner.broadcast().map(Side::Count), Some(trace))
                 } else {
-                    empty(scope)
+                    (empty(scope), None)
                 };
+                let side = counts.concat(control);
                 events
                     .broadcast()
                     .binary_frontier::<_, CapacityContainerBuilder<Vec<u64>>, _, _, _, _>(
-                        counts,
+                        side,
                         Pipeline,
                         Pipeline,
                         "Prequential",
                         move |_, _| {
                             let mut rounds = Stash::<Event>::default();
                             let mut changes = Stash::<CountChange>::default();
-                            move |(events, events_frontier), (counts, counts_frontier), output| {
+                            let mut cycles = Stash::<CycleTicket>::default();
+                            move |(events, events_frontier), (side, side_frontier), output| {
                                 events.for_each(|cap, data| {
                                     rounds.stash(cap.retain_least(output.output_index()), data);
                                 });
-                                counts.for_each(|cap, data| {
+                                side.for_each(|cap, data| {
                                     // Only the time is kept: holding a capability for
                                     // changes would hold back the probe, and with it the
                                     // sources, until the next round (a deadlock when the
                                     // sources wait for the probe).
                                     let time =
                                         cap.retain_least(output.output_index()).map(|c| *c.time());
-                                    changes.stash_at(time, data);
+                                    let (mut counts, mut tickets) = (Vec::new(), Vec::new());
+                                    for item in data.drain(..) {
+                                        match item {
+                                            Side::Count(c) => counts.push(c),
+                                            Side::Cycle(t) => tickets.push(t),
+                                        }
+                                    }
+                                    changes.stash_at(time, &mut counts);
+                                    cycles.stash_at(time, &mut tickets);
                                 });
                                 let done = |t: &u64| {
-                                    !events_frontier.less_equal(t) && !counts_frontier.less_equal(t)
+                                    !events_frontier.less_equal(t) && !side_frontier.less_equal(t)
+                                };
+                                // Everything before `t` is in: a cycle stamped `t` may run.
+                                let before_done = |t: &u64| {
+                                    !events_frontier.less_than(t) && !side_frontier.less_than(t)
                                 };
                                 let mut learner = learner.borrow_mut();
                                 let Some(learner) = learner.as_mut() else {
                                     return;
                                 };
-                                while let Some(time) = rounds.first_time().filter(|t| done(t)) {
-                                    // Popularity as of the rounds before this one.
-                                    let mut before = changes.take_before(time);
-                                    learner.apply_counts(&mut before);
-                                    if let Some((cap, mut batch)) = rounds.take(time) {
-                                        let owned = learner.process_round(&mut batch);
-                                        processed.fetch_add(owned, Ordering::Relaxed);
-                                        output.session(&cap).give(owned);
+                                loop {
+                                    let round = rounds.first_time().filter(|t| done(t));
+                                    let cycle = cycles.first_time().filter(|t| before_done(t));
+                                    match (round, cycle) {
+                                        (_, Some(c)) if round.is_none_or(|r| c <= r) => {
+                                            let mut before = changes.take_before(c);
+                                            learner.apply_counts(&mut before);
+                                            for ticket in cycles.take_before(c + 1) {
+                                                run_cycle(learner, trace.as_mut(), c, &gc, ticket);
+                                            }
+                                        }
+                                        (Some(time), _) => {
+                                            // Popularity as of the rounds before this one.
+                                            let mut before = changes.take_before(time);
+                                            learner.apply_counts(&mut before);
+                                            if let Some((cap, mut batch)) = rounds.take(time) {
+                                                let owned = learner.process_round(&mut batch);
+                                                processed.fetch_add(owned, Ordering::Relaxed);
+                                                output.session(&cap).give(owned);
+                                            }
+                                        }
+                                        _ => break,
                                     }
                                 }
                                 // Changes with no round after them only matter at the end.
-                                if events_frontier.is_empty() && counts_frontier.is_empty() {
+                                if events_frontier.is_empty() && side_frontier.is_empty() {
                                     let mut rest = changes.take_before(u64::MAX);
                                     learner.apply_counts(&mut rest);
                                 }
@@ -337,6 +421,7 @@ pub fn run_backtest(
                     rounds_in_flight: config.rounds_in_flight,
                     dead: dead.as_ref(),
                     cancel: &cancel,
+                    gc: (index == 0).then_some(gc.as_ref()),
                 };
                 drive(worker, &mut input, &probe, reader, &feed)
             });
@@ -384,7 +469,26 @@ pub fn run_backtest(
         return Err(e);
     }
     dead.flush()?;
-    Ok(assemble(config, protocol, tick_ms, seconds, outcomes))
+    let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
+    report.gc = gc.stats();
+    Ok(report)
+}
+
+/// One worker's share of compaction cycle `ticket`, run between rounds `time - 1` and
+/// `time`.
+fn run_cycle(
+    learner: &mut Learner,
+    trace: Option<&mut PopularityTrace>,
+    time: u64,
+    gc: &GcController,
+    ticket: CycleTicket,
+) {
+    let started = Instant::now();
+    let mut freed: Freed = learner.compact();
+    if let Some(trace) = trace {
+        freed.traces += compact_trace(trace, time);
+    }
+    gc.report(ticket, freed, started.elapsed().as_secs_f64() * 1000.0);
 }
 
 fn assemble(
@@ -405,6 +509,10 @@ fn assemble(
         sampler_shortfalls: 0,
         users: 0,
         items: 0,
+        users_evicted: 0,
+        items_expired: 0,
+        user_state_bytes: 0,
+        gc: GcStats::default(),
         seconds,
         variants: Vec::new(),
     };
@@ -416,6 +524,10 @@ fn assemble(
         report.reordered += outcome.ingest.reordered;
         report.sampler_shortfalls += outcome.learner.sampler_shortfalls;
         report.users += outcome.learner.users;
+        report.users_evicted += outcome.learner.users_evicted;
+        report.user_state_bytes += outcome.learner.user_bytes;
+        // Every worker expires the same items.
+        report.items_expired = report.items_expired.max(outcome.learner.items_expired);
         // Every worker holds the full catalogue replica.
         report.items = report.items.max(outcome.learner.items);
         for (slot, (_, total, windows)) in merged.iter_mut().zip(outcome.learner.variants) {

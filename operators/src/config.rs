@@ -4,6 +4,7 @@
 //! them from the command line and job files, validates once, and passes them down.
 
 use serde::{Deserialize, Serialize};
+use tidepool_pipeline::memory::gc::GcConfig;
 use tidepool_pipeline::{Error, Result};
 
 /// Default value for [`ModelConfig::dim`].
@@ -301,6 +302,40 @@ pub struct BacktestConfig {
     /// Width of the sliding window of event time over which item popularity is counted
     /// for popularity samplers.
     pub popularity_window_ms: i64,
+    /// How long state is kept (`[state]`).
+    #[serde(default)]
+    pub state: StateConfig,
+    /// When state is compacted (`[gc]`).
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+/// `[state]`: how long per-entity state is kept. Ages are measured in event time against
+/// the newest event time the dataflow has processed, so a replay compacts exactly as the
+/// live stream it replays would have; `None` keeps state forever.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateConfig {
+    /// A user idle this long loses history and embedding (with optimiser state); a
+    /// returning user starts afresh (Monolith-style expiry).
+    pub user_ttl_ms: Option<i64>,
+    /// An item idle this long leaves the catalogue (it is no longer a candidate or a
+    /// negative) and its embedding row is released; a returning item starts afresh.
+    pub item_ttl_ms: Option<i64>,
+}
+
+impl StateConfig {
+    /// Checks the values once, before a run starts.
+    pub fn validate(&self) -> Result<()> {
+        for (name, ttl) in [
+            ("user_ttl", self.user_ttl_ms),
+            ("item_ttl", self.item_ttl_ms),
+        ] {
+            if ttl.is_some_and(|t| t <= 0) {
+                return Err(Error::Config(format!("{name} must be positive")));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for BacktestConfig {
@@ -316,6 +351,8 @@ impl Default for BacktestConfig {
             tick_ms: None,
             rounds_in_flight: DEFAULT_ROUNDS_IN_FLIGHT,
             popularity_window_ms: DEFAULT_POPULARITY_WINDOW_MS,
+            state: StateConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -355,6 +392,10 @@ impl BacktestConfig {
         }
         if self.rounds_in_flight == 0 {
             return Err(Error::Config("rounds_in_flight must be at least 1".into()));
+        }
+        self.state.validate()?;
+        if self.gc.force_interval_ms == 0 {
+            return Err(Error::Config("gc force_interval must be positive".into()));
         }
         Ok(())
     }

@@ -14,6 +14,18 @@
 //! with the current round, after everything it should have preceded) and counted as
 //! reordered. Sorted input (what `tidepool import` writes) has no late events.
 //!
+//! ## Idle sources and GC cycles
+//!
+//! A source that has nothing to deliver right now yields an empty batch; the driver then
+//! parks the worker briefly instead of spinning. Worker 0's driver also asks the GC
+//! controller, after every batch (empty or not), whether a compaction cycle is due, and
+//! if so stamps a [`CycleTicket`] into the control input at its current time: every
+//! worker then compacts between the same two rounds (see [`crate::backtest`]). An idle
+//! input therefore still gets its forced cycles. When a source turns idle, its open round
+//! is closed (the input advances one tick), so what it delivered is processed at once;
+//! an event that later arrives for the closed tick is processed late and counted as
+//! reordered.
+//!
 //! ## Flow control
 //!
 //! Timely has no backpressure of its own. Before a worker advances its input to time
@@ -22,8 +34,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Duration;
+
 use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::event::decode_events;
+use tidepool_pipeline::memory::collector::{CycleTicket, GcController};
 use tidepool_pipeline::{Event, EventReader, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::{InputHandle, ProbeHandle};
@@ -71,21 +86,56 @@ pub struct IngestStats {
 const SEND_BATCH: usize = 4096;
 
 pub(crate) type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<Event>>>;
+pub(crate) type ControlInput = InputHandle<u64, CapacityContainerBuilder<Vec<CycleTicket>>>;
+
+/// A worker's two inputs, advanced together: events and control commands.
+pub(crate) struct Inputs {
+    pub(crate) events: EventInput,
+    pub(crate) control: ControlInput,
+}
+
+impl Inputs {
+    pub(crate) fn new() -> Self {
+        Self {
+            events: EventInput::new(),
+            control: ControlInput::new(),
+        }
+    }
+
+    fn advance_to(&mut self, tick: u64) {
+        self.events.advance_to(tick);
+        self.control.advance_to(tick);
+    }
+
+    /// Starts a cycle if the controller says one is due.
+    fn poll_gc(&mut self, gc: Option<&GcController>) {
+        if let Some(ticket) = gc.and_then(GcController::poll) {
+            self.control.send(ticket);
+            // An input handle buffers until it is flushed or advanced; an idle input is
+            // not advanced, and the cycle must not wait for the next event.
+            self.control.flush();
+        }
+    }
+}
+
+/// How long an idle worker parks before asking its source again.
+const IDLE_PARK: Duration = Duration::from_millis(5);
 
 /// How a worker feeds its input: the clock, the flow-control bound, where dead letters
-/// go, and the flag another worker sets when it fails.
+/// go, the flag another worker sets when it fails, and (on worker 0) the GC controller.
 pub(crate) struct Feed<'a> {
     pub(crate) clock: Clock,
     pub(crate) rounds_in_flight: u64,
     pub(crate) dead: &'a dyn DeadLetterSink,
     pub(crate) cancel: &'a AtomicBool,
+    pub(crate) gc: Option<&'a GcController>,
 }
 
 /// Reads `reader` to the end into `input`. Stops early (without error) when
 /// `feed.cancel` is set by another worker that failed.
 pub(crate) fn drive(
     worker: &mut Worker,
-    input: &mut EventInput,
+    input: &mut Inputs,
     probe: &ProbeHandle<u64>,
     reader: EventReader,
     feed: &Feed<'_>,
@@ -95,15 +145,33 @@ pub(crate) fn drive(
         rounds_in_flight,
         dead,
         cancel,
+        gc,
     } = *feed;
     let mut stats = IngestStats::default();
     let mut decoded = Vec::new();
     let mut pending: Vec<Event> = Vec::with_capacity(SEND_BATCH);
+    let mut open_round = false;
     for batch in reader {
         if cancel.load(Ordering::Relaxed) {
             break;
         }
         let batch = batch?;
+        input.poll_gc(gc);
+        if batch.records.num_rows() == 0 {
+            input.events.send_batch(&mut pending);
+            pending.clear();
+            // An idle source closes its open round, so the events it has delivered are
+            // trained and counted now rather than when the next one arrives (and GC
+            // cycles see them). A later event for the closed tick is processed late.
+            if open_round {
+                let next = *input.events.time() + 1;
+                input.advance_to(next);
+                open_round = false;
+            }
+            worker.step_or_park(Some(IDLE_PARK));
+            continue;
+        }
+        open_round = true;
         stats.rows += batch.records.num_rows() as u64;
         decoded.clear();
         let mut sink_error = None;
@@ -117,9 +185,9 @@ pub(crate) fn drive(
         }
         for event in decoded.drain(..) {
             let tick = clock.tick(event.ts);
-            let now = *input.time();
+            let now = *input.events.time();
             if tick > now {
-                input.send_batch(&mut pending);
+                input.events.send_batch(&mut pending);
                 pending.clear();
                 input.advance_to(tick);
                 let horizon = tick.saturating_sub(rounds_in_flight);
@@ -131,14 +199,14 @@ pub(crate) fn drive(
             }
             pending.push(event);
             if pending.len() >= SEND_BATCH {
-                input.send_batch(&mut pending);
+                input.events.send_batch(&mut pending);
                 pending.clear();
             }
         }
         // Keep channels moving between batches even when no round closed.
         worker.step();
     }
-    input.send_batch(&mut pending);
+    input.events.send_batch(&mut pending);
     Ok(stats)
 }
 

@@ -24,6 +24,14 @@
 //! Storage grows in chunks of [`CHUNK_ROWS`] rows that never move, so a worker caches
 //! the chunk pointers it has seen and takes the table's lock only when the catalogue
 //! outgrows its cache.
+//!
+//! ## Expiry
+//!
+//! Expired items (see [`crate::state::ItemCatalogue`]) are never read or written again:
+//! a returning item gets a new dense index. A chunk whose rows are all expired is
+//! *released*: the table forgets it and each worker drops its cached pointer at its own
+//! compaction, so the memory returns once the last worker has passed that compaction
+//! (a worker lagging a round behind keeps using its pointer safely until then).
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -100,9 +108,9 @@ pub struct ItemTable {
     layout: RowLayout,
     seed: u64,
     init_std: f32,
-    // Append-only: chunks are pushed, never removed or moved, so a poisoned lock still
-    // guards a consistent list.
-    chunks: RwLock<Vec<Arc<Chunk>>>,
+    // Chunks are pushed and, once all their items expired, taken out; never moved, so a
+    // poisoned lock still guards a consistent list.
+    chunks: RwLock<Vec<Option<Arc<Chunk>>>>,
 }
 
 impl std::fmt::Debug for ItemTable {
@@ -127,23 +135,28 @@ impl ItemTable {
         }
     }
 
-    fn chunk_list(&self) -> Vec<Arc<Chunk>> {
+    fn chunk_list(&self) -> Vec<Option<Arc<Chunk>>> {
         self.chunks
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
 
+    /// Bytes of one chunk's storage.
+    fn chunk_bytes(&self) -> usize {
+        CHUNK_ROWS * (self.layout.stride() * 4 + 1)
+    }
+
     /// Bytes held by the table's storage.
     pub fn bytes(&self) -> usize {
-        self.chunk_list().len() * CHUNK_ROWS * (self.layout.stride() * 4 + 1)
+        self.chunk_list().iter().flatten().count() * self.chunk_bytes()
     }
 }
 
 /// One worker's handle on an [`ItemTable`], with its cache of chunk pointers.
 pub(crate) struct ItemRows {
     table: Arc<ItemTable>,
-    chunks: Vec<Arc<Chunk>>,
+    chunks: Vec<Option<Arc<Chunk>>>,
     stride: usize,
     scratch: Vec<f32>,
 }
@@ -163,37 +176,91 @@ impl ItemRows {
         self.table.layout
     }
 
+    /// Makes sure chunk `chunk` is cached, creating it in the table if needed, and
+    /// returns it.
     #[cold]
-    fn grow(&mut self, chunk: usize) {
+    fn grow(&mut self, chunk: usize) -> Arc<Chunk> {
         let mut list = self
             .table
             .chunks
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         while list.len() <= chunk {
-            list.push(Arc::new(Chunk::new(self.stride)));
+            list.push(Some(Arc::new(Chunk::new(self.stride))));
         }
-        self.chunks.clone_from(&list);
+        // Only a chunk all of whose items expired is ever taken out, and expired items
+        // are never addressed; recreating one keeps this path total all the same.
+        let wanted =
+            Arc::clone(list[chunk].get_or_insert_with(|| Arc::new(Chunk::new(self.stride))));
+        if self.chunks.len() < list.len() {
+            self.chunks.resize(list.len(), None);
+        }
+        // Keep this worker's own pointers: it may still be behind the compaction that
+        // released a chunk.
+        for (mine, shared) in self.chunks.iter_mut().zip(list.iter()) {
+            if mine.is_none() {
+                mine.clone_from(shared);
+            }
+        }
+        self.chunks[chunk] = Some(Arc::clone(&wanted));
+        wanted
+    }
+
+    #[inline]
+    fn chunk(&mut self, c: usize) -> &Arc<Chunk> {
+        if self.chunks.get(c).is_none_or(Option::is_none) {
+            self.grow(c);
+        }
+        match &self.chunks[c] {
+            Some(chunk) => chunk,
+            None => unreachable!("grow caches the chunk it returns"),
+        }
     }
 
     /// The row's values, initialised if this is the first use anywhere in the process.
     #[inline]
     fn row(&mut self, item: u32) -> &[AtomicU32] {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        if c >= self.chunks.len() {
-            self.grow(c);
-        }
-        if self.chunks[c].states[r].load(Ordering::Acquire) != READY {
+        if self.chunk(c).states[r].load(Ordering::Acquire) != READY {
             self.initialise(item);
         }
         let stride = self.stride;
-        &self.chunks[c].values[r * stride..(r + 1) * stride]
+        &self.chunk(c).values[r * stride..(r + 1) * stride]
+    }
+
+    /// Releases the chunks all of whose rows are expired, given liveness by dense
+    /// index (`alive.len()` items handed out). Returns the bytes this call took out of
+    /// the table (each chunk is counted once, by the first worker to release it).
+    pub(crate) fn release_expired(&mut self, alive: &[bool]) -> u64 {
+        let full = alive.len() / CHUNK_ROWS;
+        let mut freed = 0;
+        for c in 0..full.min(self.chunks.len()) {
+            if self.chunks[c].is_none() {
+                continue;
+            }
+            if alive[c * CHUNK_ROWS..(c + 1) * CHUNK_ROWS]
+                .iter()
+                .any(|&a| a)
+            {
+                continue;
+            }
+            self.chunks[c] = None;
+            let mut list = self
+                .table
+                .chunks
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if list.get_mut(c).and_then(Option::take).is_some() {
+                freed += self.table.chunk_bytes() as u64;
+            }
+        }
+        freed
     }
 
     #[cold]
     fn initialise(&mut self, item: u32) {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        let chunk = Arc::clone(&self.chunks[c]);
+        let chunk = Arc::clone(self.chunk(c));
         let state = &chunk.states[r];
         match state.compare_exchange(EMPTY, INITIALISING, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => {
@@ -239,13 +306,18 @@ impl ItemRows {
         }
     }
 
-    /// Scores `p` against items `0..n`: `out[i] = p · q_i (+ b_i)`.
-    pub(crate) fn score_all(&mut self, p: &[f32], bias: bool, n: usize, out: &mut Vec<f32>) {
+    /// Scores `p` against items `0..alive.len()`: `out[i] = p · q_i (+ b_i)`, and
+    /// negative infinity for expired items, which are never candidates.
+    pub(crate) fn score_all(&mut self, p: &[f32], bias: bool, alive: &[bool], out: &mut Vec<f32>) {
         out.clear();
-        out.reserve(n);
+        out.reserve(alive.len());
         let dim = self.table.layout.dim;
-        for item in 0..n as u32 {
-            let row = self.row(item);
+        for (item, &live) in alive.iter().enumerate() {
+            if !live {
+                out.push(f32::NEG_INFINITY);
+                continue;
+            }
+            let row = self.row(item as u32);
             let mut s = 0.0f32;
             for (a, q) in p.iter().zip(&row[..dim]) {
                 s += a * f32::from_bits(q.load(Ordering::Relaxed));
@@ -312,12 +384,42 @@ mod tests {
     }
 
     #[test]
+    fn fully_expired_chunks_are_released_once() {
+        let t = table(false);
+        let mut a = ItemRows::new(Arc::clone(&t));
+        let mut b = ItemRows::new(Arc::clone(&t));
+        let mut row = vec![0.0; 5];
+        let n = 3 * CHUNK_ROWS + 10;
+        for item in 0..n as u32 {
+            a.load(item, &mut row);
+        }
+        b.load(0, &mut row);
+        assert_eq!(t.bytes(), 4 * t.chunk_bytes());
+        let mut alive = vec![true; n];
+        // Chunk 1 entirely expired, chunk 0 all but one, the partial last chunk entirely.
+        alive[CHUNK_ROWS..2 * CHUNK_ROWS].fill(false);
+        alive[..CHUNK_ROWS - 1].fill(false);
+        alive[3 * CHUNK_ROWS..].fill(false);
+        assert_eq!(a.release_expired(&alive), t.chunk_bytes() as u64);
+        assert_eq!(b.release_expired(&alive), 0, "counted once");
+        assert_eq!(t.bytes(), 3 * t.chunk_bytes());
+        // Live rows on either side are untouched and new items still get rows.
+        b.load(2 * CHUNK_ROWS as u32, &mut row);
+        b.load(n as u32 + 5, &mut row);
+        let mut scores = Vec::new();
+        a.score_all(&[1.0; 4], false, &alive, &mut scores);
+        assert_eq!(scores.len(), n);
+        assert!(scores[CHUNK_ROWS + 3].is_infinite());
+    }
+
+    #[test]
     fn score_all_matches_dot_products() {
         let t = table(false);
         let mut h = ItemRows::new(t);
         let p = [1.0, -2.0, 0.5, 0.25];
         let mut scores = Vec::new();
-        h.score_all(&p, true, 3, &mut scores);
+        h.score_all(&p, true, &[true, true, true, false], &mut scores);
+        assert_eq!(scores[3], f32::NEG_INFINITY);
         for item in 0..3 {
             let mut row = vec![0.0; 5];
             h.load(item, &mut row);

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
 use serde::Serialize;
+use tidepool_pipeline::memory::collector::Freed;
 use tidepool_pipeline::{Event, Quality};
 use tidepool_samplers::{AnySampler, Negative, Refresh, Sampler, SamplerSpec};
 
-use crate::config::{EvalConfig, VariantConfig};
+use crate::config::{EvalConfig, StateConfig, VariantConfig};
 use crate::item_table::ItemTable;
 use crate::model::Model;
 use crate::popularity::CountChange;
@@ -143,8 +144,14 @@ pub(crate) struct WorkerResult {
     pub(crate) sampler_shortfalls: u64,
     /// Users this worker owned.
     pub(crate) users: u64,
-    /// Items in the catalogue at the end.
+    /// Live items in the catalogue at the end.
     pub(crate) items: u64,
+    /// Users evicted past their TTL.
+    pub(crate) users_evicted: u64,
+    /// Items expired past their TTL.
+    pub(crate) items_expired: u64,
+    /// Approximate bytes of user state (histories, user rows) held at the end.
+    pub(crate) user_bytes: u64,
 }
 
 /// The per-worker prequential learner.
@@ -163,6 +170,10 @@ pub(crate) struct Learner {
     /// Windowed interaction counts by dense item, replicated from the differential
     /// popularity collection.
     window_counts: Vec<u64>,
+    /// How long user and item state is kept.
+    retention: StateConfig,
+    /// The newest event time processed: the clock state ages are measured against.
+    now_ms: i64,
 }
 
 impl Learner {
@@ -174,6 +185,7 @@ impl Learner {
         seed: u64,
         variants: &[VariantConfig],
         tables: &[Option<Arc<ItemTable>>],
+        retention: StateConfig,
     ) -> Self {
         let variants = variants
             .iter()
@@ -206,7 +218,51 @@ impl Learner {
             negatives: Vec::new(),
             sampler_shortfalls: 0,
             window_counts: Vec::new(),
+            retention,
+            now_ms: i64::MIN,
         }
+    }
+
+    /// One worker's share of a compaction cycle: evicts users and expires items idle
+    /// past their TTL (measured from the newest event time processed) and releases the
+    /// memory they held. Every worker runs it between the same two rounds, so the
+    /// catalogue replicas expire the same items.
+    pub(crate) fn compact(&mut self) -> Freed {
+        let mut freed = Freed::default();
+        if self.now_ms == i64::MIN {
+            return freed;
+        }
+        if let Some(ttl) = self.retention.user_ttl_ms {
+            if let Some((remap, history)) = self.users.evict_before(self.now_ms.saturating_sub(ttl))
+            {
+                freed.history += history;
+                for v in &mut self.variants {
+                    freed.embeddings += v.model.remap_users(&remap);
+                }
+            }
+        }
+        if let Some(ttl) = self.retention.item_ttl_ms {
+            if self
+                .catalogue
+                .expire_before(self.now_ms.saturating_sub(ttl))
+                > 0
+            {
+                for v in &mut self.variants {
+                    freed.embeddings += v.model.release_items(self.catalogue.alive());
+                }
+            }
+        }
+        freed
+    }
+
+    /// Approximate heap bytes of this worker's user state (histories and user rows).
+    pub(crate) fn user_bytes(&self) -> u64 {
+        self.users.bytes()
+            + self
+                .variants
+                .iter()
+                .map(|v| v.model.user_bytes())
+                .sum::<u64>()
     }
 
     /// Applies changes of the windowed counts (all of them at times before the round
@@ -249,11 +305,12 @@ impl Learner {
         for event in events.iter() {
             let index = self.seen;
             self.seen += 1;
+            self.now_ms = self.now_ms.max(event.ts);
             if owner(event.user, self.peers) == self.worker {
                 owned += 1;
                 self.learn(event, index);
             } else {
-                let item = self.catalogue.observe(event.item);
+                let item = self.catalogue.observe(event.item, event.ts);
                 for v in &mut self.variants {
                     v.sampler.observe(item, event.ts);
                 }
@@ -264,7 +321,7 @@ impl Learner {
 
     /// Score (if due), then train on one owned event.
     fn learn(&mut self, event: &Event, index: u64) {
-        let user = self.users.get_or_insert(event.user);
+        let user = self.users.get_or_insert(event.user, event.ts);
         let window = self.protocol.window(event.ts);
         let scored = self.protocol.scores(index);
         let target = self.catalogue.lookup(event.item);
@@ -290,7 +347,7 @@ impl Learner {
             }
         }
 
-        let item = self.catalogue.observe(event.item);
+        let item = self.catalogue.observe(event.item, event.ts);
         for v in &mut self.variants {
             self.negatives.clear();
             v.sampler.observe(item, event.ts);
@@ -298,6 +355,7 @@ impl Learner {
                 let exclusion = Excluding {
                     history: self.users.history(user),
                     positive: item,
+                    catalogue: &self.catalogue,
                 };
                 let Variant {
                     model,
@@ -328,10 +386,13 @@ impl Learner {
 
     pub(crate) fn finish(self) -> WorkerResult {
         WorkerResult {
+            user_bytes: self.user_bytes(),
             variants: self.variants.into_iter().map(Variant::finish).collect(),
             sampler_shortfalls: self.sampler_shortfalls,
             users: self.users.len() as u64,
-            items: self.catalogue.len() as u64,
+            items: self.catalogue.live() as u64,
+            users_evicted: self.users.evicted(),
+            items_expired: self.catalogue.expired() as u64,
         }
     }
 }
@@ -388,7 +449,7 @@ mod tests {
             window_ms: 1000,
             origin_ms: 0,
         };
-        let mut learner = Learner::new(0, 1, p, 1, &mostpop(), &[None]);
+        let mut learner = Learner::new(0, 1, p, 1, &mostpop(), &[None], StateConfig::default());
         // Item 10 twice, item 20 once; then user 3 sees item 10 (rank 0: hit) and
         // user 4 sees item 30 (never seen: miss).
         let mut events = vec![
@@ -421,12 +482,12 @@ mod tests {
         let events: Vec<Event> = (0..200)
             .map(|i| ev(i, (i * 7 % 13) as u64, (i * i % 17) as u64))
             .collect();
-        let mut one = Learner::new(0, 1, p, 1, &mostpop(), &[None]);
+        let mut one = Learner::new(0, 1, p, 1, &mostpop(), &[None], StateConfig::default());
         one.process_round(&mut events.clone());
         let single = one.finish().variants[0].1;
         let mut merged = Quality::default();
         for w in 0..3 {
-            let mut l = Learner::new(w, 3, p, 1, &mostpop(), &[None]);
+            let mut l = Learner::new(w, 3, p, 1, &mostpop(), &[None], StateConfig::default());
             // Two rounds, shuffled inside: the learner sorts.
             let mut a: Vec<Event> = events[..90].iter().rev().copied().collect();
             let mut b: Vec<Event> = events[90..].to_vec();

@@ -23,9 +23,14 @@ mod model;
 mod popularity;
 mod state;
 
-pub use backtest::{run_backtest, BacktestReport, VariantReport, WindowReport};
-pub use config::{BacktestConfig, EvalConfig, ModelConfig, ModelKind, Optimizer, VariantConfig};
+pub use backtest::{run_backtest, run_backtest_with, BacktestReport, VariantReport, WindowReport};
+pub use config::{
+    BacktestConfig, EvalConfig, ModelConfig, ModelKind, Optimizer, StateConfig, VariantConfig,
+};
 pub use ingest::{auto_tick, Clock, IngestStats};
 pub use item_table::ItemTable;
 pub use learner::{auto_window, Protocol};
-pub use popularity::{CountChange, WindowedPopularity};
+pub use popularity::{
+    compact_trace, trace_redundancy, CountChange, PopularityTrace, WindowedPopularity,
+    TRACE_UPDATE_BYTES,
+};

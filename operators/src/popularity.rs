@@ -9,47 +9,135 @@
 //! The window is measured in rounds (ticks) of event time, so its resolution is one
 //! tick; [`crate::run_backtest`] keeps ticks at most a sixteenth of the window when a
 //! sampler reads popularity.
+//!
+//! ## Compaction
+//!
+//! The updates are arranged explicitly and the dataflow keeps a handle on the trace, so
+//! the trace's logical compaction is held back until a GC cycle advances it
+//! ([`compact_trace`]): between cycles the trace keeps the history of updates (two per
+//! event), and a cycle lets the spine fold everything before the cycle's round into at
+//! most one update per item. The GC trigger therefore decides when that work is done,
+//! the way it does for the other state owners.
 
 use differential_dataflow::collection::{AsCollection, VecCollection};
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::operators::CountTotal;
+use differential_dataflow::trace::cursor::Cursor;
+use differential_dataflow::trace::implementations::KeySpine;
+use differential_dataflow::trace::{Navigable, TraceReader};
+use rustc_hash::FxHashMap;
 use tidepool_pipeline::Event;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::Stream;
+use timely::progress::frontier::AntichainRef;
 
 /// A change of an item's windowed count: `((item, count), time, diff)`.
 pub type CountChange = ((u64, isize), u64, isize);
+
+/// The arranged window updates: `(item, ())` at round times, `isize` diffs.
+pub type PopularityTrace = TraceAgent<KeySpine<u64, u64, isize>>;
+
+/// Approximate bytes of one arranged update (key, time, diff).
+pub const TRACE_UPDATE_BYTES: u64 = 24;
 
 /// Extension trait: the windowed popularity of a stream of events.
 pub trait WindowedPopularity<'scope> {
     /// `(item, count)` over the last `window_ticks` rounds, as a differential collection.
     fn windowed_counts(self, window_ticks: u64) -> VecCollection<'scope, u64, (u64, isize), isize>;
+
+    /// As [`windowed_counts`](Self::windowed_counts), plus a handle on the arranged
+    /// updates that holds their compaction back until [`compact_trace`] advances it.
+    fn windowed_counts_traced(
+        self,
+        window_ticks: u64,
+    ) -> (
+        VecCollection<'scope, u64, (u64, isize), isize>,
+        PopularityTrace,
+    );
 }
 
 impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
     fn windowed_counts(self, window_ticks: u64) -> VecCollection<'scope, u64, (u64, isize), isize> {
-        let window = window_ticks.max(1);
-        self.unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
-            Pipeline,
-            "WindowUpdates",
-            move |_, _| {
-                move |input, output| {
-                    input.for_each_stamp(|cap, data| {
-                        let Some(cap) = cap.retain_least(output.output_index()) else {
-                            return;
-                        };
-                        let t = *cap.time();
-                        let mut session = output.session(&cap);
-                        for event in data.flat_map(|d| d.drain(..)) {
-                            session.give((event.item, t, 1));
-                            session.give((event.item, t + window, -1));
-                        }
-                    });
-                }
-            },
-        )
-        .as_collection()
-        .count()
+        // Without an outside handle the trace compacts as the count operator goes.
+        self.windowed_counts_traced(window_ticks).0
     }
+
+    fn windowed_counts_traced(
+        self,
+        window_ticks: u64,
+    ) -> (
+        VecCollection<'scope, u64, (u64, isize), isize>,
+        PopularityTrace,
+    ) {
+        let window = window_ticks.max(1);
+        let updates = self
+            .unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
+                Pipeline,
+                "WindowUpdates",
+                move |_, _| {
+                    move |input, output| {
+                        input.for_each_stamp(|cap, data| {
+                            let Some(cap) = cap.retain_least(output.output_index()) else {
+                                return;
+                            };
+                            let t = *cap.time();
+                            let mut session = output.session(&cap);
+                            for event in data.flat_map(|d| d.drain(..)) {
+                                session.give((event.item, t, 1));
+                                session.give((event.item, t + window, -1));
+                            }
+                        });
+                    }
+                },
+            )
+            .as_collection();
+        let arranged: Arranged<'scope, PopularityTrace> = updates.arrange_by_self();
+        let trace = arranged.trace.clone();
+        (arranged.count_total(), trace)
+    }
+}
+
+/// Updates in the trace right now, and how many of them are redundant once everything
+/// before `time` is folded together (per item, all updates before `time` become one, or
+/// none when they cancel).
+pub fn trace_redundancy(trace: &mut PopularityTrace, time: u64) -> (u64, u64) {
+    let mut total = 0u64;
+    let mut old = 0u64;
+    let mut sums: FxHashMap<u64, isize> = FxHashMap::default();
+    trace.map_spans(|span| {
+        let Some(batch) = span.inner.as_ref() else {
+            return;
+        };
+        let mut cursor = batch.cursor();
+        while cursor.key_valid(batch) {
+            let key = *cursor.key(batch);
+            while cursor.val_valid(batch) {
+                cursor.map_times(batch, |t, d| {
+                    total += 1;
+                    if *t < time {
+                        old += 1;
+                        *sums.entry(key).or_default() += *d;
+                    }
+                });
+                cursor.step_val(batch);
+            }
+            cursor.step_key(batch);
+        }
+    });
+    let survivors = sums.values().filter(|&&s| s != 0).count() as u64;
+    (total, old.saturating_sub(survivors))
+}
+
+/// Lets the trace fold every update before `time`; returns the bytes of the updates that
+/// this makes redundant (released as the spine merges, which it does as rounds arrive
+/// and, with idle merge effort configured, while the input is idle).
+pub fn compact_trace(trace: &mut PopularityTrace, time: u64) -> u64 {
+    let (_, redundant) = trace_redundancy(trace, time);
+    let frontier = [time];
+    trace.set_logical_compaction(AntichainRef::new(&frontier));
+    trace.set_physical_compaction(AntichainRef::new(&frontier));
+    redundant * TRACE_UPDATE_BYTES
 }
 
 #[cfg(test)]

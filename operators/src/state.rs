@@ -12,37 +12,85 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tidepool_samplers::{Catalogue, Exclusion};
 
 /// Items seen so far, with their interaction counts, in order of first appearance.
+///
+/// Items idle past the item TTL are *expired*: they leave the id index (a returning
+/// item gets a new dense index and a fresh row) and stop being candidates or negatives,
+/// but keep a tombstone in the dense vectors (about 25 bytes) so that dense indices never
+/// move; every worker expires the same items at the same logical time, so the replicas
+/// and the shared item table stay consistent.
 #[derive(Debug, Default)]
 pub(crate) struct ItemCatalogue {
     index: FxHashMap<u64, u32>,
     ids: Vec<u64>,
     counts: Vec<u64>,
+    last_seen: Vec<i64>,
+    alive: Vec<bool>,
+    expired: usize,
 }
 
 impl ItemCatalogue {
-    /// The dense index of an item seen before, if any.
+    /// The dense index of a live item seen before, if any.
     #[inline]
     pub(crate) fn lookup(&self, id: u64) -> Option<u32> {
         self.index.get(&id).copied()
     }
 
-    /// Counts one interaction with `id`, assigning it the next dense index if new.
+    /// Counts one interaction with `id` at event time `ts`, assigning it the next dense
+    /// index if new (or expired).
     #[inline]
-    pub(crate) fn observe(&mut self, id: u64) -> u32 {
+    pub(crate) fn observe(&mut self, id: u64, ts: i64) -> u32 {
         let next = self.ids.len() as u32;
         let dense = *self.index.entry(id).or_insert(next);
         if dense == next {
             self.ids.push(id);
             self.counts.push(0);
+            self.last_seen.push(ts);
+            self.alive.push(true);
         }
-        self.counts[dense as usize] += 1;
+        let d = dense as usize;
+        self.counts[d] += 1;
+        self.last_seen[d] = self.last_seen[d].max(ts);
         dense
     }
 
-    /// Interaction counts by dense index.
+    /// Interaction counts by dense index (0 for expired items).
     #[inline]
     pub(crate) fn counts(&self) -> &[u64] {
         &self.counts
+    }
+
+    /// Whether a dense index is a live item (not expired).
+    #[inline]
+    pub(crate) fn is_alive(&self, dense: u32) -> bool {
+        self.alive.get(dense as usize).copied().unwrap_or(false)
+    }
+
+    /// Liveness by dense index.
+    pub(crate) fn alive(&self) -> &[bool] {
+        &self.alive
+    }
+
+    /// Expired items so far.
+    pub(crate) fn expired(&self) -> usize {
+        self.expired
+    }
+
+    /// Expires the live items last seen before `cutoff`; returns how many.
+    pub(crate) fn expire_before(&mut self, cutoff: i64) -> usize {
+        let mut n = 0;
+        for d in 0..self.ids.len() {
+            if self.alive[d] && self.last_seen[d] < cutoff {
+                self.alive[d] = false;
+                self.counts[d] = 0;
+                self.index.remove(&self.ids[d]);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.expired += n;
+            self.index.shrink_to_fit();
+        }
+        n
     }
 
     /// The raw id of a dense index.
@@ -51,9 +99,15 @@ impl ItemCatalogue {
         self.ids[dense as usize]
     }
 
+    /// Dense indices handed out (live and expired).
     #[inline]
     pub(crate) fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Live items.
+    pub(crate) fn live(&self) -> usize {
+        self.ids.len() - self.expired
     }
 }
 
@@ -69,18 +123,37 @@ pub(crate) struct Users {
     index: FxHashMap<u64, u32>,
     ids: Vec<u64>,
     histories: Vec<FxHashSet<u32>>,
+    last_seen: Vec<i64>,
+    evicted: u64,
 }
 
+/// Approximate heap bytes of one history set: hashbrown keeps one control byte per
+/// bucket next to the value.
+fn history_bytes(h: &FxHashSet<u32>) -> u64 {
+    if h.capacity() == 0 {
+        0
+    } else {
+        (h.capacity() * (std::mem::size_of::<u32>() + 1)) as u64
+    }
+}
+
+/// Bytes of a user's bookkeeping outside the history: id, index entry, last-seen time.
+const USER_ENTRY_BYTES: u64 = 8 + 12 + 8 + std::mem::size_of::<FxHashSet<u32>>() as u64;
+
 impl Users {
-    /// The dense (worker-local) index of a user, created on first sight.
+    /// The dense (worker-local) index of a user, created on first sight; `ts` is the
+    /// event time of the interaction.
     #[inline]
-    pub(crate) fn get_or_insert(&mut self, id: u64) -> u32 {
+    pub(crate) fn get_or_insert(&mut self, id: u64, ts: i64) -> u32 {
         let next = self.ids.len() as u32;
         let dense = *self.index.entry(id).or_insert(next);
         if dense == next {
             self.ids.push(id);
             self.histories.push(FxHashSet::default());
+            self.last_seen.push(ts);
         }
+        let d = dense as usize;
+        self.last_seen[d] = self.last_seen[d].max(ts);
         dense
     }
 
@@ -94,25 +167,80 @@ impl Users {
         self.histories[dense as usize].insert(item);
     }
 
+    /// Users held now.
     pub(crate) fn len(&self) -> usize {
         self.ids.len()
     }
+
+    /// Users evicted so far.
+    pub(crate) fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Evicts users last seen before `cutoff`, compacting the dense indices of the rest
+    /// (their order is kept). Returns `(remap, history bytes freed)`, where `remap[old]`
+    /// is the new dense index of a kept user; `None` when nobody was evicted.
+    pub(crate) fn evict_before(&mut self, cutoff: i64) -> Option<(Vec<Option<u32>>, u64)> {
+        if !self.last_seen.iter().any(|&t| t < cutoff) {
+            return None;
+        }
+        let mut remap = Vec::with_capacity(self.ids.len());
+        let mut freed = 0;
+        let mut next = 0u32;
+        let ids = std::mem::take(&mut self.ids);
+        let histories = std::mem::take(&mut self.histories);
+        let last_seen = std::mem::take(&mut self.last_seen);
+        let mut index = FxHashMap::default();
+        for ((id, history), seen) in ids.into_iter().zip(histories).zip(last_seen) {
+            if seen < cutoff {
+                freed += history_bytes(&history) + USER_ENTRY_BYTES;
+                remap.push(None);
+                self.evicted += 1;
+            } else {
+                remap.push(Some(next));
+                index.insert(id, next);
+                self.ids.push(id);
+                self.histories.push(history);
+                self.last_seen.push(seen);
+                next += 1;
+            }
+        }
+        // The old map's buckets are sized for the peak population; a fresh one is not.
+        self.index = index;
+        self.ids.shrink_to_fit();
+        self.histories.shrink_to_fit();
+        self.last_seen.shrink_to_fit();
+        Some((remap, freed))
+    }
+
+    /// Approximate heap bytes held: histories plus per-user bookkeeping.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.histories.iter().map(history_bytes).sum::<u64>()
+            + self.ids.len() as u64 * USER_ENTRY_BYTES
+    }
 }
 
-/// What a negative must not be: the user's known items and the positive at hand.
+/// What a negative must not be: the user's known items, the positive at hand, and
+/// expired items.
 pub(crate) struct Excluding<'a> {
     pub(crate) history: &'a FxHashSet<u32>,
     pub(crate) positive: u32,
+    pub(crate) catalogue: &'a ItemCatalogue,
 }
 
 impl Exclusion for Excluding<'_> {
     #[inline]
     fn excludes(&self, item: u32) -> bool {
-        item == self.positive || self.history.contains(&item)
+        item == self.positive || self.history.contains(&item) || !self.catalogue.is_alive(item)
     }
 
     fn excluded_count(&self) -> usize {
-        self.history.len() + usize::from(!self.history.contains(&self.positive))
+        // Histories may name expired items; counting them twice would only make the
+        // samplers give up early, so the sum is capped by the catalogue.
+        (self.history.len()
+            + usize::from(!self.history.contains(&self.positive))
+            + self.catalogue.expired())
+        .min(self.catalogue.len())
     }
 }
 
@@ -138,9 +266,9 @@ mod tests {
     #[test]
     fn catalogue_assigns_in_first_appearance_order() {
         let mut c = ItemCatalogue::default();
-        assert_eq!(c.observe(50), 0);
-        assert_eq!(c.observe(7), 1);
-        assert_eq!(c.observe(50), 0);
+        assert_eq!(c.observe(50, 0), 0);
+        assert_eq!(c.observe(7, 0), 1);
+        assert_eq!(c.observe(50, 0), 0);
         assert_eq!(c.lookup(7), Some(1));
         assert_eq!(c.lookup(8), None);
         assert_eq!(c.counts(), &[2, 1]);
@@ -148,16 +276,63 @@ mod tests {
     }
 
     #[test]
-    fn exclusion_counts_positive_once() {
-        let history: FxHashSet<u32> = [1, 2].into_iter().collect();
+    fn expired_items_get_new_indices_and_are_excluded() {
+        let mut c = ItemCatalogue::default();
+        c.observe(50, 10);
+        c.observe(7, 20);
+        c.observe(50, 30);
+        assert_eq!(c.expire_before(25), 1, "item 7 was last seen at 20");
+        assert_eq!((c.live(), c.len(), c.expired()), (1, 2, 1));
+        assert_eq!(c.lookup(7), None);
+        assert!(!c.is_alive(1) && c.is_alive(0));
+        assert_eq!(c.counts(), &[2, 0]);
+        assert_eq!(c.observe(7, 40), 2, "a returning item starts afresh");
+        let history = FxHashSet::default();
         let ex = Excluding {
             history: &history,
             positive: 2,
+            catalogue: &c,
+        };
+        assert!(ex.excludes(1) && !ex.excludes(0));
+        assert_eq!(ex.excluded_count(), 2);
+    }
+
+    #[test]
+    fn evicting_users_compacts_in_order() {
+        let mut u = Users::default();
+        for (id, ts) in [(10, 5), (11, 1), (12, 7), (13, 2)] {
+            let d = u.get_or_insert(id, ts);
+            u.remember(d, id as u32);
+        }
+        assert_eq!(u.evict_before(0), None);
+        let before = u.bytes();
+        let (remap, freed) = u.evict_before(5).unwrap();
+        assert_eq!(remap, vec![Some(0), None, Some(1), None]);
+        assert!(freed > 0 && u.bytes() + freed == before, "{freed} {before}");
+        assert_eq!((u.len(), u.evicted()), (2, 2));
+        assert_eq!(u.get_or_insert(12, 8), 1);
+        assert!(u.history(1).contains(&12));
+        assert_eq!(u.get_or_insert(11, 9), 2, "an evicted user returns afresh");
+        assert!(u.history(2).is_empty());
+    }
+
+    #[test]
+    fn exclusion_counts_positive_once() {
+        let history: FxHashSet<u32> = [1, 2].into_iter().collect();
+        let mut c = ItemCatalogue::default();
+        (0..5).for_each(|i| {
+            c.observe(i, 0);
+        });
+        let ex = Excluding {
+            history: &history,
+            positive: 2,
+            catalogue: &c,
         };
         assert_eq!(ex.excluded_count(), 2);
         let ex = Excluding {
             history: &history,
             positive: 3,
+            catalogue: &c,
         };
         assert_eq!(ex.excluded_count(), 3);
         assert!(ex.excludes(3) && ex.excludes(1) && !ex.excludes(0));

@@ -15,7 +15,9 @@ use arrow_array::types::{
     TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type,
     UInt64Type, UInt8Type,
 };
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{
+    Array, ArrayRef, Float32Array, RecordBatch, TimestampMillisecondArray, UInt64Array, UInt8Array,
+};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +129,39 @@ pub fn event_schema() -> SchemaRef {
         ),
         Field::new(WEIGHT, DataType::Float32, true),
     ]))
+}
+
+/// Builds a canonical batch from events, with its columns in `pool` (the `pos` field is
+/// not stored: it is the row's position in the source).
+pub fn events_batch(events: &[Event], pool: &crate::BufferPool) -> Result<RecordBatch> {
+    let n = events.len();
+    let (mut users, mut items, mut kinds, mut times, mut weights) = (
+        pool.vec::<u64>(n),
+        pool.vec::<u64>(n),
+        pool.vec::<u8>(n),
+        pool.vec::<i64>(n),
+        pool.vec::<f32>(n),
+    );
+    for e in events {
+        users.push(e.user);
+        items.push(e.item);
+        kinds.push(e.kind as u8);
+        times.push(e.ts);
+        weights.push(e.weight);
+    }
+    RecordBatch::try_new(
+        event_schema(),
+        vec![
+            Arc::new(UInt64Array::new(users.into_scalar(), None)),
+            Arc::new(UInt64Array::new(items.into_scalar(), None)),
+            Arc::new(UInt8Array::new(kinds.into_scalar(), None)),
+            Arc::new(
+                TimestampMillisecondArray::new(times.into_scalar(), None).with_timezone("UTC"),
+            ),
+            Arc::new(Float32Array::new(weights.into_scalar(), None)),
+        ],
+    )
+    .map_err(|e| Error::Internal(format!("building an event batch: {e}")))
 }
 
 /// Where a batch came from, so dead letters can name the row.

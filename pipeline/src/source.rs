@@ -33,6 +33,10 @@ pub struct SourceBatch {
 }
 
 /// A worker's share of a source: batches in the order the worker should replay them.
+///
+/// A live source with nothing to deliver right now yields a batch with no rows (an
+/// *idle* batch) instead of blocking, so that the driver can keep the dataflow and its
+/// GC cycles moving; the iterator ends only when the source is finished.
 pub type EventReader = Box<dyn Iterator<Item = Result<SourceBatch>>>;
 
 /// A source of behaviour events that can be split over timely workers.

@@ -21,15 +21,15 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Float32Array, RecordBatch, TimestampMillisecondArray, UInt64Array, UInt8Array};
+use arrow_array::RecordBatch;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use rand_distr::weighted::WeightedAliasIndex;
 use rand_distr::{Distribution, Exp, StandardNormal};
-use tidepool_pipeline::event::event_schema;
+use tidepool_pipeline::event::events_batch;
 use tidepool_pipeline::BufferPool;
 use tidepool_pipeline::{
-    BatchOrigin, Error, EventReader, EventSource, EventType, Result, SourceBatch, SourceInfo,
+    BatchOrigin, Error, Event, EventReader, EventSource, EventType, Result, SourceBatch, SourceInfo,
 };
 
 /// 2024-01-01T00:00:00Z, where generated streams start by default.
@@ -66,6 +66,11 @@ pub struct GeneratorConfig {
     pub mean_gap_ms: f64,
     /// Rows per generated batch.
     pub batch_rows: usize,
+    /// How many times the user population is replaced by new ids over the stream (0 =
+    /// never): user `u` of epoch `e` is emitted as `u + e * users`, with `u`'s tastes.
+    /// Gives a stream of ever-new users (unbounded cardinality) while the generator's own
+    /// memory stays fixed.
+    pub user_churn: u64,
 }
 
 impl Default for GeneratorConfig {
@@ -85,6 +90,7 @@ impl Default for GeneratorConfig {
             start_ms: DEFAULT_START_MS,
             mean_gap_ms: 50.0,
             batch_rows: 8192,
+            user_churn: 0,
         }
     }
 }
@@ -202,6 +208,8 @@ pub struct Generator {
     candidates: Vec<u32>,
     noise: Vec<f32>,
     pool: BufferPool,
+    /// Events of the batch being built, kept to reuse the allocation.
+    scratch: Vec<Event>,
 }
 
 impl Generator {
@@ -229,6 +237,7 @@ impl Generator {
             gap,
             produced: 0,
             pool,
+            scratch: Vec::new(),
         })
     }
 
@@ -239,13 +248,8 @@ impl Generator {
             return None;
         }
         let n = remaining.min(self.cfg.batch_rows as u64) as usize;
-        let (mut users, mut items, mut kinds, mut times, mut weights) = (
-            self.pool.vec::<u64>(n),
-            self.pool.vec::<u64>(n),
-            self.pool.vec::<u8>(n),
-            self.pool.vec::<i64>(n),
-            self.pool.vec::<f32>(n),
-        );
+        let mut events = std::mem::take(&mut self.scratch);
+        events.clear();
         let dim = self.cfg.latent_dim;
         for _ in 0..n {
             let now = self.produced as f32 / self.cfg.events as f32;
@@ -293,25 +297,19 @@ impl Generator {
             } else {
                 EventType::Purchase
             };
-            users.push(user as u64);
-            items.push(item as u64);
-            kinds.push(kind as u8);
-            times.push(self.clock as i64);
-            weights.push(1.0);
+            let epoch = (now as f64 * self.cfg.user_churn as f64) as u64;
+            events.push(Event {
+                ts: self.clock as i64,
+                pos: self.produced - 1,
+                user: user as u64 + epoch * self.cfg.users,
+                item: item as u64,
+                weight: 1.0,
+                kind,
+            });
         }
-        let batch = RecordBatch::try_new(
-            event_schema(),
-            vec![
-                Arc::new(UInt64Array::new(users.into_scalar(), None)),
-                Arc::new(UInt64Array::new(items.into_scalar(), None)),
-                Arc::new(UInt8Array::new(kinds.into_scalar(), None)),
-                Arc::new(
-                    TimestampMillisecondArray::new(times.into_scalar(), None).with_timezone("UTC"),
-                ),
-                Arc::new(Float32Array::new(weights.into_scalar(), None)),
-            ],
-        );
-        // The schema and the columns are built together above: a mismatch is a bug, and
+        let batch = events_batch(&events, &self.pool);
+        self.scratch = events;
+        // `events_batch` builds the columns for the schema it names: a mismatch is a bug, and
         // ending the stream quietly would lose events, so it panics with the reason.
         match batch {
             Ok(batch) => Some(batch),

@@ -195,12 +195,43 @@ impl Bpr {
         }
     }
 
-    /// Scores of user `user` against items `0..n`.
-    pub(crate) fn score_all(&mut self, user: u32, n: usize, out: &mut Vec<f32>) {
+    /// Scores of user `user` against items `0..alive.len()` (expired: negative infinity).
+    pub(crate) fn score_all(&mut self, user: u32, alive: &[bool], out: &mut Vec<f32>) {
         let stride = self.layout.stride();
         let start = user as usize * stride;
         let p = &self.users[start..start + self.layout.dim];
-        self.items.score_all(p, self.cfg.item_bias, n, out);
+        self.items.score_all(p, self.cfg.item_bias, alive, out);
+    }
+
+    /// Moves user rows to their new dense indices after an eviction (`remap[old]`, order
+    /// kept) and gives the evicted rows' memory back. Returns the bytes freed.
+    pub(crate) fn remap_users(&mut self, remap: &[Option<u32>]) -> u64 {
+        let stride = self.layout.stride();
+        let before = self.users.capacity();
+        let mut kept = 0;
+        for (old, new) in remap.iter().enumerate() {
+            let Some(new) = new else { continue };
+            let (from, to) = (old * stride, *new as usize * stride);
+            // Rows only move towards the front, so a forward copy never overwrites a row
+            // that is still to be moved.
+            if from != to && from + stride <= self.users.len() {
+                self.users.copy_within(from..from + stride, to);
+            }
+            kept += 1;
+        }
+        self.users.truncate(kept * stride);
+        self.users.shrink_to_fit();
+        (before.saturating_sub(self.users.capacity()) * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Releases item chunks whose items all expired; returns the bytes taken out.
+    pub(crate) fn release_items(&mut self, alive: &[bool]) -> u64 {
+        self.items.release_expired(alive)
+    }
+
+    /// Heap bytes of this worker's user rows.
+    pub(crate) fn user_bytes(&self) -> u64 {
+        (self.users.capacity() * std::mem::size_of::<f32>()) as u64
     }
 
     /// `p_u · q_i (+ b_i)` for one item.
@@ -374,7 +405,7 @@ mod tests {
             }
             assert!(last < first * 0.5, "{opt:?}: loss {first} -> {last}");
             let mut scores = Vec::new();
-            m.score_all(0, 2, &mut scores);
+            m.score_all(0, &[true, true], &mut scores);
             assert!(scores[0] > scores[1], "{opt:?}: {scores:?}");
         }
     }
@@ -402,5 +433,25 @@ mod tests {
         }
         assert!((qi1[8] - (qi0[8] - 0.1 * g.bi)).abs() < 1e-6);
         assert!((qj1[8] - (qj0[8] - 0.1 * g.bj)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn remapping_users_keeps_rows_and_frees_the_rest() {
+        let mut m = model(Optimizer::Adagrad);
+        let stride = m.layout.stride();
+        for u in 0..4 {
+            m.ensure_user(u, 100 + u as u64);
+        }
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|u| m.users[u * stride..(u + 1) * stride].to_vec())
+            .collect();
+        let freed = m.remap_users(&[None, Some(0), None, Some(1)]);
+        assert!(freed >= (2 * stride * 4) as u64, "{freed}");
+        assert_eq!(m.users.len(), 2 * stride);
+        assert_eq!(&m.users[..stride], &rows[1][..]);
+        assert_eq!(&m.users[stride..], &rows[3][..]);
+        // The next new user takes the next dense index with a fresh row.
+        m.ensure_user(2, 500);
+        assert_eq!(m.users.len(), 3 * stride);
     }
 }

@@ -63,9 +63,33 @@ impl Model {
         match self {
             Model::MostPop => rank_of(catalogue.counts(), target, history.iter().copied()),
             Model::Bpr(m) => {
-                m.score_all(user, catalogue.len(), scratch);
+                m.score_all(user, catalogue.alive(), scratch);
                 rank_of(scratch, target, history.iter().copied())
             }
+        }
+    }
+
+    /// Moves user state after an eviction; returns the bytes freed.
+    pub(crate) fn remap_users(&mut self, remap: &[Option<u32>]) -> u64 {
+        match self {
+            Model::MostPop => 0,
+            Model::Bpr(m) => m.remap_users(remap),
+        }
+    }
+
+    /// Releases the rows of expired items; returns the bytes taken out of the table.
+    pub(crate) fn release_items(&mut self, alive: &[bool]) -> u64 {
+        match self {
+            Model::MostPop => 0,
+            Model::Bpr(m) => m.release_items(alive),
+        }
+    }
+
+    /// Heap bytes of the user state this worker holds for the model.
+    pub(crate) fn user_bytes(&self) -> u64 {
+        match self {
+            Model::MostPop => 0,
+            Model::Bpr(m) => m.user_bytes(),
         }
     }
 

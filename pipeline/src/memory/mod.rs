@@ -1,6 +1,7 @@
 //! Memory discipline: the sharded buffer pool that tidepool's Arrow columns are built in,
 //! and the heap-ratio trigger that decides when streaming state is compacted.
 
+pub mod collector;
 pub mod gc;
 #[allow(unsafe_code)]
 pub mod heap;
