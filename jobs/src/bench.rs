@@ -116,10 +116,123 @@ fn throughput(
     Ok((report.events, report.events_per_sec()))
 }
 
+/// One GC soak run: `tidepool backtest` in a child process, read back from its summary.
+fn gc_run(
+    args: &BenchArgs,
+    percent: &str,
+    limit: Option<usize>,
+    dir: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let name = match limit {
+        Some(_) => format!("gc-{percent}-limit"),
+        None => format!("gc-{percent}"),
+    };
+    let summary = dir.join(format!("{name}.json"));
+    let events = args.gc_events.to_string();
+    let users = (args.gc_events / 100).max(1000).to_string();
+    let churn = 20.to_string();
+    let workers = args.gc_workers.to_string();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args([
+        "backtest",
+        "--quiet",
+        "--events",
+        &events,
+        "--users",
+        &users,
+        "--user-churn",
+        &churn,
+        "--user-ttl",
+        "2h",
+        "--eval-every",
+        "100",
+        "--workers",
+        &workers,
+        "--gc",
+        percent,
+    ]);
+    cmd.arg("--summary-json").arg(&summary);
+    if let Some(limit) = limit {
+        cmd.args(["--memory-limit", &limit.to_string()]);
+    }
+    if let Some(report) = &args.gc_report {
+        cmd.arg("--report").arg(report.join(&name));
+    }
+    // The child's settings come from the flags alone.
+    for var in ["TIDEPOOL_GC", "TIDEPOOL_MEMORY_LIMIT", "TIDEPOOL_GCTRACE"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
+    let gc = &s["gc"];
+    let cycles = gc["cycles_total"].as_u64().unwrap_or(0);
+    let pause_total = gc["pause_total_ms"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "run": name,
+        "gc_percent": percent,
+        "memory_limit": limit,
+        "events_per_sec": s["train_events_per_sec"],
+        "rss_peak_bytes": s["rss_peak_bytes"],
+        "heap_peak_bytes": gc["heap_peak"],
+        "cycles": cycles,
+        "cycles_by_trigger": gc["cycles"],
+        "throttled": gc["throttled"],
+        "pause_mean_ms": if cycles > 0 { pause_total / cycles as f64 } else { 0.0 },
+        "pause_max_ms": gc["pause_max_ms"],
+        "users_evicted": gc["users_evicted"],
+        "recall@10": s["recall@10"],
+    }))
+}
+
+/// The GC soak: every gc_percent without and with the memory limit, one process each.
+fn gc_soak(args: &BenchArgs) -> anyhow::Result<Vec<serde_json::Value>> {
+    let dir = tempfile::tempdir()?;
+    let mut runs = Vec::new();
+    for limit in [None, Some(args.gc_limit)] {
+        for percent in ["25", "50", "100", "200", "off"] {
+            let run = gc_run(args, percent, limit, dir.path())?;
+            eprintln!("{run}");
+            runs.push(run);
+        }
+    }
+    let mb = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / 1e6;
+    println!(
+        "{:<16} {:>10} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "run", "events/s", "RSS MB", "heap MB", "cycles", "mean ms", "max ms", "recall"
+    );
+    for r in &runs {
+        println!(
+            "{:<16} {:>10.0} {:>9.1} {:>9.1} {:>7} {:>9.2} {:>9.2} {:>9.6}",
+            r["run"].as_str().unwrap_or(""),
+            r["events_per_sec"].as_f64().unwrap_or(0.0),
+            mb(&r["rss_peak_bytes"]),
+            mb(&r["heap_peak_bytes"]),
+            r["cycles"].as_u64().unwrap_or(0),
+            r["pause_mean_ms"].as_f64().unwrap_or(0.0),
+            r["pause_max_ms"].as_f64().unwrap_or(0.0),
+            r["recall@10"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(runs)
+}
+
 /// Runs the benchmark and prints a table (and JSON with `--json`).
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; run `cargo run --release -p tidepool-jobs -- bench` for real figures");
+    }
+    if args.gc {
+        let runs = gc_soak(args)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&json!({ "gc": runs }))?)?;
+        }
+        return Ok(());
     }
     let dir = tempfile::tempdir()?;
     let mut results = Vec::new();

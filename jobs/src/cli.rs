@@ -333,4 +333,21 @@ pub struct BenchArgs {
     /// Skip the 10 M-event throughput runs.
     #[arg(long)]
     pub no_throughput: bool,
+    /// Run the GC soak instead: a stream of ever-new users under a user TTL, for
+    /// gc_percent 25, 50, 100, 200 and off, each without and with a memory limit, every
+    /// run in its own process (peak RSS is per process).
+    #[arg(long)]
+    pub gc: bool,
+    /// GC soak: events per run.
+    #[arg(long, default_value_t = 20_000_000)]
+    pub gc_events: u64,
+    /// GC soak: the soft memory limit of the limited runs.
+    #[arg(long, default_value = "96MiB", value_parser = parse_size)]
+    pub gc_limit: usize,
+    /// GC soak: workers per run.
+    #[arg(long, default_value_t = 2)]
+    pub gc_workers: usize,
+    /// GC soak: write each run's heap plot into DIR/gc-<percent>[-limit]/heap.svg.
+    #[arg(long, value_name = "DIR")]
+    pub gc_report: Option<PathBuf>,
 }

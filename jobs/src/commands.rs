@@ -196,6 +196,9 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
             summary["heap_peak_bytes"] = peak.into();
         }
         summary["gc"] = gc_summary(&report)?;
+        if let Some(rss) = peak_rss_bytes() {
+            summary["rss_peak_bytes"] = rss.into();
+        }
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
@@ -209,6 +212,14 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         eprintln!("report: {}", svg.display());
     }
     Ok(report)
+}
+
+/// The process's peak resident set size (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The `gc` object of the summary JSON: counters without the long timeline and samples.
