@@ -30,6 +30,25 @@ pub struct SourceBatch {
     pub records: RecordBatch,
     /// Where they came from.
     pub origin: BatchOrigin,
+    /// For sources with resumable positions (Kafka): `(partition, next offset)` after
+    /// this batch, for every partition the batch advanced. A checkpoint stores the
+    /// latest of these so a restart resumes exactly after what the model has trained.
+    pub positions: Vec<(i32, i64)>,
+    /// Records the source itself rejected (and sent to its dead-letter sink) while
+    /// building this batch; they count as rows read and as dead letters.
+    pub rejected: u64,
+}
+
+impl SourceBatch {
+    /// A batch without positions or rejections (files, generators).
+    pub fn new(records: RecordBatch, origin: BatchOrigin) -> Self {
+        Self {
+            records,
+            origin,
+            positions: Vec::new(),
+            rejected: 0,
+        }
+    }
 }
 
 /// A worker's share of a source: batches in the order the worker should replay them.

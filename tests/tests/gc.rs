@@ -178,10 +178,10 @@ impl EventSource for IdleAfter {
         };
         let mut batches = Vec::new();
         for (i, chunk) in self.events.chunks(8192).enumerate() {
-            batches.push(Ok(SourceBatch {
-                records: events_batch(chunk, &pool)?,
-                origin: origin(i as u64 * 8192),
-            }));
+            batches.push(Ok(SourceBatch::new(
+                events_batch(chunk, &pool)?,
+                origin(i as u64 * 8192),
+            )));
         }
         let end = self.events.len() as u64;
         let empty = events_batch(&[], &pool)?;
@@ -193,10 +193,7 @@ impl EventSource for IdleAfter {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(5));
-            Some(Ok(SourceBatch {
-                records: empty.clone(),
-                origin: origin(end),
-            }))
+            Some(Ok(SourceBatch::new(empty.clone(), origin(end))))
         });
         Ok(Box::new(batches.into_iter().chain(idle_batches)))
     }

@@ -379,7 +379,7 @@ impl EventSource for GeneratorSource {
                 first_pos: row,
             };
             row += records.num_rows() as u64;
-            Ok(SourceBatch { records, origin })
+            Ok(SourceBatch::new(records, origin))
         })))
     }
 }

@@ -332,7 +332,7 @@ impl EventSource for ParquetSource {
                             first_pos: file_bits | row,
                         };
                         row += records.num_rows() as u64;
-                        Ok(SourceBatch { records, origin })
+                        Ok(SourceBatch::new(records, origin))
                     }))
                 }
             }

@@ -104,10 +104,7 @@ impl EventSource for VecSource {
                     first_pos: pos,
                 };
                 pos += records.num_rows() as u64;
-                Ok(tidepool_pipeline::SourceBatch {
-                    records: records.clone(),
-                    origin,
-                })
+                Ok(tidepool_pipeline::SourceBatch::new(records.clone(), origin))
             })
             .collect();
         Ok(Box::new(batches.into_iter()))

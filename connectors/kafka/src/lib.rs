@@ -1,0 +1,151 @@
+//! tidepool's Kafka connector (rdkafka, librdkafka bundled).
+//!
+//! - [`KafkaSource`]: a topic as an [`EventSource`](tidepool_pipeline::EventSource), JSON
+//!   payloads mapped by [`JsonMapping`], bad records to the dead letters.
+//! - [`produce`]: loads events into a topic (for demos, tests and load).
+//! - [`Embedded`]: an in-process cluster (librdkafka's mock cluster, which speaks the real
+//!   protocol on a loopback port), for `--brokers embedded` and the tests.
+//! - [`KafkaSettings`]: brokers, topic, group and librdkafka settings passed through
+//!   (`[kafka.config]`), so SASL/SSL work as in any librdkafka client; their `Debug`
+//!   output redacts secrets.
+
+#![deny(missing_docs)]
+
+mod embedded;
+mod json;
+mod produce;
+mod source;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tidepool_pipeline::{Error, Result};
+
+pub use embedded::Embedded;
+pub use json::{encode, Decoded, JsonMapping, TimeUnit, DEFAULT_MAX_BYTES};
+pub use produce::{produce, ProduceReport, Producer};
+pub use source::{KafkaCounters, KafkaSource, StopAt};
+
+/// Where to connect and how.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// Consumer group (offsets are committed there for monitoring).
+    pub group: String,
+    /// librdkafka settings passed through unchanged.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Setting names whose values never appear in logs or `Debug` output.
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "ssl.key",
+        "sasl.oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config: BTreeMap<&str, &str> = self
+            .config
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("config", &config)
+            .finish()
+    }
+}
+
+impl KafkaSettings {
+    /// A librdkafka configuration with the brokers and the pass-through settings.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.config {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// The topic's partitions, in order; an error when the topic does not exist.
+    pub fn partitions(&self) -> Result<Vec<i32>> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .create()
+            .map_err(|e| source::kafka_error("creating a metadata client", e))?;
+        let metadata = consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+            .map_err(|e| source::kafka_error(&format!("reading metadata of {}", self.topic), e))?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .ok_or_else(|| Error::Config(format!("topic {:?} does not exist", self.topic)))?;
+        if let Some(e) = topic.error() {
+            return Err(Error::Config(format!(
+                "topic {:?} is not available: {:?}",
+                self.topic, e
+            )));
+        }
+        let mut parts: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+        parts.sort_unstable();
+        if parts.is_empty() {
+            return Err(Error::Config(format!(
+                "topic {:?} has no partitions",
+                self.topic
+            )));
+        }
+        Ok(parts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = KafkaSettings {
+            brokers: "b:9092".into(),
+            topic: "t".into(),
+            group: "g".into(),
+            config: [
+                ("sasl.password".to_string(), "hunter2".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(shown.contains("SASL_SSL"));
+    }
+}

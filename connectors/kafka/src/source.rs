@@ -1,0 +1,362 @@
+//! The Kafka event source: a topic's partitions spread over timely workers, JSON payloads
+//! decoded into pooled Arrow batches, bad records to the dead letters.
+//!
+//! ## Partitions and offsets
+//!
+//! Partition `p` is read by worker `p % workers`, each worker with its own consumer and
+//! an explicit assignment (no group rebalancing: the assignment must match the
+//! checkpoint's offsets). Every batch carries the next offset of each partition it
+//! advanced ([`SourceBatch::positions`]); a checkpoint stores them and a restart seeks
+//! there, so every record is trained exactly once relative to the model. The consumer
+//! group is used to commit those offsets after each checkpoint, for monitoring only.
+//!
+//! ## Backpressure
+//!
+//! The dataflow pulls batches: while it lags (see the driver's flow control) the reader
+//! is not polled, librdkafka's prefetch queue fills up to `queued.max.messages.kbytes`
+//! (16 MiB per consumer here unless overridden) and fetching stops. Memory stays bounded
+//! when training is slower than the topic.
+//!
+//! ## Idle and end
+//!
+//! With nothing to read the reader yields empty (idle) batches. It ends when asked to
+//! stop, or per [`StopAt`]: never, once every partition has reached the end offset it had
+//! when the reader was opened, or after an idle period.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tidepool_pipeline::dead_letter::DeadLetterSink;
+use tidepool_pipeline::event::events_batch;
+use tidepool_pipeline::{
+    BatchOrigin, BufferPool, DeadLetter, Error, Event, EventReader, EventSource, Result,
+    SourceBatch, SourceInfo,
+};
+
+use crate::json::{Decoded, JsonMapping};
+use crate::KafkaSettings;
+
+/// When a reader ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StopAt {
+    /// Only when stopped.
+    #[default]
+    Never,
+    /// Once every partition has reached the end offset it had when the reader opened.
+    End,
+    /// After this long without a message.
+    Idle(Duration),
+}
+
+/// Counters shared by a source's readers.
+#[derive(Debug, Default)]
+pub struct KafkaCounters {
+    /// Messages read (good, skipped and rejected).
+    pub messages: AtomicU64,
+    /// Messages skipped by the event-type filter.
+    pub skipped: AtomicU64,
+    /// Messages sent to the dead letters.
+    pub rejected: AtomicU64,
+}
+
+/// Messages per batch at most.
+const MAX_BATCH: usize = 8192;
+/// How long a reader waits for the first message of a batch.
+const POLL_WAIT: Duration = Duration::from_millis(50);
+/// Timeout of metadata and watermark requests.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The event source over one topic.
+pub struct KafkaSource {
+    settings: KafkaSettings,
+    mapping: JsonMapping,
+    partitions: Vec<i32>,
+    start: BTreeMap<i32, i64>,
+    stop_at: StopAt,
+    stop: Arc<AtomicBool>,
+    dead: Arc<dyn DeadLetterSink>,
+    pool: BufferPool,
+    counters: Arc<KafkaCounters>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("settings", &self.settings)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
+    Error::connector(format!("kafka: {what}"), e)
+}
+
+impl KafkaSource {
+    /// A source over `settings.topic`, whose partitions are looked up now. Records that
+    /// fail to decode go to `dead`.
+    pub fn new(
+        settings: KafkaSettings,
+        mapping: JsonMapping,
+        dead: Arc<dyn DeadLetterSink>,
+    ) -> Result<Self> {
+        let partitions = settings.partitions()?;
+        Ok(Self {
+            settings,
+            mapping,
+            partitions,
+            start: BTreeMap::new(),
+            stop_at: StopAt::Never,
+            stop: Arc::new(AtomicBool::new(false)),
+            dead,
+            pool: BufferPool::new(Default::default()),
+            counters: Arc::default(),
+        })
+    }
+
+    /// Starts each listed partition at its offset (from a checkpoint); the others start
+    /// at the beginning.
+    pub fn starting_at(mut self, offsets: BTreeMap<i32, i64>) -> Self {
+        self.start = offsets;
+        self
+    }
+
+    /// When readers end.
+    pub fn stop_at(mut self, stop_at: StopAt) -> Self {
+        self.stop_at = stop_at;
+        self
+    }
+
+    /// Builds batches in `pool`.
+    pub fn with_pool(mut self, pool: BufferPool) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// The flag that ends every reader at its next poll (for SIGTERM).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// The topic's partitions.
+    pub fn partitions(&self) -> &[i32] {
+        &self.partitions
+    }
+
+    /// Counters over all readers.
+    pub fn counters(&self) -> Arc<KafkaCounters> {
+        Arc::clone(&self.counters)
+    }
+}
+
+impl EventSource for KafkaSource {
+    fn info(&self) -> SourceInfo {
+        SourceInfo {
+            description: format!("kafka {}/{}", self.settings.brokers, self.settings.topic),
+            rows: None,
+            min_ts: None,
+            max_ts: None,
+        }
+    }
+
+    fn open(&self, worker: usize, workers: usize) -> Result<EventReader> {
+        let mine: Vec<i32> = self
+            .partitions
+            .iter()
+            .copied()
+            .filter(|p| (*p as usize) % workers.max(1) == worker)
+            .collect();
+        let consumer: BaseConsumer = self
+            .settings
+            .client_config()
+            .set("group.id", &self.settings.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set_if_absent("queued.max.messages.kbytes", "16384")
+            .create()
+            .map_err(|e| kafka_error("creating a consumer", e))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut next = BTreeMap::new();
+        for &p in &mine {
+            let start = self.start.get(&p).copied();
+            let offset = start.map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(&self.settings.topic, p, offset)
+                .map_err(|e| kafka_error("assigning partitions", e))?;
+            next.insert(p, start.unwrap_or(0));
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| kafka_error("assigning partitions", e))?;
+        let end = match self.stop_at {
+            StopAt::End => {
+                let mut end = BTreeMap::new();
+                for &p in &mine {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&self.settings.topic, p, METADATA_TIMEOUT)
+                        .map_err(|e| kafka_error("reading end offsets", e))?;
+                    end.insert(p, high);
+                }
+                Some(end)
+            }
+            _ => None,
+        };
+        Ok(Box::new(Reader {
+            consumer,
+            topic: Arc::from(self.settings.topic.as_str()),
+            mapping: self.mapping.clone(),
+            next,
+            end,
+            stop_at: self.stop_at,
+            stop: Arc::clone(&self.stop),
+            dead: Arc::clone(&self.dead),
+            pool: self.pool.clone(),
+            counters: Arc::clone(&self.counters),
+            last_message: Instant::now(),
+            events: Vec::with_capacity(MAX_BATCH),
+            done: mine.is_empty() && self.stop_at != StopAt::Never,
+        }))
+    }
+}
+
+trait SetIfAbsent {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self;
+}
+
+impl SetIfAbsent for ClientConfig {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
+
+struct Reader {
+    consumer: BaseConsumer,
+    topic: Arc<str>,
+    mapping: JsonMapping,
+    /// Next offset to read, per assigned partition.
+    next: BTreeMap<i32, i64>,
+    /// End offsets to stop at ([`StopAt::End`]).
+    end: Option<BTreeMap<i32, i64>>,
+    stop_at: StopAt,
+    stop: Arc<AtomicBool>,
+    dead: Arc<dyn DeadLetterSink>,
+    pool: BufferPool,
+    counters: Arc<KafkaCounters>,
+    last_message: Instant,
+    events: Vec<Event>,
+    done: bool,
+}
+
+/// A replay position unique per record: offset and partition (up to 1024 partitions).
+fn position(partition: i32, offset: i64) -> u64 {
+    ((offset.max(0) as u64) << 10) | (partition as u64 & 0x3ff)
+}
+
+impl Reader {
+    fn at_end(&self) -> bool {
+        match (&self.end, self.stop_at) {
+            (Some(end), _) => end
+                .iter()
+                .all(|(p, high)| self.next.get(p).is_some_and(|n| n >= high)),
+            (None, StopAt::Idle(d)) => self.last_message.elapsed() >= d,
+            _ => false,
+        }
+    }
+
+    fn next_batch(&mut self) -> Option<Result<SourceBatch>> {
+        if self.done || self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.at_end() {
+            self.done = true;
+            return None;
+        }
+        self.events.clear();
+        let mut advanced: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut rejected = 0u64;
+        let mut first_pos = None;
+        let mut wait = POLL_WAIT;
+        while self.events.len() + (rejected as usize) < MAX_BATCH {
+            let Some(polled) = self.consumer.poll(wait) else {
+                break;
+            };
+            wait = Duration::ZERO;
+            let msg = match polled {
+                Ok(msg) => msg,
+                Err(e) => {
+                    // Transport errors (a broker down, a leader moving) are retried by
+                    // librdkafka; the reader keeps polling and reports them.
+                    tracing::warn!(error = %e, "kafka consumer error; retrying");
+                    break;
+                }
+            };
+            let (partition, offset) = (msg.partition(), msg.offset());
+            self.counters.messages.fetch_add(1, Ordering::Relaxed);
+            advanced.insert(partition, offset + 1);
+            self.next.insert(partition, offset + 1);
+            let pos = position(partition, offset);
+            first_pos.get_or_insert(pos);
+            match self
+                .mapping
+                .decode(msg.payload(), msg.timestamp().to_millis())
+            {
+                Decoded::Event(mut e) => {
+                    e.pos = pos;
+                    self.events.push(e);
+                }
+                Decoded::Skipped => {
+                    self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Decoded::Rejected(reason) => {
+                    rejected += 1;
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    let letter = DeadLetter {
+                        location: format!("{}/{partition}@{offset}", self.topic),
+                        reason,
+                        raw: msg
+                            .payload()
+                            .map(|b| String::from_utf8_lossy(b).into_owned()),
+                    };
+                    if let Err(e) = self.dead.send(letter) {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+        if !advanced.is_empty() {
+            self.last_message = Instant::now();
+        }
+        let records = match events_batch(&self.events, &self.pool) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let pos = first_pos.unwrap_or(0);
+        Some(Ok(SourceBatch {
+            records,
+            origin: BatchOrigin {
+                source: Arc::clone(&self.topic),
+                first_row: pos,
+                first_pos: pos,
+            },
+            positions: advanced.into_iter().collect(),
+            rejected,
+        }))
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Result<SourceBatch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_batch()
+    }
+}
