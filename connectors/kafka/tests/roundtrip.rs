@@ -54,7 +54,7 @@ fn produce_then_read_back_on_two_workers_with_dead_letters() {
     p.flush(std::time::Duration::from_secs(10)).unwrap();
 
     let dead = Arc::new(MemoryDeadLetters::new(10));
-    let source = KafkaSource::new(settings, JsonMapping::default(), dead.clone())
+    let source = KafkaSource::new(settings, JsonMapping::default(), Arc::clone(&dead) as _)
         .unwrap()
         .stop_at(StopAt::End);
     assert_eq!(source.partitions(), &[0, 1, 2, 3]);
