@@ -11,7 +11,7 @@ use tidepool_operators::config::{
     DEFAULT_DIM, DEFAULT_EVAL_EVERY, DEFAULT_INIT_STD, DEFAULT_K, DEFAULT_LR, DEFAULT_NEGATIVES,
     DEFAULT_REG, DEFAULT_ROUNDS_IN_FLIGHT, DEFAULT_SEED, DEFAULT_WARMUP,
 };
-use tidepool_operators::{ModelKind, Optimizer};
+use tidepool_operators::{LatePolicy, ModelKind, Optimizer};
 
 /// tidepool: streaming online learning for recommenders.
 #[derive(Debug, Parser)]
@@ -34,6 +34,11 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure training throughput (run with --release).
     Bench(BenchArgs),
+    /// Follow a Kafka topic: score then train every event, checkpoint tied to offsets.
+    /// `--brokers embedded` starts an in-process cluster filled with a generated stream.
+    Train(Box<TrainArgs>),
+    /// Load events (Parquet, or CSV with --preset) into a Kafka topic as JSON.
+    Produce(ProduceArgs),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -225,9 +230,146 @@ pub struct BacktestArgs {
     /// default: keep.
     #[arg(long, value_parser = parse_duration)]
     pub item_ttl: Option<Duration>,
+    /// How far behind the newest event time an event may arrive and still be processed
+    /// in its place (default: 0 for backtest, 5min for train).
+    #[arg(long, value_parser = parse_duration)]
+    pub allowed_lateness: Option<Duration>,
+    /// Events later than that: train (in the current round, counted as reordered) or
+    /// dead-letter (reason `late`).
+    #[arg(long, default_value = "train", value_parser = parse_lib::<LatePolicy>)]
+    pub late: LatePolicy,
     /// Write a report directory: heap.svg (live heap over time, GC cycles marked).
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+}
+
+/// Where and how to reach Kafka, and how payloads map to events.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, or `embedded` for an in-process cluster (librdkafka's mock
+    /// cluster: the real protocol on a loopback port).
+    #[arg(long)]
+    pub brokers: String,
+    /// Topic.
+    #[arg(long, default_value = "events")]
+    pub topic: String,
+    /// Consumer group (offsets are committed there after each checkpoint).
+    #[arg(long, default_value = "tidepool")]
+    pub group: String,
+    /// Partitions of the topic created in an embedded cluster.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// librdkafka setting passed through, KEY=VALUE (repeatable): SASL, SSL, timeouts.
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_config: Vec<(String, String)>,
+    /// JSON field holding the user id.
+    #[arg(long, default_value = "user_id")]
+    pub user_field: String,
+    /// JSON field holding the item id.
+    #[arg(long, default_value = "item_id")]
+    pub item_field: String,
+    /// JSON field holding the event time, or `kafka` for the message timestamp.
+    #[arg(long, default_value = "ts")]
+    pub time_field: String,
+    /// Unit of the time field: s or ms.
+    #[arg(long, default_value = "ms", value_parser = parse_lib::<tidepool_connector_kafka::TimeUnit>)]
+    pub field_time_unit: tidepool_connector_kafka::TimeUnit,
+    /// JSON field holding the event type.
+    #[arg(long, default_value = "event_type")]
+    pub type_field: String,
+    /// Train only on these event types (repeatable); others are skipped and counted.
+    #[arg(long = "type", value_parser = parse_event_type)]
+    pub types: Vec<tidepool_pipeline::EventType>,
+    /// Messages larger than this are dead letters.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub max_message_bytes: usize,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn parse_event_type(s: &str) -> Result<tidepool_pipeline::EventType, String> {
+    tidepool_pipeline::EventType::from_name(s).ok_or_else(|| {
+        format!("unknown event type {s:?}; valid: view, click, cart, purchase, rating")
+    })
+}
+
+/// When `train` stops by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopWhen {
+    /// Never (until SIGINT/SIGTERM).
+    Never,
+    /// At the end offsets the topic had at start.
+    End,
+    /// After this long without a message.
+    Idle(Duration),
+}
+
+fn parse_stop(s: &str) -> Result<StopWhen, String> {
+    match s {
+        "never" => Ok(StopWhen::Never),
+        "end" => Ok(StopWhen::End),
+        _ => match s.strip_prefix("idle:") {
+            Some(d) => parse_duration(d).map(StopWhen::Idle),
+            None => Err(format!(
+                "{s:?}: valid: never, end, idle:DURATION (e.g. idle:30s)"
+            )),
+        },
+    }
+}
+
+/// Arguments of `tidepool train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Kafka connection and payload mapping.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Directory for checkpoints; without it nothing survives a restart.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Time between periodic checkpoints (a final one is always written).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    /// Load a checkpoint even if it was written by a different model configuration.
+    #[arg(long)]
+    pub force_checkpoint: bool,
+    /// When to stop: never, end (the end offsets at start), idle:DURATION. Default: end
+    /// with --brokers embedded, never otherwise.
+    #[arg(long, value_parser = parse_stop)]
+    pub stop_at: Option<StopWhen>,
+    /// The model, sampler, evaluation, GC and output settings (as for backtest; the
+    /// generated-stream settings fill an embedded cluster).
+    #[command(flatten)]
+    pub run: BacktestArgs,
+}
+
+/// Arguments of `tidepool produce`.
+#[derive(Debug, Clone, Args)]
+pub struct ProduceArgs {
+    /// Parquet file (canonical columns), or CSV with --preset.
+    pub input: PathBuf,
+    /// Bootstrap servers.
+    #[arg(long)]
+    pub brokers: String,
+    /// Topic.
+    #[arg(long, default_value = "events")]
+    pub topic: String,
+    /// Known CSV format: movielens-100k or movielens-csv.
+    #[arg(long, value_parser = parse_lib::<Preset>)]
+    pub preset: Option<Preset>,
+    /// Events per second at most (default: as fast as the brokers take them).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// librdkafka setting passed through, KEY=VALUE (repeatable).
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_config: Vec<(String, String)>,
 }
 
 /// A `--gc` value: a percentage, or `None` for off.

@@ -66,6 +66,8 @@ impl BacktestArgs {
             tick_ms: self.tick.map(millis),
             rounds_in_flight: self.rounds_in_flight,
             popularity_window_ms: millis(self.pop_window),
+            allowed_lateness_ms: self.allowed_lateness.map_or(0, millis),
+            late: self.late,
             state: StateConfig {
                 user_ttl_ms: self.user_ttl.map(millis),
                 item_ttl_ms: self.item_ttl.map(millis),

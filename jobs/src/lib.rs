@@ -4,6 +4,7 @@
 //! - [`commands`]: `backtest`, `import`, `generate`.
 //! - [`bench`]: `tidepool bench`, throughput measurements.
 //! - [`report`]: summary table, summary JSON, per-window metrics files.
+//! - [`stream`]: `train` (Kafka, checkpoints) and `produce`.
 //! - [`plot`]: charts for report directories (plotters, SVG).
 
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod commands;
 pub mod plot;
 pub mod report;
+pub mod stream;
 
 /// Runs a parsed command line.
 pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
@@ -22,5 +24,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Import(args) => commands::import(&args).map(drop),
         cli::Command::Generate(args) => commands::generate(&args).map(drop),
         cli::Command::Bench(args) => bench::bench(&args),
+        cli::Command::Train(args) => stream::train(&args).map(drop),
+        cli::Command::Produce(args) => stream::produce_file(&args).map(drop),
     }
 }

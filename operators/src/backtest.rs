@@ -56,6 +56,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::{Concat, Input, Probe};
 use timely::dataflow::ProbeHandle;
 
+use crate::checkpoint::{CheckpointStats, Checkpointer, Loaded};
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
 use crate::ingest::{auto_tick, drive, Clock, Feed, IngestStats, Inputs};
 use crate::learner::{Learner, Protocol, WorkerResult};
@@ -118,6 +119,8 @@ pub struct BacktestReport {
     pub user_state_bytes: u64,
     /// Compaction cycles, pauses, bytes freed, heap.
     pub gc: GcStats,
+    /// Checkpoints written (when checkpointing).
+    pub checkpoints: Option<CheckpointStats>,
     /// Wall time of the replay.
     pub seconds: f64,
     /// Per-variant results.
@@ -235,14 +238,44 @@ pub fn run_backtest_with(
     gc: Arc<GcController>,
     progress: &dyn Fn(u64),
 ) -> Result<BacktestReport> {
+    let options = RunOptions {
+        gc,
+        checkpoints: None,
+        restore: None,
+    };
+    run_dataflow(source, config, dead, options, progress)
+}
+
+/// What a run shares with its caller besides the configuration.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The GC controller (made for `config.workers` workers).
+    pub gc: Arc<GcController>,
+    /// Checkpoint coordinator: periodic and requested checkpoints, and a final one.
+    pub checkpoints: Option<Arc<Checkpointer>>,
+    /// State to start from.
+    pub restore: Option<Arc<Loaded>>,
+}
+
+/// The dataflow behind every command: replays or follows `source`, scoring then
+/// training, with GC cycles and (optionally) checkpoints. A source without a known size
+/// (a live stream) gets no warm-up: every event after the first is scored per
+/// `eval_every`.
+pub fn run_dataflow(
+    source: Arc<dyn EventSource>,
+    config: &BacktestConfig,
+    dead: Arc<dyn DeadLetterSink>,
+    options: RunOptions,
+    progress: &dyn Fn(u64),
+) -> Result<BacktestReport> {
     config.validate()?;
+    let RunOptions {
+        gc,
+        checkpoints,
+        restore,
+    } = options;
     let info = source.info();
-    let rows = info.rows.ok_or_else(|| {
-        Error::Config(format!(
-            "source {} does not know its size; the warm-up share needs it",
-            info.description
-        ))
-    })?;
+    let rows = info.rows.unwrap_or(0);
     let needs_counts = config.variants.iter().any(|v| {
         SamplerSpec::parse(&v.model.sampler).is_ok_and(|s| s.build().needs_window_counts())
     });
@@ -263,10 +296,12 @@ pub fn run_backtest_with(
         _ => {
             // Without time statistics a derived tick could be a millisecond, and a round
             // per distinct millisecond is slow; an hour is a safe default.
-            tracing::warn!(
-                source = %info.description,
-                "the source has no event-time statistics; using a 1 hour tick (set --tick to change)"
-            );
+            if config.tick_ms.is_none() {
+                tracing::warn!(
+                    source = %info.description,
+                    "the source has no event-time statistics; using a 1 hour tick (set --tick to change)"
+                );
+            }
             (
                 0,
                 0,
@@ -291,6 +326,14 @@ pub fn run_backtest_with(
         .iter()
         .map(|v| Model::table_for(&v.model, config.seed))
         .collect();
+    if let (Some(loaded), Some(cp)) = (&restore, &checkpoints) {
+        for (table, rows) in tables.iter().zip(&loaded.items) {
+            if let (Some(table), Some(rows)) = (table, rows) {
+                table.import(rows, loaded.shared.catalogue.alive());
+            }
+        }
+        cp.restored(&loaded.manifest);
+    }
 
     let processed = Arc::new(AtomicU64::new(0));
     let cancel = Arc::new(AtomicBool::new(false));
@@ -301,6 +344,8 @@ pub fn run_backtest_with(
         let cancel = Arc::clone(&cancel);
         let dead = Arc::clone(&dead);
         let gc = Arc::clone(&gc);
+        let checkpoints = checkpoints.clone();
+        let tables = tables.clone();
         let mut timely_config = timely::Config::process(config.workers);
         differential_dataflow::configure(
             &mut timely_config.worker,
@@ -319,6 +364,11 @@ pub fn run_backtest_with(
                 &tables,
                 config.state.clone(),
             ))));
+            if let Some(loaded) = &restore {
+                if let Some(l) = learner.borrow_mut().as_mut() {
+                    l.restore(&loaded.shared, loaded.parts.clone(), config.seed);
+                }
+            }
             let mut input = Inputs::new();
             let probe = ProbeHandle::new();
             worker.dataflow::<u64, _, _>(|scope| {
@@ -415,6 +465,29 @@ pub fn run_backtest_with(
                     .probe_with(&probe);
             });
 
+            let mut stats = IngestStats::default();
+            let mut hook = |worker: &mut timely::worker::Worker,
+                            input: Option<&mut Inputs>,
+                            stats: &IngestStats,
+                            flushed: bool|
+             -> Result<()> {
+                let Some(cp) = &checkpoints else {
+                    return Ok(());
+                };
+                // A worker still holding events back joins at its next batch.
+                if !flushed || !cp.pending() {
+                    return Ok(());
+                }
+                take_checkpoint(worker, input, stats, cp, &learner, &probe, &tables, &cancel)
+            };
+            let must_flush = || {
+                checkpoints.as_ref().is_some_and(|cp| {
+                    if index == 0 {
+                        cp.poll();
+                    }
+                    cp.pending()
+                })
+            };
             let ingest = source.open(index, peers).and_then(|reader| {
                 let feed = Feed {
                     clock,
@@ -422,24 +495,48 @@ pub fn run_backtest_with(
                     dead: dead.as_ref(),
                     cancel: &cancel,
                     gc: (index == 0).then_some(gc.as_ref()),
+                    late: config.late,
+                    allowed_lateness_ms: config.allowed_lateness_ms,
+                    must_flush: &must_flush,
+                    checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
                 };
-                drive(worker, &mut input, &probe, reader, &feed)
+                drive(
+                    worker, &mut input, &probe, reader, &feed, &mut stats, &mut hook,
+                )
             });
             if ingest.is_err() {
                 cancel.store(true, Ordering::Relaxed);
             }
             // Closing the input lets the frontier run out; the dataflow must still be
-            // stepped to completion so that the other workers can finish too.
+            // stepped to completion so that the other workers can finish too (and join
+            // a checkpoint one of them started).
             drop(input);
+            let mut drained = Ok(());
             while !probe.done() {
                 worker.step_or_park(Some(Duration::from_millis(10)));
+                if drained.is_ok() {
+                    drained = hook(worker, None, &stats, true);
+                }
+            }
+            // The final checkpoint: every worker is here, every event trained.
+            if let (Some(cp), true) = (&checkpoints, ingest.is_ok() && drained.is_ok()) {
+                if !cancel.load(Ordering::Relaxed) {
+                    drained = take_checkpoint(
+                        worker, None, &stats, cp, &learner, &probe, &tables, &cancel,
+                    );
+                }
+            }
+            if drained.is_err() {
+                cancel.store(true, Ordering::Relaxed);
             }
             let learner = learner
                 .borrow_mut()
                 .take()
                 .ok_or_else(|| Error::Internal("learner taken twice".into()))?;
+            ingest?;
+            drained?;
             Ok::<_, Error>(WorkerOutcome {
-                ingest: ingest?,
+                ingest: stats,
                 learner: learner.finish(),
             })
         })
@@ -471,7 +568,68 @@ pub fn run_backtest_with(
     dead.flush()?;
     let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
     report.gc = gc.stats();
+    if let Some(cp) = &checkpoints {
+        let carried = cp.carried();
+        report.rows += carried.rows;
+        report.dead_letters += carried.dead;
+        report.reordered += carried.reordered;
+        report.checkpoints = Some(cp.stats());
+    }
     Ok(report)
+}
+
+/// This worker's part of a checkpoint (see [`crate::checkpoint`]): join, advance to the
+/// cut, wait until every round before it is trained, write.
+#[allow(clippy::too_many_arguments)]
+fn take_checkpoint(
+    worker: &mut timely::worker::Worker,
+    mut input: Option<&mut Inputs>,
+    stats: &IngestStats,
+    cp: &Checkpointer,
+    learner: &RefCell<Option<Learner>>,
+    probe: &ProbeHandle<u64>,
+    tables: &[Option<Arc<crate::item_table::ItemTable>>],
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let cancelled = || Error::Internal("checkpoint abandoned: another worker failed".into());
+    let index = worker.index();
+    let mut idle = || {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+        !cancel.load(Ordering::Relaxed)
+    };
+    let time = input.as_ref().map(|i| *i.events.time());
+    let cut = cp.join(time, &mut idle).ok_or_else(cancelled)?;
+    if let Some(input) = input.as_mut() {
+        input.advance_to(cut);
+    }
+    while probe.less_than(&cut) {
+        if !idle() {
+            return Err(cancelled());
+        }
+    }
+    if !cp.quiesced(&mut idle) {
+        return Err(cancelled());
+    }
+    let (part, shared) = {
+        let l = learner.borrow();
+        let l = l
+            .as_ref()
+            .ok_or_else(|| Error::Internal("learner gone before the checkpoint".into()))?;
+        (l.part(), (index == 0).then(|| l.shared()))
+    };
+    let written = cp.write(
+        index,
+        &part,
+        shared.as_ref().map(|s| (s, tables)),
+        &stats.positions,
+        (stats.rows, stats.dead, stats.reordered),
+        &mut idle,
+    )?;
+    if written {
+        Ok(())
+    } else {
+        Err(cancelled())
+    }
 }
 
 /// One worker's share of compaction cycle `ticket`, run between rounds `time - 1` and
@@ -513,6 +671,7 @@ fn assemble(
         items_expired: 0,
         user_state_bytes: 0,
         gc: GcStats::default(),
+        checkpoints: None,
         seconds,
         variants: Vec::new(),
     };

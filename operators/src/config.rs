@@ -302,12 +302,44 @@ pub struct BacktestConfig {
     /// Width of the sliding window of event time over which item popularity is counted
     /// for popularity samplers.
     pub popularity_window_ms: i64,
+    /// How far behind the newest event time an event may arrive and still be processed
+    /// in its place (ms); 0 for sorted input.
+    #[serde(default)]
+    pub allowed_lateness_ms: i64,
+    /// What happens to events later than that.
+    #[serde(default)]
+    pub late: LatePolicy,
     /// How long state is kept (`[state]`).
     #[serde(default)]
     pub state: StateConfig,
     /// When state is compacted (`[gc]`).
     #[serde(default)]
     pub gc: GcConfig,
+}
+
+/// What happens to an event behind the watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LatePolicy {
+    /// Train it in the current round, after events it should have preceded (counted as
+    /// reordered).
+    #[default]
+    Train,
+    /// Send it to the dead letters with reason `late`.
+    DeadLetter,
+}
+
+impl std::str::FromStr for LatePolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "train" => Ok(LatePolicy::Train),
+            "dead-letter" => Ok(LatePolicy::DeadLetter),
+            other => Err(Error::Config(format!(
+                "unknown late policy {other:?}; valid: train, dead-letter"
+            ))),
+        }
+    }
 }
 
 /// `[state]`: how long per-entity state is kept. Ages are measured in event time against
@@ -351,6 +383,8 @@ impl Default for BacktestConfig {
             tick_ms: None,
             rounds_in_flight: DEFAULT_ROUNDS_IN_FLIGHT,
             popularity_window_ms: DEFAULT_POPULARITY_WINDOW_MS,
+            allowed_lateness_ms: 0,
+            late: LatePolicy::default(),
             state: StateConfig::default(),
             gc: GcConfig::default(),
         }
@@ -394,6 +428,11 @@ impl BacktestConfig {
             return Err(Error::Config("rounds_in_flight must be at least 1".into()));
         }
         self.state.validate()?;
+        if self.allowed_lateness_ms < 0 {
+            return Err(Error::Config(
+                "allowed lateness must not be negative".into(),
+            ));
+        }
         if self.gc.force_interval_ms == 0 {
             return Err(Error::Config("gc force_interval must be positive".into()));
         }

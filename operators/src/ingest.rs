@@ -26,6 +26,15 @@
 //! an event that later arrives for the closed tick is processed late and counted as
 //! reordered.
 //!
+//! ## Watermark and late events
+//!
+//! Events are held back by tick until the watermark (the newest tick seen minus the
+//! allowed lateness) passes them, so events that arrive out of order within the allowed
+//! lateness still take their place in event time (across Kafka partitions, for
+//! instance). An event behind the watermark is late: by default it is trained in the
+//! current round and counted as reordered; with [`LatePolicy::DeadLetter`] it goes to the
+//! dead letters with reason `late`.
+//!
 //! ## Flow control
 //!
 //! Timely has no backpressure of its own. Before a worker advances its input to time
@@ -34,9 +43,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tidepool_pipeline::dead_letter::DeadLetterSink;
+use tidepool_pipeline::DeadLetter;
+
+use crate::config::LatePolicy;
 use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::memory::collector::{CycleTicket, GcController};
 use tidepool_pipeline::{Event, EventReader, Result};
@@ -72,7 +85,7 @@ pub fn auto_tick(rows: u64, span_ms: i64, target: u64) -> i64 {
 }
 
 /// What one worker's ingest saw.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IngestStats {
     /// Rows read from the source.
     pub rows: u64,
@@ -80,7 +93,14 @@ pub struct IngestStats {
     pub dead: u64,
     /// Events that arrived after a later tick and were processed late.
     pub reordered: u64,
+    /// Next position per partition, for sources that have them (Kafka).
+    pub positions: std::collections::BTreeMap<i32, i64>,
 }
+
+/// Called between batches with everything read so far sent: where checkpoints happen.
+/// The last argument says whether nothing read is held back (so a checkpoint may start).
+pub(crate) type BatchHook<'h> =
+    dyn FnMut(&mut Worker, Option<&mut Inputs>, &IngestStats, bool) -> Result<()> + 'h;
 
 /// Events per `send_batch`: big enough to amortise channel costs.
 const SEND_BATCH: usize = 4096;
@@ -102,7 +122,7 @@ impl Inputs {
         }
     }
 
-    fn advance_to(&mut self, tick: u64) {
+    pub(crate) fn advance_to(&mut self, tick: u64) {
         self.events.advance_to(tick);
         self.control.advance_to(tick);
     }
@@ -129,27 +149,46 @@ pub(crate) struct Feed<'a> {
     pub(crate) dead: &'a dyn DeadLetterSink,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) gc: Option<&'a GcController>,
+    /// What happens to events behind the watermark.
+    pub(crate) late: LatePolicy,
+    /// How far behind the newest event time an event may be and still take its place.
+    pub(crate) allowed_lateness_ms: i64,
+    /// Whether everything read must be sent before the next hook (a checkpoint is due).
+    /// On worker 0 this is also where periodic checkpoints are decided.
+    pub(crate) must_flush: &'a dyn Fn() -> bool,
+    /// Whether a checkpoint is waiting for this worker (read only).
+    pub(crate) checkpoint_pending: &'a dyn Fn() -> bool,
 }
 
-/// Reads `reader` to the end into `input`. Stops early (without error) when
-/// `feed.cancel` is set by another worker that failed.
+/// Reads `reader` to the end into `input`, counting into `stats` and calling `hook`
+/// after every batch. Stops early (without error) when `feed.cancel` is set by another
+/// worker that failed.
 pub(crate) fn drive(
     worker: &mut Worker,
     input: &mut Inputs,
     probe: &ProbeHandle<u64>,
     reader: EventReader,
     feed: &Feed<'_>,
-) -> Result<IngestStats> {
+    stats: &mut IngestStats,
+    hook: &mut BatchHook<'_>,
+) -> Result<()> {
     let Feed {
         clock,
-        rounds_in_flight,
         dead,
         cancel,
         gc,
+        late,
+        allowed_lateness_ms,
+        must_flush,
+        ..
     } = *feed;
-    let mut stats = IngestStats::default();
+    let lateness_ticks = (allowed_lateness_ms.max(0) as u64).div_ceil(clock.tick_ms.max(1) as u64);
     let mut decoded = Vec::new();
-    let mut pending: Vec<Event> = Vec::with_capacity(SEND_BATCH);
+    let mut out = Outbox {
+        pending: Vec::with_capacity(SEND_BATCH),
+        held: BTreeMap::new(),
+        max_tick: None,
+    };
     let mut open_round = false;
     for batch in reader {
         if cancel.load(Ordering::Relaxed) {
@@ -157,18 +196,28 @@ pub(crate) fn drive(
         }
         let batch = batch?;
         input.poll_gc(gc);
+        stats.rows += batch.rejected;
+        stats.dead += batch.rejected;
+        stats.positions.extend(batch.positions.iter().copied());
         if batch.records.num_rows() == 0 {
-            input.events.send_batch(&mut pending);
-            pending.clear();
-            // An idle source closes its open round, so the events it has delivered are
-            // trained and counted now rather than when the next one arrives (and GC
-            // cycles see them). A later event for the closed tick is processed late.
+            // An idle source lets the watermark catch up and closes its open round, so
+            // the events it has delivered are trained and counted now rather than when
+            // the next one arrives (and GC cycles see them). A later event for a closed
+            // tick is late.
+            out.release(u64::MAX, worker, input, probe, feed);
+            out.send(input);
             if open_round {
                 let next = *input.events.time() + 1;
                 input.advance_to(next);
                 open_round = false;
             }
             worker.step_or_park(Some(IDLE_PARK));
+            let flushed = must_flush();
+            if flushed {
+                out.release(u64::MAX, worker, input, probe, feed);
+                out.send(input);
+            }
+            hook(worker, Some(input), stats, flushed)?;
             continue;
         }
         open_round = true;
@@ -185,29 +234,98 @@ pub(crate) fn drive(
         }
         for event in decoded.drain(..) {
             let tick = clock.tick(event.ts);
-            let now = *input.events.time();
-            if tick > now {
-                input.events.send_batch(&mut pending);
-                pending.clear();
-                input.advance_to(tick);
-                let horizon = tick.saturating_sub(rounds_in_flight);
-                while probe.less_than(&horizon) && !cancel.load(Ordering::Relaxed) {
-                    worker.step();
+            if tick < *input.events.time() {
+                match late {
+                    LatePolicy::Train => {
+                        stats.reordered += 1;
+                        out.pending.push(event);
+                    }
+                    LatePolicy::DeadLetter => {
+                        stats.dead += 1;
+                        dead.send(DeadLetter {
+                            location: format!("{} position {}", batch.origin.source, event.pos),
+                            reason: format!(
+                                "late: event time {} ms is behind the watermark by more than the {} ms allowed",
+                                event.ts, allowed_lateness_ms
+                            ),
+                            raw: Some(format!(
+                                "{{\"user_id\":{},\"item_id\":{},\"ts\":{}}}",
+                                event.user, event.item, event.ts
+                            )),
+                        })?;
+                    }
                 }
-            } else if tick < now {
-                stats.reordered += 1;
+                continue;
             }
-            pending.push(event);
-            if pending.len() >= SEND_BATCH {
-                input.events.send_batch(&mut pending);
-                pending.clear();
-            }
+            out.max_tick = out.max_tick.max(Some(tick));
+            out.held.entry(tick).or_default().push(event);
         }
+        let watermark = out.max_tick.map_or(0, |t| t.saturating_sub(lateness_ticks));
+        out.release(watermark, worker, input, probe, feed);
+        let flushed = must_flush();
+        if flushed {
+            // A checkpoint's positions must match what the dataflow has: nothing held.
+            out.release(u64::MAX, worker, input, probe, feed);
+        }
+        out.send(input);
         // Keep channels moving between batches even when no round closed.
         worker.step();
+        hook(worker, Some(input), stats, flushed)?;
     }
-    input.events.send_batch(&mut pending);
-    Ok(stats)
+    out.release(u64::MAX, worker, input, probe, feed);
+    out.send(input);
+    Ok(())
+}
+
+/// Events on their way into the input: held back by tick until the watermark passes
+/// them, then queued for sending at the input's time.
+struct Outbox {
+    pending: Vec<Event>,
+    held: BTreeMap<u64, Vec<Event>>,
+    max_tick: Option<u64>,
+}
+
+impl Outbox {
+    fn send(&mut self, input: &mut Inputs) {
+        input.events.send_batch(&mut self.pending);
+        self.pending.clear();
+    }
+
+    /// Releases every held tick up to `watermark`, advancing the input through them
+    /// (with flow control: at most `rounds_in_flight` rounds beyond the probe).
+    fn release(
+        &mut self,
+        watermark: u64,
+        worker: &mut Worker,
+        input: &mut Inputs,
+        probe: &ProbeHandle<u64>,
+        feed: &Feed<'_>,
+    ) {
+        while let Some(entry) = self.held.first_entry() {
+            let tick = *entry.key();
+            if tick > watermark {
+                break;
+            }
+            let mut events = entry.remove();
+            if tick > *input.events.time() {
+                self.send(input);
+                input.advance_to(tick);
+                let horizon = tick.saturating_sub(feed.rounds_in_flight);
+                // A pending checkpoint holds the other workers' inputs where they are, so
+                // the probe will not move until this worker joins: flow control waits.
+                while probe.less_than(&horizon)
+                    && !feed.cancel.load(Ordering::Relaxed)
+                    && !(feed.checkpoint_pending)()
+                {
+                    worker.step();
+                }
+            }
+            self.pending.append(&mut events);
+            if self.pending.len() >= SEND_BATCH {
+                self.send(input);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -147,6 +147,61 @@ impl ItemTable {
         CHUNK_ROWS * (self.layout.stride() * 4 + 1)
     }
 
+    /// Values per row.
+    pub fn stride(&self) -> usize {
+        self.layout.stride()
+    }
+
+    /// The rows of items `0..n` (expired or never used rows as zeros), for checkpoints.
+    /// Callers make sure no worker trains meanwhile.
+    pub fn export(&self, n: usize) -> Vec<f32> {
+        let stride = self.layout.stride();
+        let chunks = self.chunk_list();
+        let mut out = vec![0.0f32; n * stride];
+        for item in 0..n {
+            let (c, r) = (item / CHUNK_ROWS, item % CHUNK_ROWS);
+            let Some(Some(chunk)) = chunks.get(c) else {
+                continue;
+            };
+            if chunk.states[r].load(Ordering::Acquire) != READY {
+                continue;
+            }
+            let row = &chunk.values[r * stride..(r + 1) * stride];
+            for (o, v) in out[item * stride..(item + 1) * stride].iter_mut().zip(row) {
+                *o = f32::from_bits(v.load(Ordering::Relaxed));
+            }
+        }
+        out
+    }
+
+    /// Loads rows exported by [`ItemTable::export`] into a fresh table; rows marked
+    /// dead in `alive` stay unallocated.
+    pub fn import(&self, rows: &[f32], alive: &[bool]) {
+        let stride = self.layout.stride();
+        let n = rows.len() / stride.max(1);
+        let mut list = self
+            .chunks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for item in 0..n {
+            if !alive.get(item).copied().unwrap_or(false) {
+                continue;
+            }
+            let (c, r) = (item / CHUNK_ROWS, item % CHUNK_ROWS);
+            while list.len() <= c {
+                list.push(None);
+            }
+            let chunk = list[c].get_or_insert_with(|| Arc::new(Chunk::new(stride)));
+            for (slot, v) in chunk.values[r * stride..(r + 1) * stride]
+                .iter()
+                .zip(&rows[item * stride..(item + 1) * stride])
+            {
+                slot.store(v.to_bits(), Ordering::Relaxed);
+            }
+            chunk.states[r].store(READY, Ordering::Release);
+        }
+    }
+
     /// Bytes held by the table's storage.
     pub fn bytes(&self) -> usize {
         self.chunk_list().iter().flatten().count() * self.chunk_bytes()

@@ -154,6 +154,26 @@ pub(crate) struct WorkerResult {
     pub(crate) user_bytes: u64,
 }
 
+/// A worker's state in a checkpoint: the users it owns and its metrics.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub(crate) struct WorkerPart {
+    pub(crate) worker: usize,
+    pub(crate) users: Users,
+    /// Per variant: user rows (`stride` values per user, in `users` order) and windows.
+    pub(crate) variants: Vec<(Vec<f32>, BTreeMap<i64, Quality>)>,
+    pub(crate) sampler_shortfalls: u64,
+}
+
+/// The state every worker shares (the replicated catalogue and samplers), taken from one.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub(crate) struct SharedPart {
+    pub(crate) seen: u64,
+    pub(crate) now_ms: i64,
+    pub(crate) catalogue: ItemCatalogue,
+    pub(crate) window_counts: Vec<u64>,
+    pub(crate) samplers: Vec<AnySampler>,
+}
+
 /// The per-worker prequential learner.
 pub(crate) struct Learner {
     worker: usize,
@@ -253,6 +273,79 @@ impl Learner {
             }
         }
         freed
+    }
+
+    /// This worker's part of a checkpoint.
+    pub(crate) fn part(&self) -> WorkerPart {
+        WorkerPart {
+            worker: self.worker,
+            users: self.users.clone(),
+            variants: self
+                .variants
+                .iter()
+                .map(|v| {
+                    let mut windows = v.windows.clone();
+                    let (w, q) = &v.current;
+                    if *q != Quality::default() {
+                        windows.entry(*w).or_default().merge(q);
+                    }
+                    (v.model.user_rows().to_vec(), windows)
+                })
+                .collect(),
+            sampler_shortfalls: self.sampler_shortfalls,
+        }
+    }
+
+    /// The replicated state, identical on every worker.
+    pub(crate) fn shared(&self) -> SharedPart {
+        SharedPart {
+            seen: self.seen,
+            now_ms: self.now_ms,
+            catalogue: self.catalogue.clone(),
+            window_counts: self.window_counts.clone(),
+            samplers: self.variants.iter().map(|v| v.sampler.clone()).collect(),
+        }
+    }
+
+    /// Restores a checkpoint written by any number of workers: the shared state, the
+    /// users of every part that this worker owns now, and the metrics of the parts
+    /// `w` with `w % peers == worker` (so the totals add up once).
+    pub(crate) fn restore(&mut self, shared: &SharedPart, parts: Vec<WorkerPart>, seed: u64) {
+        self.seen = shared.seen;
+        self.now_ms = shared.now_ms;
+        self.catalogue = shared.catalogue.clone();
+        self.window_counts = shared.window_counts.clone();
+        for (v, sampler) in self.variants.iter_mut().zip(&shared.samplers) {
+            v.sampler = sampler.clone();
+            // A fresh stream per restart: negatives need not repeat the lost run's.
+            v.rng = Xoshiro256PlusPlus::seed_from_u64(splitmix64(
+                seed ^ splitmix64(shared.seen ^ ((self.worker as u64) << 48)),
+            ));
+        }
+        for mut part in parts {
+            let (worker, peers) = (self.worker, self.peers);
+            let remap = part.users.retain(|id| owner(id, peers) == worker);
+            let mine_metrics = part.worker % peers == worker;
+            for (v, (rows, windows)) in self.variants.iter_mut().zip(&part.variants) {
+                let stride = rows.len().checked_div(remap.len()).unwrap_or(0);
+                for (old, new) in remap.iter().enumerate() {
+                    if new.is_some() && stride > 0 {
+                        v.model
+                            .extend_user_rows(&rows[old * stride..(old + 1) * stride]);
+                    }
+                }
+                if mine_metrics {
+                    for (w, q) in windows {
+                        v.windows.entry(*w).or_default().merge(q);
+                    }
+                }
+            }
+            if mine_metrics {
+                self.sampler_shortfalls += part.sampler_shortfalls;
+                self.users.add_evicted(part.users.evicted());
+            }
+            self.users.absorb(part.users);
+        }
     }
 
     /// Approximate heap bytes of this worker's user state (histories and user rows).

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 mod backtest;
+pub mod checkpoint;
 pub mod config;
 mod eval;
 mod ingest;
@@ -23,9 +24,13 @@ mod model;
 mod popularity;
 mod state;
 
-pub use backtest::{run_backtest, run_backtest_with, BacktestReport, VariantReport, WindowReport};
+pub use backtest::{
+    run_backtest, run_backtest_with, run_dataflow, BacktestReport, RunOptions, VariantReport,
+    WindowReport,
+};
 pub use config::{
-    BacktestConfig, EvalConfig, ModelConfig, ModelKind, Optimizer, StateConfig, VariantConfig,
+    BacktestConfig, EvalConfig, LatePolicy, ModelConfig, ModelKind, Optimizer, StateConfig,
+    VariantConfig,
 };
 pub use ingest::{auto_tick, Clock, IngestStats};
 pub use item_table::ItemTable;

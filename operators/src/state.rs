@@ -18,7 +18,7 @@ use tidepool_samplers::{Catalogue, Exclusion};
 /// but keep a tombstone in the dense vectors (about 25 bytes) so that dense indices never
 /// move; every worker expires the same items at the same logical time, so the replicas
 /// and the shared item table stay consistent.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ItemCatalogue {
     index: FxHashMap<u64, u32>,
     ids: Vec<u64>,
@@ -118,7 +118,7 @@ impl Catalogue for ItemCatalogue {
 }
 
 /// The users this worker owns and the items each has interacted with.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Users {
     index: FxHashMap<u64, u32>,
     ids: Vec<u64>,
@@ -211,6 +211,47 @@ impl Users {
         self.histories.shrink_to_fit();
         self.last_seen.shrink_to_fit();
         Some((remap, freed))
+    }
+
+    /// Keeps only the users `keep` accepts (by raw id), compacting indices; returns the
+    /// remap as [`Users::evict_before`] does.
+    pub(crate) fn retain(&mut self, keep: impl Fn(u64) -> bool) -> Vec<Option<u32>> {
+        let mut remap = Vec::with_capacity(self.ids.len());
+        let mut next = 0u32;
+        let ids = std::mem::take(&mut self.ids);
+        let histories = std::mem::take(&mut self.histories);
+        let last_seen = std::mem::take(&mut self.last_seen);
+        self.index = FxHashMap::default();
+        for ((id, history), seen) in ids.into_iter().zip(histories).zip(last_seen) {
+            if keep(id) {
+                remap.push(Some(next));
+                self.index.insert(id, next);
+                self.ids.push(id);
+                self.histories.push(history);
+                self.last_seen.push(seen);
+                next += 1;
+            } else {
+                remap.push(None);
+            }
+        }
+        remap
+    }
+
+    /// Appends the users of `other` (disjoint ids), returning the offset of its first one.
+    pub(crate) fn absorb(&mut self, other: Users) -> u32 {
+        let offset = self.ids.len() as u32;
+        for (i, id) in other.ids.iter().enumerate() {
+            self.index.insert(*id, offset + i as u32);
+        }
+        self.ids.extend(other.ids);
+        self.histories.extend(other.histories);
+        self.last_seen.extend(other.last_seen);
+        offset
+    }
+
+    /// Counts evictions that happened before a restore.
+    pub(crate) fn add_evicted(&mut self, n: u64) {
+        self.evicted += n;
     }
 
     /// Approximate heap bytes held: histories plus per-user bookkeeping.

@@ -6,7 +6,7 @@
 use rand::{Rng, RngExt};
 
 /// An alias table over weights `w_0..w_{n-1}`, drawing `i` with probability `w_i / Σw`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AliasTable {
     prob: Vec<f32>,
     alias: Vec<u32>,

@@ -7,7 +7,7 @@
 //! whatever the number of items, and adapts to drifting popularity through `alpha`.
 
 /// Estimates how often each item occurs in a stream, without per-item exact counts.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct FrequencyEstimator {
     last_seen: Vec<u64>,
     gap: Vec<f64>,

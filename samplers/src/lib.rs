@@ -47,7 +47,7 @@ pub use spec::{SamplerSpec, DEFAULT_INBATCH, DEFAULT_POP_ALPHA};
 use rand::Rng;
 
 /// A negative drawn by a [`Sampler`].
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Negative {
     /// Dense item index.
     pub item: u32,

@@ -76,7 +76,7 @@ fn weighted_sample<R: Rng + ?Sized>(
 ///
 /// Each draw costs O(1) expected proposals while the user has seen a small share of the
 /// catalogue (the common case); `q = 1 / len`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Uniform;
 
 impl Sampler for Uniform {
@@ -118,7 +118,7 @@ impl Sampler for Uniform {
 /// (about 20 ns), skipped when the counts did not change; a draw is O(1). With rounds of
 /// tens of thousands of events that is a few nanoseconds per event. Before any counts
 /// arrive, and when every count in the window is zero, it draws uniformly.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Popularity {
     alpha: f64,
     table: AliasTable,
@@ -179,7 +179,7 @@ impl Sampler for Popularity {
 /// Time-decayed popularity: each positive adds 1 to its item's weight, and weights halve
 /// every `half_life_ms` of event time. Weights are decayed lazily (on update and at each
 /// round's refresh), so observing costs O(1) and a refresh O(items).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Decay {
     half_life_ms: f64,
     values: Vec<f64>,
@@ -260,7 +260,7 @@ impl Sampler for Decay {
 
 /// Dynamic hard negatives: `m` candidates from a base sampler, scored by the current
 /// model, the `count` best-scored kept. `q` is the base sampler's proposal probability.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Dns {
     base: Box<AnySampler>,
     m: usize,
@@ -342,7 +342,7 @@ impl Sampler for Dns {
 /// `capacity`), so items are proposed in proportion to how often they are consumed.
 /// The exact proposal probability would need per-item counts of the ring; `q` comes
 /// instead from the streaming frequency estimator, as in Yi et al. (RecSys 2019).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct InBatch {
     ring: Vec<u32>,
     capacity: usize,
@@ -414,7 +414,7 @@ impl Sampler for InBatch {
 
 /// A weighted mixture: each negative comes from component `c` with probability `π_c`,
 /// and `q(i) = Σ π_c q_c(i)`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Mix {
     parts: Vec<(f64, AnySampler)>,
     table: AliasTable,
@@ -492,7 +492,7 @@ impl Sampler for Mix {
 
 /// Any sampler, as one type so variants can hold different samplers without dynamic
 /// dispatch on the per-draw path.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum AnySampler {
     /// `uniform`
     Uniform(Uniform),

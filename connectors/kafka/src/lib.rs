@@ -124,6 +124,28 @@ impl KafkaSettings {
     }
 }
 
+/// Commits `positions` (next offset per partition) to the settings' consumer group, for
+/// monitoring tools that read consumer lag.
+pub fn commit_offsets(settings: &KafkaSettings, positions: &BTreeMap<i32, i64>) -> Result<()> {
+    if positions.is_empty() {
+        return Ok(());
+    }
+    let consumer: BaseConsumer = settings
+        .client_config()
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| source::kafka_error("creating a committer", e))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, o) in positions {
+        tpl.add_partition_offset(&settings.topic, *p, rdkafka::Offset::Offset(*o))
+            .map_err(|e| source::kafka_error("committing offsets", e))?;
+    }
+    consumer
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .map_err(|e| source::kafka_error("committing offsets", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,6 +64,9 @@ pub struct KafkaCounters {
     pub skipped: AtomicU64,
     /// Messages sent to the dead letters.
     pub rejected: AtomicU64,
+    /// Offsets skipped because the broker no longer had them (retention deleted them
+    /// before they were read): data lost upstream, counted and logged, never silent.
+    pub offsets_lost: AtomicU64,
 }
 
 /// Messages per batch at most.
@@ -302,6 +305,17 @@ impl Reader {
             };
             let (partition, offset) = (msg.partition(), msg.offset());
             self.counters.messages.fetch_add(1, Ordering::Relaxed);
+            let expected = self.next.get(&partition).copied().unwrap_or(0);
+            if offset > expected {
+                let lost = (offset - expected) as u64;
+                self.counters
+                    .offsets_lost
+                    .fetch_add(lost, Ordering::Relaxed);
+                tracing::warn!(
+                    topic = %self.topic, partition, expected, got = offset, lost,
+                    "offsets skipped: the broker no longer has them (retention); those events are lost upstream"
+                );
+            }
             advanced.insert(partition, offset + 1);
             self.next.insert(partition, offset + 1);
             let pos = position(partition, offset);

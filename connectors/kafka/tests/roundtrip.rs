@@ -78,3 +78,49 @@ fn produce_then_read_back_on_two_workers_with_dead_letters() {
     let c = source.counters();
     assert_eq!(c.messages.load(std::sync::atomic::Ordering::Relaxed), 5_003);
 }
+
+/// Several producers one after the other (as `tidepool produce` runs do): the end
+/// offsets add up to the messages, and what the broker's retention deleted before it was
+/// read (the mock cluster keeps a bounded log per partition) is counted as lost.
+#[test]
+fn successive_producers_append_every_message() {
+    let cluster = Embedded::start(1).unwrap();
+    cluster.create_topic("grow", 4).unwrap();
+    let settings = KafkaSettings {
+        brokers: cluster.bootstrap(),
+        topic: "grow".into(),
+        group: "test".into(),
+        ..KafkaSettings::default()
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            produce(&settings, events(80_000), None, &|_| {})
+                .unwrap()
+                .messages,
+            80_000
+        );
+    }
+    let dead = Arc::new(MemoryDeadLetters::new(10));
+    let source = KafkaSource::new(settings, JsonMapping::default(), Arc::clone(&dead) as _)
+        .unwrap()
+        .stop_at(StopAt::End);
+    let mut read = 0;
+    let mut ends = std::collections::BTreeMap::new();
+    for w in 0..2 {
+        for batch in source.open(w, 2).unwrap() {
+            let batch = batch.unwrap();
+            read += batch.records.num_rows();
+            ends.extend(batch.positions);
+        }
+    }
+    assert_eq!(ends.values().sum::<i64>(), 400_000, "{ends:?}");
+    let lost = source
+        .counters()
+        .offsets_lost
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        lost > 0,
+        "the mock cluster's bounded log should have dropped some"
+    );
+    assert_eq!(read as u64 + lost, 400_000, "{ends:?}");
+}

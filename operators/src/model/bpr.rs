@@ -224,6 +224,16 @@ impl Bpr {
         (before.saturating_sub(self.users.capacity()) * std::mem::size_of::<f32>()) as u64
     }
 
+    /// The user rows, `stride` values per dense user.
+    pub(crate) fn user_rows(&self) -> &[f32] {
+        &self.users
+    }
+
+    /// Appends user rows (restored from a checkpoint).
+    pub(crate) fn extend_user_rows(&mut self, rows: &[f32]) {
+        self.users.extend_from_slice(rows);
+    }
+
     /// Releases item chunks whose items all expired; returns the bytes taken out.
     pub(crate) fn release_items(&mut self, alive: &[bool]) -> u64 {
         self.items.release_expired(alive)

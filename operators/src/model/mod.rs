@@ -85,6 +85,21 @@ impl Model {
         }
     }
 
+    /// The user rows (empty for models without user state).
+    pub(crate) fn user_rows(&self) -> &[f32] {
+        match self {
+            Model::MostPop => &[],
+            Model::Bpr(m) => m.user_rows(),
+        }
+    }
+
+    /// Appends restored user rows.
+    pub(crate) fn extend_user_rows(&mut self, rows: &[f32]) {
+        if let Model::Bpr(m) = self {
+            m.extend_user_rows(rows);
+        }
+    }
+
     /// Heap bytes of the user state this worker holds for the model.
     pub(crate) fn user_bytes(&self) -> u64 {
         match self {

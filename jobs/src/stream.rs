@@ -1,0 +1,365 @@
+//! `tidepool train` and `tidepool produce`: the Kafka-connected commands.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use tidepool_connector_generator::{Generator, GeneratorConfig};
+use tidepool_connector_kafka::{
+    commit_offsets, produce, Embedded, JsonMapping, KafkaSettings, KafkaSource, StopAt,
+};
+use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource};
+use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
+use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOptions};
+use tidepool_pipeline::event::decode_events;
+use tidepool_pipeline::memory::collector::GcController;
+use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
+use tidepool_samplers::SamplerSpec;
+
+use crate::cli::{KafkaArgs, ProduceArgs, StopWhen, TrainArgs};
+use crate::report::{summary_json, summary_table};
+
+/// Default tick of a followed stream: rounds of one minute of event time.
+const STREAM_TICK_MS: i64 = 60_000;
+
+/// Default allowed lateness of a followed stream: partitions are read interleaved, so
+/// events reach a worker a little out of event-time order.
+const STREAM_LATENESS_MS: i64 = 300_000;
+
+/// FNV-1a, 64 bits: a hash that stays the same across builds and platforms, for the
+/// checkpoint's configuration fingerprint.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The fingerprint of what a checkpoint's state depends on: the variants, the seed, the
+/// protocol, retention and the popularity window (not workers, GC or tick).
+pub fn config_hash(config: &BacktestConfig) -> anyhow::Result<String> {
+    let relevant = serde_json::json!({
+        "variants": config.variants,
+        "seed": config.seed,
+        "eval": config.eval,
+        "state": config.state,
+        "popularity_window_ms": config.popularity_window_ms,
+    });
+    Ok(format!(
+        "{:016x}",
+        fnv1a(serde_json::to_string(&relevant)?.as_bytes())
+    ))
+}
+
+impl KafkaArgs {
+    fn settings(&self, brokers: &str) -> KafkaSettings {
+        KafkaSettings {
+            brokers: brokers.to_string(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            config: self.kafka_config.iter().cloned().collect(),
+        }
+    }
+
+    fn mapping(&self) -> JsonMapping {
+        JsonMapping {
+            user: self.user_field.clone(),
+            item: self.item_field.clone(),
+            ts: (self.time_field != "kafka").then(|| self.time_field.clone()),
+            time_unit: self.field_time_unit,
+            event_type: self.type_field.clone(),
+            weight: Some("weight".into()),
+            types: self.types.clone(),
+            max_bytes: self.max_message_bytes,
+        }
+    }
+}
+
+/// Starts an embedded cluster with the topic, filled with the generated stream the
+/// run arguments describe.
+fn embedded_demo(args: &TrainArgs) -> anyhow::Result<Embedded> {
+    let cluster = Embedded::start(1)?;
+    cluster.create_topic(&args.kafka.topic, args.kafka.partitions)?;
+    let bootstrap = cluster.bootstrap();
+    eprintln!(
+        "embedded Kafka cluster at {bootstrap} (topic {}, {} partitions); filling it with {} generated events",
+        args.kafka.topic, args.kafka.partitions, args.run.events
+    );
+    let cfg = GeneratorConfig {
+        events: args.run.events,
+        users: args.run.users,
+        items: args.run.items,
+        user_churn: args.run.user_churn,
+        ..GeneratorConfig::default()
+    };
+    let settings = args.kafka.settings(&bootstrap);
+    let report = produce(&settings, generated_events(cfg)?, None, &|_| {})?;
+    eprintln!(
+        "produced {} events in {:.2}s",
+        report.messages, report.seconds
+    );
+    Ok(cluster)
+}
+
+/// The events of a generated stream, in order.
+fn generated_events(cfg: GeneratorConfig) -> anyhow::Result<impl Iterator<Item = Event>> {
+    let generator = Generator::new(cfg)?;
+    Ok(generator.flat_map(|batch| {
+        let origin = tidepool_pipeline::BatchOrigin {
+            source: "generator".into(),
+            first_row: 0,
+            first_pos: 0,
+        };
+        let mut out = Vec::new();
+        // Generated batches always decode: a failure would be a bug, and it would show
+        // as fewer events produced than asked for.
+        let _ = decode_events(&batch, &origin, &mut out, &mut |_| {});
+        out
+    }))
+}
+
+/// Runs `tidepool train`.
+pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
+    if !args.run.inputs.is_empty() {
+        bail!("train reads Kafka; load files into a topic with `tidepool produce`, or replay them with `tidepool backtest`");
+    }
+    let mut config = args.run.config()?;
+    config.tick_ms = config.tick_ms.or(Some(STREAM_TICK_MS));
+    if args.run.allowed_lateness.is_none() {
+        config.allowed_lateness_ms = STREAM_LATENESS_MS;
+    }
+    config.validate()?;
+    if args.checkpoint_dir.is_some() {
+        for v in &config.variants {
+            let needs =
+                SamplerSpec::parse(&v.model.sampler).is_ok_and(|s| s.build().needs_window_counts());
+            if needs {
+                bail!(
+                    "variant {}: sampler {} reads the windowed popularity, which lives in a \
+                     differential trace that checkpoints do not capture yet; use uniform, \
+                     decay, dns, inbatch or a mix of those with --checkpoint-dir",
+                    v.name,
+                    v.model.sampler
+                );
+            }
+        }
+    }
+    let embedded = if args.kafka.brokers == "embedded" {
+        Some(embedded_demo(args)?)
+    } else {
+        None
+    };
+    let brokers = embedded
+        .as_ref()
+        .map_or_else(|| args.kafka.brokers.clone(), Embedded::bootstrap);
+    let settings = args.kafka.settings(&brokers);
+    let stop = match args.stop_at {
+        Some(StopWhen::Never) => StopAt::Never,
+        Some(StopWhen::End) => StopAt::End,
+        Some(StopWhen::Idle(d)) => StopAt::Idle(d),
+        None if embedded.is_some() => StopAt::End,
+        None => StopAt::Never,
+    };
+    let dead: Arc<dyn DeadLetterSink> = match &args.run.dead_letters {
+        Some(path) => Arc::new(JsonlDeadLetters::new(path)),
+        None => Arc::new(MemoryDeadLetters::new(5)),
+    };
+    let pool = args.run.pool();
+    let gc = Arc::new(GcController::new(config.gc.clone(), config.workers).with_pool(pool.clone()));
+
+    let checkpoints = match &args.checkpoint_dir {
+        Some(dir) => {
+            let commit_settings = settings.clone();
+            let cp = Checkpointer::new(
+                CheckpointSettings {
+                    dir: dir.clone(),
+                    interval: Some(args.checkpoint_interval),
+                    keep: args.keep_checkpoints,
+                    config_hash: config_hash(&config)?,
+                },
+                config.workers,
+            )?
+            .on_commit(Box::new(move |manifest| {
+                // Committed for monitoring (consumer lag); restarts use the checkpoint.
+                if let Err(e) = commit_offsets(&commit_settings, &manifest.positions) {
+                    tracing::warn!(error = %e, "could not commit offsets to the consumer group");
+                }
+            }));
+            Some(Arc::new(cp))
+        }
+        None => None,
+    };
+    let restore = match &checkpoints {
+        Some(cp) => cp.latest(args.force_checkpoint)?.map(Arc::new),
+        None => None,
+    };
+    let start: BTreeMap<i32, i64> = restore
+        .as_ref()
+        .map(|l| l.manifest.positions.clone())
+        .unwrap_or_default();
+    if let Some(l) = &restore {
+        eprintln!(
+            "resuming from checkpoint {} ({} events trained, offsets {:?})",
+            l.manifest.id, l.manifest.events, l.manifest.positions
+        );
+    }
+    let source = KafkaSource::new(settings, args.kafka.mapping(), Arc::clone(&dead))?
+        .starting_at(start)
+        .stop_at(stop)
+        .with_pool(pool.clone());
+    let counters = source.counters();
+    #[cfg(unix)]
+    {
+        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+        // SIGINT/SIGTERM end the readers; the run drains, writes a final checkpoint and
+        // exits 0. A second signal kills the process the default way.
+        for sig in [SIGINT, SIGTERM] {
+            signal_hook::flag::register_conditional_default(sig, source.stop_flag())
+                .context("installing a signal handler")?;
+            signal_hook::flag::register(sig, source.stop_flag())
+                .context("installing a signal handler")?;
+        }
+        signal_hook::flag::register(SIGUSR1, gc.manual_flag())
+            .context("installing the SIGUSR1 handler")?;
+        if let Some(cp) = &checkpoints {
+            signal_hook::flag::register(SIGUSR2, cp.request_flag())
+                .context("installing the SIGUSR2 handler")?;
+        }
+    }
+    let description = source.info().description;
+    let bar = if args.run.quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) =
+            ProgressStyle::with_template("{elapsed_precise} {human_pos} events trained, {per_sec}")
+        {
+            bar.set_style(style);
+        }
+        bar
+    };
+    let options = RunOptions {
+        gc,
+        checkpoints,
+        restore,
+    };
+    let report = run_dataflow(
+        Arc::new(source),
+        &config,
+        Arc::clone(&dead),
+        options,
+        &|n| bar.set_position(n),
+    )?;
+    bar.finish_and_clear();
+    print!("{}", summary_table(&report));
+    let (messages, skipped, rejected, lost) = (
+        counters.messages.load(Ordering::Relaxed),
+        counters.skipped.load(Ordering::Relaxed),
+        counters.rejected.load(Ordering::Relaxed),
+        counters.offsets_lost.load(Ordering::Relaxed),
+    );
+    println!("kafka: {messages} messages read, {skipped} skipped by type, {rejected} dead letters");
+    if lost > 0 {
+        eprintln!("warning: {lost} offsets were gone from the broker (retention) before they could be read");
+    }
+    if let Some(cp) = &report.checkpoints {
+        println!(
+            "checkpoints: {} written (last {:?}, {} bytes, {:.1} ms pause){}",
+            cp.written,
+            cp.last_id,
+            cp.last_bytes,
+            cp.last_pause_ms,
+            cp.restored_from
+                .map_or_else(String::new, |id| format!(", resumed from {id}"))
+        );
+    }
+    if let Some(path) = &args.run.summary_json {
+        let mut summary = summary_json(&report, &description);
+        summary["kafka"] = serde_json::json!({
+            "messages": messages, "skipped": skipped, "dead_letters": rejected,
+            "offsets_lost_to_retention": lost,
+        });
+        summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
+        summary["gc"] = serde_json::to_value(&report.gc)?;
+        if let Some(obj) = summary["gc"].as_object_mut() {
+            obj.remove("timeline");
+            obj.remove("heap_samples");
+        }
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(embedded);
+    Ok(report)
+}
+
+/// Runs `tidepool produce`.
+pub fn produce_file(args: &ProduceArgs) -> anyhow::Result<u64> {
+    if args.brokers == "embedded" {
+        bail!("an embedded cluster lives inside one process; produce into it with `tidepool train --brokers embedded`, or give real brokers");
+    }
+    let dir = tempfile::tempdir()?;
+    let parquet = match args.preset {
+        Some(preset) => {
+            let out = dir.path().join("input.parquet");
+            import_csv(
+                &args.input,
+                &out,
+                &CsvOptions::preset(preset),
+                &MemoryDeadLetters::new(0),
+            )?;
+            out
+        }
+        None => args.input.clone(),
+    };
+    let source = ParquetSource::open(&[parquet.display().to_string()], ColumnMapping::default())?;
+    let dead = MemoryDeadLetters::new(5);
+    let mut events = Vec::new();
+    for batch in source.open(0, 1)? {
+        let batch = batch?;
+        decode_events(&batch.records, &batch.origin, &mut events, &mut |l| {
+            let _ = dead.send(l);
+        })?;
+    }
+    if dead.count() > 0 {
+        eprintln!(
+            "warning: {} rows could not be read and were not produced",
+            dead.count()
+        );
+    }
+    let settings = KafkaSettings {
+        brokers: args.brokers.clone(),
+        topic: args.topic.clone(),
+        group: String::new(),
+        config: args.kafka_config.iter().cloned().collect(),
+    };
+    let total = events.len() as u64;
+    let bar = ProgressBar::new(total);
+    let report = produce(&settings, events, args.rate, &|n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    println!(
+        "produced {} events to {} in {:.2}s ({:.0}/s)",
+        report.messages,
+        args.topic,
+        report.seconds,
+        report.messages as f64 / report.seconds.max(1e-9)
+    );
+    Ok(report.messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_hash_ignores_runtime_settings() {
+        let a = BacktestConfig::default();
+        let mut b = a.clone();
+        b.workers = 4;
+        b.tick_ms = Some(1);
+        assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+        b.variants[0].model.dim = 8;
+        assert_ne!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

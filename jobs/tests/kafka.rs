@@ -1,0 +1,382 @@
+//! `tidepool train` against a Kafka cluster each test starts in-process (librdkafka's
+//! mock cluster: the real protocol on a loopback port), with the binary as users run it.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tidepool_connector_generator::{Generator, GeneratorConfig};
+use tidepool_connector_kafka::{produce, Embedded, KafkaSettings, Producer};
+use tidepool_pipeline::event::decode_events;
+use tidepool_pipeline::{BatchOrigin, Event};
+
+fn events(n: u64) -> Vec<Event> {
+    let cfg = GeneratorConfig {
+        events: n,
+        ..GeneratorConfig::default()
+    };
+    let origin = BatchOrigin {
+        source: "gen".into(),
+        first_row: 0,
+        first_pos: 0,
+    };
+    let mut out = Vec::new();
+    for batch in Generator::new(cfg).unwrap() {
+        decode_events(&batch, &origin, &mut out, &mut |_| {
+            panic!("generated rows decode")
+        })
+        .unwrap();
+    }
+    out
+}
+
+fn cluster(topic: &str) -> (Embedded, KafkaSettings) {
+    let cluster = Embedded::start(1).unwrap();
+    cluster.create_topic(topic, 4).unwrap();
+    let settings = KafkaSettings {
+        brokers: cluster.bootstrap(),
+        topic: topic.into(),
+        group: "tests".into(),
+        ..KafkaSettings::default()
+    };
+    (cluster, settings)
+}
+
+fn train(brokers: &str, dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+    cmd.args(["train", "--quiet", "--brokers", brokers, "--stop-at", "end"])
+        .args(extra)
+        .current_dir(dir);
+    cmd
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn summary(dir: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+}
+
+/// Runs to completion, failing (and killing it) after `limit`: a hung run must fail the
+/// test, not hang it.
+fn finish(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!("no exit within {limit:?}; stderr: {}", text(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    out
+}
+
+/// Produce N, train: all N trained and counted, and BPR beats most-popular on the
+/// stream's prequential recall.
+#[test]
+fn train_follows_the_topic_and_beats_mostpop() {
+    let (_cluster, settings) = cluster("events");
+    let n = 60_000;
+    produce(&settings, events(n), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ok(finish(
+        &mut train(
+            &settings.brokers,
+            dir.path(),
+            &[
+                "--variant",
+                "bpr=uniform",
+                "--variant",
+                "pop=,model=mostpop",
+                "--summary-json",
+                "s.json",
+            ],
+        ),
+        Duration::from_secs(120),
+    ));
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["events"], n, "{s}");
+    assert_eq!(s["kafka"]["messages"], n, "{s}");
+    let variants = s["variants"].as_array().expect("variants");
+    let recall = |name: &str| {
+        variants
+            .iter()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["recall@10"].as_f64())
+            .unwrap()
+    };
+    assert!(
+        recall("bpr") > recall("pop") * 1.2,
+        "{} vs {}",
+        recall("bpr"),
+        recall("pop")
+    );
+}
+
+/// Malformed, truncated, wrong-typed and oversized records among good ones: every good
+/// one trained, every bad one a dead letter with its reason, counters exact.
+#[test]
+fn bad_records_become_dead_letters_and_good_ones_train() {
+    let (_cluster, settings) = cluster("mixed");
+    let good = events(5_000);
+    let big = format!(
+        r#"{{"user_id":1,"item_id":2,"ts":3,"pad":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    let bad: Vec<(&[u8], &str)> = vec![
+        (b"{\"user_id\": 1, \"item_id\"", "malformed JSON"),
+        (b"\x00\x01\x02", "malformed JSON"),
+        (
+            br#"{"user_id":"alice","item_id":2,"ts":3}"#,
+            "user_id must be an unsigned integer",
+        ),
+        (
+            br#"{"user_id":1,"item_id":2,"ts":"noon"}"#,
+            "ts must be an integer time",
+        ),
+        (br#"{"user_id":1,"ts":3}"#, "missing item_id"),
+        (
+            br#"{"user_id":1,"item_id":2,"ts":3,"event_type":"like"}"#,
+            "unknown event_type",
+        ),
+        (big.as_bytes(), "oversized"),
+    ];
+    let mut p = Producer::new(&settings).unwrap();
+    for (i, e) in good.iter().enumerate() {
+        p.send_event(e).unwrap();
+        if i % 700 == 0 {
+            let (payload, _) = bad[(i / 700) % bad.len()];
+            p.send(b"bad", payload).unwrap();
+        }
+    }
+    let bad_sent = good.len().div_ceil(700) as u64;
+    p.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ok(finish(
+        &mut train(
+            &settings.brokers,
+            dir.path(),
+            &[
+                "--topic",
+                "mixed",
+                "--model",
+                "mostpop",
+                "--dead-letters",
+                "dead.jsonl",
+                "--summary-json",
+                "s.json",
+            ],
+        ),
+        Duration::from_secs(120),
+    ));
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["events"], good.len() as u64, "{s}");
+    assert_eq!(s["kafka"]["dead_letters"], bad_sent, "{s}");
+    assert_eq!(s["dead_letters"], bad_sent, "{s}");
+    let letters = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    let letters: Vec<serde_json::Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len() as u64, bad_sent);
+    for l in &letters {
+        let reason = l["reason"].as_str().unwrap();
+        assert!(
+            bad.iter().any(|(_, r)| reason.contains(r)),
+            "unexpected reason {reason}"
+        );
+        assert!(l["location"].as_str().unwrap().starts_with("mixed/"), "{l}");
+    }
+}
+
+struct DebugDir(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
+impl DebugDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for DebugDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("cp")
+                .arg("-r")
+                .arg(&self.0)
+                .arg("/tmp/killtest")
+                .status();
+        }
+    }
+}
+
+/// A small xorshift, seeded from the clock (and printed), for kill times.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn wait_or_kill(child: &mut Child, after: Duration) -> bool {
+    let deadline = Instant::now() + after;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    true
+}
+
+fn assert_checkpoints_complete(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            continue; // a crash mid-write leaves these; the next start removes them
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.join("manifest.json")).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for w in 0..manifest["workers"].as_u64().unwrap() {
+            assert!(path.join(format!("worker-{w}.bin")).exists(), "{name}");
+        }
+        assert!(path.join("shared.bin").exists(), "{name}");
+    }
+}
+
+/// `kill -9` at random moments while the topic keeps growing, restart, repeat: at the
+/// end every produced event was trained exactly once (the final checkpoint counts them
+/// and has consumed every offset once), and every checkpoint directory is complete or
+/// absent.
+#[test]
+fn kill_9_and_restart_trains_every_event_exactly_once() {
+    let (_cluster, settings) = cluster("crash");
+    // The mock cluster keeps a bounded log per partition (about 57 k of these messages);
+    // the topic stays below it, and the summary shows nothing was lost to retention.
+    let trials = 12;
+    let chunk = 12_000;
+    let all = events(chunk * (trials + 1));
+    let n = all.len() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = DebugDir(dir.path().to_path_buf(), dir);
+    eprintln!("working in {}", dir.path().display());
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = Rng(seed);
+    let args = [
+        "--topic",
+        "crash",
+        "--checkpoint-dir",
+        "ckpt",
+        "--checkpoint-interval",
+        "100ms",
+        "--eval-every",
+        "1",
+        "-w",
+        "2",
+        "--summary-json",
+        "s.json",
+    ];
+    let mut kills = 0;
+    let mut chunks = all.chunks(chunk as usize);
+    for trial in 0..trials {
+        produce(&settings, chunks.next().unwrap().to_vec(), None, &|_| {}).unwrap();
+        let log = std::fs::File::create(dir.path().join(format!("trial-{trial}.log"))).unwrap();
+        let mut child = train(&settings.brokers, dir.path(), &args)
+            .env("RUST_LOG", "tidepool_operators=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let after = Duration::from_millis(100 + rng.next() % 1400);
+        if wait_or_kill(&mut child, after) {
+            kills += 1;
+        } else {
+            eprintln!("trial {trial}: the run finished before the kill");
+        }
+        assert_checkpoints_complete(&dir.path().join("ckpt"));
+    }
+    assert!(kills >= 10, "only {kills} of {trials} runs were killed");
+    for rest in chunks {
+        produce(&settings, rest.to_vec(), None, &|_| {}).unwrap();
+    }
+    let out = ok(finish(
+        &mut train(&settings.brokers, dir.path(), &args),
+        Duration::from_secs(300),
+    ));
+    let stdout = text(&out.stdout);
+    assert_checkpoints_complete(&dir.path().join("ckpt"));
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["kafka"]["offsets_lost_to_retention"], 0, "{s}");
+    assert_eq!(s["events"], n, "{stdout}");
+    let last = s["checkpoints"]["last_id"].as_u64().unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(format!("ckpt/ckpt-{last}/manifest.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["events"], n, "{manifest}");
+    let read: i64 = manifest["positions"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(read, n as i64, "every offset consumed once: {manifest}");
+}
+
+/// The broker goes down in the middle of training and comes back: training pauses,
+/// resumes, and nothing is lost.
+#[test]
+fn broker_outage_pauses_and_resumes() {
+    let (cluster, settings) = cluster("outage");
+    let n = 100_000;
+    produce(&settings, events(n), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let brokers = settings.brokers.clone();
+    let path = dir.path().to_path_buf();
+    let run = std::thread::spawn(move || {
+        finish(
+            &mut train(
+                &brokers,
+                &path,
+                &[
+                    "--topic",
+                    "outage",
+                    "--model",
+                    "mostpop",
+                    "--summary-json",
+                    "s.json",
+                ],
+            ),
+            Duration::from_secs(120),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.broker_down(1).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.broker_up(1).unwrap();
+    let out = ok(run.join().unwrap());
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["events"], n, "{}\n{s}", text(&out.stdout));
+}

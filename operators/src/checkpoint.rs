@@ -1,0 +1,659 @@
+//! Checkpoints: the model, the samplers, the metrics and the source positions, written
+//! together at a consistent cut so that a restart trains every event exactly once
+//! relative to the model.
+//!
+//! ## The cut
+//!
+//! A checkpoint is taken stop-the-world, between rounds:
+//!
+//! 1. Worker 0 decides (interval elapsed, or asked); every worker joins at its next batch
+//!    boundary, having sent everything it read, and publishes its input time.
+//! 2. All advance their inputs to `T` = one past the latest of those times and step the
+//!    dataflow until the probe passes `T`: every round before `T` is trained, none after
+//!    (nothing is sent at `T` or later until the checkpoint is done). The positions each
+//!    worker read up to are exactly the events in the model.
+//! 3. Each worker writes its users and metrics; worker 0 writes the shared state (item
+//!    catalogue, item tables, samplers) and the manifest, then commits the directory.
+//!
+//! Workers wait for each other while stepping timely, never blocking it, so progress and
+//! data keep flowing while some are still on their way to the cut.
+//!
+//! ## On disk
+//!
+//! One directory per checkpoint, `ckpt-<id>/`: `manifest.json`, `shared.bin`,
+//! `items-<variant>.bin` (raw little-endian `f32` rows), `worker-<w>.bin`. It is written as
+//! `ckpt-<id>.tmp/`, every file and the directory fsynced, then renamed and the parent
+//! fsynced, so a checkpoint directory is complete or absent; leftovers of a crash mid-write
+//! (`*.tmp`) are removed at start-up. The newest `keep` checkpoints are kept.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tidepool_pipeline::{Error, Result};
+
+use crate::item_table::ItemTable;
+use crate::learner::{SharedPart, WorkerPart};
+
+/// Version of the on-disk format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a checkpoint holds besides the state files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub version: u32,
+    /// Increasing checkpoint number.
+    pub id: u64,
+    /// Wall time of the commit.
+    pub created_unix_ms: u64,
+    /// Hash of the model-relevant configuration; a restart with a different one refuses
+    /// the checkpoint unless forced.
+    pub config_hash: String,
+    /// Workers of the run that wrote it (any number may restore it).
+    pub workers: usize,
+    /// Next offset per partition: where a restart resumes.
+    pub positions: BTreeMap<i32, i64>,
+    /// Newest event time trained on.
+    pub watermark_ms: Option<i64>,
+    /// Events trained on, over every run that led to this checkpoint.
+    pub events: u64,
+    /// Records read (including dead letters), over every run.
+    pub rows: u64,
+    /// Dead letters, over every run.
+    pub dead_letters: u64,
+    /// Events processed late, over every run.
+    pub reordered: u64,
+    /// Bytes of the state files.
+    pub bytes: u64,
+}
+
+/// Where and how often to checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointSettings {
+    /// Directory holding `ckpt-<id>/` directories.
+    pub dir: PathBuf,
+    /// Periodic checkpoints (wall time); `None`: only on request and at the end.
+    pub interval: Option<Duration>,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// See [`Manifest::config_hash`].
+    pub config_hash: String,
+}
+
+/// Counters for the summary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CheckpointStats {
+    /// Checkpoints committed by this run.
+    pub written: u64,
+    /// The newest checkpoint's id.
+    pub last_id: Option<u64>,
+    /// Its size.
+    pub last_bytes: u64,
+    /// How long the last one stopped the dataflow (ms).
+    pub last_pause_ms: f64,
+    /// Longest stop (ms).
+    pub max_pause_ms: f64,
+    /// The checkpoint this run started from, if any.
+    pub restored_from: Option<u64>,
+}
+
+/// A checkpoint read back.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// Its manifest.
+    pub manifest: Manifest,
+    pub(crate) shared: SharedPart,
+    pub(crate) parts: Vec<WorkerPart>,
+    /// Per variant, the item rows (for learned models).
+    pub(crate) items: Vec<Option<Vec<f32>>>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+fn codec(path: &Path) -> impl Fn(bincode::Error) -> Error + '_ {
+    move |e| Error::connector(format!("checkpoint file {}", path.display()), e)
+}
+
+fn write_file(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<u64> {
+    let file = File::create(path).map_err(io(path))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    write(&mut w)?;
+    w.flush().map_err(io(path))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io(path))?;
+    Ok(file.metadata().map_err(io(path))?.len())
+}
+
+fn write_bin<T: Serialize>(path: &Path, value: &T) -> Result<u64> {
+    write_file(path, |w| {
+        bincode::serialize_into(w, value).map_err(codec(path))
+    })
+}
+
+fn read_bin<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let file = File::open(path).map_err(io(path))?;
+    bincode::deserialize_from(BufReader::with_capacity(1 << 20, file)).map_err(codec(path))
+}
+
+fn write_rows(path: &Path, rows: &[f32]) -> Result<u64> {
+    write_file(path, |w| {
+        for v in rows {
+            w.write_all(&v.to_le_bytes()).map_err(io(path))?;
+        }
+        Ok(())
+    })
+}
+
+fn read_rows(path: &Path) -> Result<Vec<f32>> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io(path))?;
+    if bytes.len() % 4 != 0 {
+        return Err(Error::BadInput {
+            location: path.display().to_string(),
+            reason: "truncated row file".into(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io(path))
+}
+
+fn checkpoint_id(name: &str) -> Option<u64> {
+    name.strip_prefix("ckpt-")?.parse().ok()
+}
+
+/// Complete checkpoints in `dir`, oldest first.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(id) = checkpoint_id(&name) {
+            if entry.path().join("manifest.json").exists() {
+                found.push((id, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes directories left by a crash in the middle of writing a checkpoint.
+pub fn remove_partial(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("ckpt-") && name.ends_with(".tmp") {
+            std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Reads the manifest of the checkpoint in `path`.
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    let file = path.join("manifest.json");
+    let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+    serde_json::from_str(&text).map_err(|e| Error::BadInput {
+        location: file.display().to_string(),
+        reason: format!("not a tidepool checkpoint manifest: {e}"),
+    })
+}
+
+/// Loads the checkpoint in `path`; refuses one from another configuration unless
+/// `force`.
+pub fn load(path: &Path, config_hash: &str, force: bool) -> Result<Loaded> {
+    let manifest = read_manifest(path)?;
+    if manifest.version != FORMAT_VERSION {
+        return Err(Error::Config(format!(
+            "checkpoint {} has format {}, this build reads {FORMAT_VERSION}",
+            path.display(),
+            manifest.version
+        )));
+    }
+    if manifest.config_hash != config_hash && !force {
+        return Err(Error::Config(format!(
+            "checkpoint {} was written by a different model configuration (hash {} vs {}); \
+             start from an empty checkpoint directory, or force it with --force-checkpoint",
+            path.display(),
+            manifest.config_hash,
+            config_hash
+        )));
+    }
+    let shared: SharedPart = read_bin(&path.join("shared.bin"))?;
+    let mut parts = Vec::new();
+    for w in 0..manifest.workers {
+        parts.push(read_bin(&path.join(format!("worker-{w}.bin")))?);
+    }
+    let mut items = Vec::new();
+    for v in 0..shared.samplers.len() {
+        let file = path.join(format!("items-{v}.bin"));
+        items.push(if file.exists() {
+            Some(read_rows(&file)?)
+        } else {
+            None
+        });
+    }
+    Ok(Loaded {
+        manifest,
+        shared,
+        parts,
+        items,
+    })
+}
+
+/// A barrier whose waiters keep stepping their timely worker.
+#[derive(Debug)]
+struct SteppedBarrier {
+    n: usize,
+    count: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl SteppedBarrier {
+    fn new(n: usize) -> Self {
+        Self {
+            n,
+            count: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
+    }
+
+    /// Waits for all `n` workers, calling `idle` meanwhile; `idle` returning false (the
+    /// run is being cancelled) gives up.
+    fn wait(&self, idle: &mut dyn FnMut() -> bool) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.count.store(0, Ordering::Release);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        while self.generation.load(Ordering::Acquire) == generation {
+            if !idle() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug, Default)]
+struct Deposits {
+    positions: BTreeMap<i32, i64>,
+    events: u64,
+    rows: u64,
+    dead: u64,
+    reordered: u64,
+    bytes: u64,
+}
+
+/// What was already counted before this run, from the restored checkpoint.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Carried {
+    pub(crate) rows: u64,
+    pub(crate) dead: u64,
+    pub(crate) reordered: u64,
+    /// Where the restored checkpoint left every partition: a partition this run reads
+    /// nothing from keeps its position.
+    pub(crate) positions: BTreeMap<i32, i64>,
+}
+
+/// Called with each committed manifest (e.g. to commit offsets to the consumer group).
+pub type OnCommit = Box<dyn Fn(&Manifest) + Send + Sync>;
+
+/// The process's checkpoint coordinator, shared by its workers.
+pub struct Checkpointer {
+    settings: CheckpointSettings,
+    workers: usize,
+    requested: Arc<AtomicBool>,
+    pending: AtomicBool,
+    last: Mutex<Instant>,
+    barrier: SteppedBarrier,
+    max_time: AtomicU64,
+    next_id: AtomicU64,
+    deposits: Mutex<Deposits>,
+    started: Mutex<Option<Instant>>,
+    stats: Mutex<CheckpointStats>,
+    carried: Mutex<Carried>,
+    on_commit: Option<OnCommit>,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Checkpointer {
+    /// A coordinator for `workers` workers; creates the directory and clears partial
+    /// checkpoints left by a crash.
+    pub fn new(settings: CheckpointSettings, workers: usize) -> Result<Self> {
+        std::fs::create_dir_all(&settings.dir).map_err(io(&settings.dir))?;
+        let removed = remove_partial(&settings.dir)?;
+        if removed > 0 {
+            tracing::warn!(removed, dir = %settings.dir.display(), "removed partial checkpoints of an earlier crash");
+        }
+        let next_id = list(&settings.dir)?.last().map_or(1, |(id, _)| id + 1);
+        Ok(Self {
+            workers: workers.max(1),
+            requested: Arc::new(AtomicBool::new(false)),
+            pending: AtomicBool::new(false),
+            last: Mutex::new(Instant::now()),
+            barrier: SteppedBarrier::new(workers.max(1)),
+            max_time: AtomicU64::new(0),
+            next_id: AtomicU64::new(next_id),
+            deposits: Mutex::default(),
+            started: Mutex::new(None),
+            stats: Mutex::default(),
+            carried: Mutex::default(),
+            on_commit: None,
+            settings,
+        })
+    }
+
+    /// Calls `f` with every committed manifest.
+    pub fn on_commit(mut self, f: OnCommit) -> Self {
+        self.on_commit = Some(f);
+        self
+    }
+
+    /// The newest complete checkpoint in the directory, loaded.
+    pub fn latest(&self, force: bool) -> Result<Option<Loaded>> {
+        match list(&self.settings.dir)?.last() {
+            Some((_, path)) => load(path, &self.settings.config_hash, force).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The flag a signal handler or admin endpoint sets to ask for a checkpoint.
+    pub fn request_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.requested)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> CheckpointStats {
+        lock(&self.stats).clone()
+    }
+
+    pub(crate) fn restored(&self, manifest: &Manifest) {
+        lock(&self.stats).restored_from = Some(manifest.id);
+        *lock(&self.carried) = Carried {
+            rows: manifest.rows,
+            dead: manifest.dead_letters,
+            reordered: manifest.reordered,
+            positions: manifest.positions.clone(),
+        };
+    }
+
+    pub(crate) fn carried(&self) -> Carried {
+        lock(&self.carried).clone()
+    }
+
+    /// Worker 0, between batches: starts a checkpoint if one is due.
+    pub(crate) fn poll(&self) {
+        let due = self
+            .settings
+            .interval
+            .is_some_and(|i| lock(&self.last).elapsed() >= i);
+        if due || self.requested.swap(false, Ordering::AcqRel) {
+            self.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether workers must join a checkpoint.
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Phase 1: joins with this worker's input time (`None`: input closed); returns the
+    /// cut `T` every worker advances to, or `None` when cancelled.
+    pub(crate) fn join(&self, time: Option<u64>, idle: &mut dyn FnMut() -> bool) -> Option<u64> {
+        lock(&self.started).get_or_insert_with(Instant::now);
+        if let Some(t) = time {
+            self.max_time.fetch_max(t, Ordering::AcqRel);
+        }
+        if !self.barrier.wait(idle) {
+            return None;
+        }
+        Some(self.max_time.load(Ordering::Acquire) + 1)
+    }
+
+    /// Phase 2, once this worker's probe has passed the cut: waits for the others.
+    pub(crate) fn quiesced(&self, idle: &mut dyn FnMut() -> bool) -> bool {
+        self.barrier.wait(idle)
+    }
+
+    fn tmp_dir(&self, id: u64) -> PathBuf {
+        self.settings.dir.join(format!("ckpt-{id}.tmp"))
+    }
+
+    /// Phase 3: each worker writes its part and deposits its counters; worker 0 then
+    /// writes the shared state and commits. Returns false when cancelled.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write(
+        &self,
+        worker: usize,
+        part: &WorkerPart,
+        shared: Option<(&SharedPart, &[Option<Arc<ItemTable>>])>,
+        positions: &BTreeMap<i32, i64>,
+        ingest: (u64, u64, u64),
+        idle: &mut dyn FnMut() -> bool,
+    ) -> Result<bool> {
+        let id = self.next_id.load(Ordering::Acquire);
+        let tmp = self.tmp_dir(id);
+        if worker == 0 {
+            std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        if !self.barrier.wait(idle) {
+            return Ok(false);
+        }
+        let bytes = write_bin(&tmp.join(format!("worker-{worker}.bin")), part)?;
+        tracing::debug!(
+            worker,
+            events = part
+                .variants
+                .first()
+                .map_or(0, |(_, w)| w.values().map(|q| q.events).sum::<u64>()),
+            read = positions.values().sum::<i64>(),
+            ?positions,
+            "checkpoint part written"
+        );
+        {
+            let mut d = lock(&self.deposits);
+            d.positions.extend(positions.iter().map(|(p, o)| (*p, *o)));
+            d.events += part
+                .variants
+                .first()
+                .map_or(0, |(_, w)| w.values().map(|q| q.events).sum::<u64>());
+            d.rows += ingest.0;
+            d.dead += ingest.1;
+            d.reordered += ingest.2;
+            d.bytes += bytes;
+        }
+        if !self.barrier.wait(idle) {
+            return Ok(false);
+        }
+        if worker == 0 {
+            let (shared, tables) =
+                shared.ok_or_else(|| Error::Internal("worker 0 writes the shared state".into()))?;
+            self.commit(id, &tmp, shared, tables)?;
+        }
+        if !self.barrier.wait(idle) {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn commit(
+        &self,
+        id: u64,
+        tmp: &Path,
+        shared: &SharedPart,
+        tables: &[Option<Arc<ItemTable>>],
+    ) -> Result<()> {
+        let mut bytes = write_bin(&tmp.join("shared.bin"), shared)?;
+        for (v, table) in tables.iter().enumerate() {
+            if let Some(table) = table {
+                let rows = table.export(shared.catalogue.len());
+                bytes += write_rows(&tmp.join(format!("items-{v}.bin")), &rows)?;
+            }
+        }
+        let deposits = std::mem::take(&mut *lock(&self.deposits));
+        let carried = self.carried();
+        let mut positions = carried.positions.clone();
+        positions.extend(deposits.positions);
+        let manifest = Manifest {
+            version: FORMAT_VERSION,
+            id,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            config_hash: self.settings.config_hash.clone(),
+            workers: self.workers,
+            positions,
+            watermark_ms: (shared.now_ms != i64::MIN).then_some(shared.now_ms),
+            events: deposits.events,
+            rows: carried.rows + deposits.rows,
+            dead_letters: carried.dead + deposits.dead,
+            reordered: carried.reordered + deposits.reordered,
+            bytes: bytes + deposits.bytes,
+        };
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::Internal(format!("manifest: {e}")))?;
+        let manifest_path = tmp.join("manifest.json");
+        write_file(&manifest_path, |w| {
+            w.write_all(text.as_bytes()).map_err(io(&manifest_path))
+        })?;
+        sync_dir(tmp)?;
+        let done = self.settings.dir.join(format!("ckpt-{id}"));
+        std::fs::rename(tmp, &done).map_err(io(&done))?;
+        sync_dir(&self.settings.dir)?;
+        self.next_id.store(id + 1, Ordering::Release);
+        // Older checkpoints beyond `keep` go; the newest is never touched.
+        let all = list(&self.settings.dir)?;
+        let keep = self.settings.keep.max(1);
+        if all.len() > keep {
+            for (_, path) in &all[..all.len() - keep] {
+                std::fs::remove_dir_all(path).map_err(io(path))?;
+            }
+        }
+        let pause = lock(&self.started)
+            .take()
+            .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
+        {
+            let mut stats = lock(&self.stats);
+            stats.written += 1;
+            stats.last_id = Some(id);
+            stats.last_bytes = manifest.bytes;
+            stats.last_pause_ms = pause;
+            stats.max_pause_ms = stats.max_pause_ms.max(pause);
+        }
+        *lock(&self.last) = Instant::now();
+        self.max_time.store(0, Ordering::Release);
+        self.pending.store(false, Ordering::Release);
+        tracing::info!(
+            id,
+            events = manifest.events,
+            bytes = manifest.bytes,
+            pause_ms = pause,
+            "checkpoint committed"
+        );
+        if let Some(f) = &self.on_commit {
+            f(&manifest);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_skips_partial_and_foreign_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["ckpt-3", "ckpt-12", "ckpt-5.tmp", "other"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(dir.path().join("ckpt-3/manifest.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("ckpt-12/manifest.json"), "{}").unwrap();
+        let ids: Vec<u64> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![3, 12]);
+        assert_eq!(remove_partial(dir.path()).unwrap(), 1);
+        assert!(!dir.path().join("ckpt-5.tmp").exists());
+        let err = read_manifest(&dir.path().join("ckpt-3"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a tidepool checkpoint manifest"), "{err}");
+    }
+
+    #[test]
+    fn rows_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.bin");
+        let rows = vec![1.5f32, -0.0, f32::MAX, 3.25];
+        assert_eq!(write_rows(&path, &rows).unwrap(), 16);
+        assert_eq!(read_rows(&path).unwrap(), rows);
+    }
+
+    #[test]
+    fn the_barrier_releases_all_together() {
+        let b = Arc::new(SteppedBarrier::new(3));
+        let passed = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                let (b, passed) = (Arc::clone(&b), Arc::clone(&passed));
+                s.spawn(move || {
+                    for round in 1..=50 {
+                        assert!(b.wait(&mut || {
+                            std::thread::yield_now();
+                            true
+                        }));
+                        passed.fetch_add(1, Ordering::SeqCst);
+                        // Nobody is more than one round ahead.
+                        assert!(passed.load(Ordering::SeqCst) <= 3 * round + 3);
+                    }
+                });
+            }
+        });
+        assert_eq!(passed.load(Ordering::SeqCst), 150);
+    }
+}
