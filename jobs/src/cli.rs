@@ -39,6 +39,28 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Load events (Parquet, or CSV with --preset) into a Kafka topic as JSON.
     Produce(ProduceArgs),
+    /// Print a user's top items from a checkpoint, scored as the evaluator scores.
+    Recommend(RecommendArgs),
+}
+
+/// Arguments of `tidepool recommend`.
+#[derive(Debug, Clone, Args)]
+pub struct RecommendArgs {
+    /// A checkpoint directory (`ckpt-N`), or a checkpoint root (its newest is used).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// User id.
+    #[arg(long)]
+    pub user: u64,
+    /// How many items.
+    #[arg(short = 'k', long, default_value_t = 10)]
+    pub k: usize,
+    /// Which variant (default: the first).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -340,6 +362,10 @@ pub struct TrainArgs {
     /// Load a checkpoint even if it was written by a different model configuration.
     #[arg(long)]
     pub force_checkpoint: bool,
+    /// Publish changed embedding rows to this topic at every checkpoint (needs
+    /// --checkpoint-dir); key `variant/entity/id`, value JSON.
+    #[arg(long, requires = "checkpoint_dir")]
+    pub publish_topic: Option<String>,
     /// When to stop: never, end (the end offsets at start), idle:DURATION. Default: end
     /// with --brokers embedded, never otherwise.
     #[arg(long, value_parser = parse_stop)]

@@ -26,5 +26,6 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Bench(args) => bench::bench(&args),
         cli::Command::Train(args) => stream::train(&args).map(drop),
         cli::Command::Produce(args) => stream::produce_file(&args).map(drop),
+        cli::Command::Recommend(args) => stream::recommend(&args).map(drop),
     }
 }

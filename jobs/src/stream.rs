@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use tidepool_connector_generator::{Generator, GeneratorConfig};
 use tidepool_connector_kafka::{
-    commit_offsets, produce, Embedded, JsonMapping, KafkaSettings, KafkaSource, StopAt,
+    commit_offsets, produce, Embedded, JsonMapping, KafkaDeltaSink, KafkaSettings, KafkaSource,
+    StopAt,
 };
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource};
 use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
@@ -18,7 +19,7 @@ use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
 use tidepool_samplers::SamplerSpec;
 
-use crate::cli::{KafkaArgs, ProduceArgs, StopWhen, TrainArgs};
+use crate::cli::{KafkaArgs, ProduceArgs, RecommendArgs, StopWhen, TrainArgs};
 use crate::report::{summary_json, summary_table};
 
 /// Default tick of a followed stream: rounds of one minute of event time.
@@ -177,6 +178,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
                     interval: Some(args.checkpoint_interval),
                     keep: args.keep_checkpoints,
                     config_hash: config_hash(&config)?,
+                    config: Some(config.clone()),
                 },
                 config.workers,
             )?
@@ -239,10 +241,24 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         }
         bar
     };
+    let deltas: Option<Arc<dyn tidepool_pipeline::delta::DeltaSink>> = match &args.publish_topic {
+        Some(topic) => {
+            if let Some(cluster) = &embedded {
+                cluster.create_topic(topic, args.kafka.partitions)?;
+            }
+            let delta_settings = KafkaSettings {
+                topic: topic.clone(),
+                ..args.kafka.settings(&brokers)
+            };
+            Some(Arc::new(KafkaDeltaSink::new(&delta_settings)?))
+        }
+        None => None,
+    };
     let options = RunOptions {
         gc,
         checkpoints,
         restore,
+        deltas,
     };
     let report = run_dataflow(
         Arc::new(source),
@@ -345,6 +361,41 @@ pub fn produce_file(args: &ProduceArgs) -> anyhow::Result<u64> {
         report.messages as f64 / report.seconds.max(1e-9)
     );
     Ok(report.messages)
+}
+
+/// Runs `tidepool recommend`: prints the user's top items, or fails for a user the
+/// checkpoint does not hold.
+pub fn recommend(
+    args: &RecommendArgs,
+) -> anyhow::Result<Vec<tidepool_operators::serve::Recommendation>> {
+    use tidepool_operators::checkpoint;
+    let path = if args.checkpoint.join("manifest.json").exists() {
+        args.checkpoint.clone()
+    } else {
+        checkpoint::list(&args.checkpoint)?
+            .pop()
+            .map(|(_, p)| p)
+            .with_context(|| format!("no checkpoint in {}", args.checkpoint.display()))?
+    };
+    let manifest = checkpoint::read_manifest(&path)?;
+    let loaded = checkpoint::load(&path, &manifest.config_hash, false)?;
+    let mut rec = tidepool_operators::serve::Recommender::new(&loaded)?;
+    let Some(items) = rec.recommend(args.variant.as_deref(), args.user, args.k)? else {
+        bail!(
+            "user {} is not in checkpoint {} (never seen, or evicted past its TTL)",
+            args.user,
+            path.display()
+        );
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&items)?);
+    } else {
+        println!("{:>4} {:>20} {:>12}", "rank", "item", "score");
+        for (i, r) in items.iter().enumerate() {
+            println!("{:>4} {:>20} {:>12.6}", i + 1, r.item, r.score);
+        }
+    }
+    Ok(items)
 }
 
 #[cfg(test)]

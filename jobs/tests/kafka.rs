@@ -84,10 +84,12 @@ fn ok(out: Output) -> Output {
 }
 
 /// Produce N, train: all N trained and counted, and BPR beats most-popular on the
-/// stream's prequential recall.
+/// stream's prequential recall; every trained user's row is published as a delta, and
+/// `recommend` reads the checkpoint back.
 #[test]
 fn train_follows_the_topic_and_beats_mostpop() {
-    let (_cluster, settings) = cluster("events");
+    let (cluster, settings) = cluster("events");
+    cluster.create_topic("deltas", 2).unwrap();
     let n = 60_000;
     produce(&settings, events(n), None, &|_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tidepool_pipeline::dead_letter::DeadLetterSink;
+use tidepool_pipeline::delta::DeltaSink;
 use tidepool_pipeline::memory::collector::{CycleTicket, Freed, GcController, GcStats};
 use tidepool_pipeline::{Error, Event, EventSource, Quality, Result};
 use timely::container::CapacityContainerBuilder;
@@ -242,6 +243,7 @@ pub fn run_backtest_with(
         gc,
         checkpoints: None,
         restore: None,
+        deltas: None,
     };
     run_dataflow(source, config, dead, options, progress)
 }
@@ -255,6 +257,9 @@ pub struct RunOptions {
     pub checkpoints: Option<Arc<Checkpointer>>,
     /// State to start from.
     pub restore: Option<Arc<Loaded>>,
+    /// Where changed embedding rows go at every checkpoint (before it commits, so a
+    /// crash republishes rather than loses them).
+    pub deltas: Option<Arc<dyn DeltaSink>>,
 }
 
 /// The dataflow behind every command: replays or follows `source`, scoring then
@@ -273,6 +278,7 @@ pub fn run_dataflow(
         gc,
         checkpoints,
         restore,
+        deltas,
     } = options;
     let info = source.info();
     let rows = info.rows.unwrap_or(0);
@@ -346,6 +352,7 @@ pub fn run_dataflow(
         let gc = Arc::clone(&gc);
         let checkpoints = checkpoints.clone();
         let tables = tables.clone();
+        let deltas = deltas.clone();
         let mut timely_config = timely::Config::process(config.workers);
         differential_dataflow::configure(
             &mut timely_config.worker,
@@ -478,7 +485,17 @@ pub fn run_dataflow(
                 if !flushed || !cp.pending() {
                     return Ok(());
                 }
-                take_checkpoint(worker, input, stats, cp, &learner, &probe, &tables, &cancel)
+                take_checkpoint(
+                    worker,
+                    input,
+                    stats,
+                    cp,
+                    &learner,
+                    &probe,
+                    &tables,
+                    &cancel,
+                    deltas.as_deref(),
+                )
             };
             let must_flush = || {
                 checkpoints.as_ref().is_some_and(|cp| {
@@ -522,7 +539,15 @@ pub fn run_dataflow(
             if let (Some(cp), true) = (&checkpoints, ingest.is_ok() && drained.is_ok()) {
                 if !cancel.load(Ordering::Relaxed) {
                     drained = take_checkpoint(
-                        worker, None, &stats, cp, &learner, &probe, &tables, &cancel,
+                        worker,
+                        None,
+                        &stats,
+                        cp,
+                        &learner,
+                        &probe,
+                        &tables,
+                        &cancel,
+                        deltas.as_deref(),
                     );
                 }
             }
@@ -590,6 +615,7 @@ fn take_checkpoint(
     probe: &ProbeHandle<u64>,
     tables: &[Option<Arc<crate::item_table::ItemTable>>],
     cancel: &AtomicBool,
+    deltas: Option<&dyn DeltaSink>,
 ) -> Result<()> {
     let cancelled = || Error::Internal("checkpoint abandoned: another worker failed".into());
     let index = worker.index();
@@ -610,13 +636,17 @@ fn take_checkpoint(
     if !cp.quiesced(&mut idle) {
         return Err(cancelled());
     }
-    let (part, shared) = {
-        let l = learner.borrow();
+    let (part, shared, changed) = {
+        let mut l = learner.borrow_mut();
         let l = l
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Error::Internal("learner gone before the checkpoint".into()))?;
-        (l.part(), (index == 0).then(|| l.shared()))
+        let changed = deltas.map(|_| l.take_deltas(cp.next_id(), index == 0));
+        (l.part(), (index == 0).then(|| l.shared()), changed)
     };
+    if let (Some(sink), Some(changed)) = (deltas, changed) {
+        sink.publish(&changed)?;
+    }
     let written = cp.write(
         index,
         &part,

@@ -71,6 +71,10 @@ pub struct Manifest {
     pub reordered: u64,
     /// Bytes of the state files.
     pub bytes: u64,
+    /// The configuration that wrote it (what `tidepool recommend` rebuilds the models
+    /// from).
+    #[serde(default)]
+    pub config: Option<crate::config::BacktestConfig>,
 }
 
 /// Where and how often to checkpoint.
@@ -84,6 +88,8 @@ pub struct CheckpointSettings {
     pub keep: usize,
     /// See [`Manifest::config_hash`].
     pub config_hash: String,
+    /// The run's configuration, stored in the manifest.
+    pub config: Option<crate::config::BacktestConfig>,
 }
 
 /// Counters for the summary.
@@ -419,6 +425,11 @@ impl Checkpointer {
         };
     }
 
+    /// The id the next checkpoint will get.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Acquire)
+    }
+
     pub(crate) fn carried(&self) -> Carried {
         lock(&self.carried).clone()
     }
@@ -551,6 +562,7 @@ impl Checkpointer {
             dead_letters: carried.dead + deposits.dead,
             reordered: carried.reordered + deposits.reordered,
             bytes: bytes + deposits.bytes,
+            config: self.settings.config.clone(),
         };
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::Internal(format!("manifest: {e}")))?;

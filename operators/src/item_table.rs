@@ -90,6 +90,8 @@ impl RowLayout {
 struct Chunk {
     values: Box<[AtomicU32]>,
     states: Box<[AtomicU8]>,
+    /// Rows written since the last delta publication.
+    dirty: Box<[std::sync::atomic::AtomicBool]>,
 }
 
 impl Chunk {
@@ -99,6 +101,9 @@ impl Chunk {
                 .map(|_| AtomicU32::new(0))
                 .collect(),
             states: (0..CHUNK_ROWS).map(|_| AtomicU8::new(EMPTY)).collect(),
+            dirty: (0..CHUNK_ROWS)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         }
     }
 }
@@ -174,6 +179,34 @@ impl ItemTable {
         out
     }
 
+    /// The embedding (and bias) of every row written since the last call, among items
+    /// `0..n`, clearing the marks: `(dense item, dim values, bias)`.
+    pub(crate) fn take_dirty(&self, n: usize) -> Vec<(u32, Vec<f32>, f32)> {
+        let stride = self.layout.stride();
+        let dim = self.layout.dim;
+        let mut out = Vec::new();
+        for (c, chunk) in self.chunk_list().iter().enumerate() {
+            let Some(chunk) = chunk else { continue };
+            for r in 0..CHUNK_ROWS {
+                let item = c * CHUNK_ROWS + r;
+                if item >= n {
+                    break;
+                }
+                if !chunk.dirty[r].swap(false, Ordering::AcqRel) {
+                    continue;
+                }
+                let row = &chunk.values[r * stride..(r + 1) * stride];
+                let v: Vec<f32> = row[..dim]
+                    .iter()
+                    .map(|x| f32::from_bits(x.load(Ordering::Relaxed)))
+                    .collect();
+                let bias = f32::from_bits(row[dim].load(Ordering::Relaxed));
+                out.push((item as u32, v, bias));
+            }
+        }
+        out
+    }
+
     /// Loads rows exported by [`ItemTable::export`] into a fresh table; rows marked
     /// dead in `alive` stay unallocated.
     pub fn import(&self, rows: &[f32], alive: &[bool]) {
@@ -229,6 +262,10 @@ impl ItemRows {
 
     pub(crate) fn layout(&self) -> RowLayout {
         self.table.layout
+    }
+
+    pub(crate) fn table(&self) -> &Arc<ItemTable> {
+        &self.table
     }
 
     /// Makes sure chunk `chunk` is cached, creating it in the table if needed, and
@@ -359,6 +396,8 @@ impl ItemRows {
         for (slot, v) in row.iter().zip(values) {
             slot.store(v.to_bits(), Ordering::Relaxed);
         }
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        self.chunk(c).dirty[r].store(true, Ordering::Release);
     }
 
     /// Scores `p` against items `0..alive.len()`: `out[i] = p · q_i (+ b_i)`, and

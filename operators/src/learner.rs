@@ -15,6 +15,7 @@ use std::sync::Arc;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::SeedableRng;
 use serde::Serialize;
+use tidepool_pipeline::delta::{Entity, ModelDelta};
 use tidepool_pipeline::memory::collector::Freed;
 use tidepool_pipeline::{Event, Quality};
 use tidepool_samplers::{AnySampler, Negative, Refresh, Sampler, SamplerSpec};
@@ -346,6 +347,75 @@ impl Learner {
             }
             self.users.absorb(part.users);
         }
+    }
+
+    /// The `k` best items for `user` under variant `variant`, with the evaluator's
+    /// scoring and tie rule (earlier first appearance wins), the user's known items and
+    /// expired items left out. `None` when the user is not held (never seen, or evicted).
+    pub(crate) fn top_k(&mut self, variant: usize, user: u64, k: usize) -> Option<Vec<(u64, f32)>> {
+        let dense = self.users.lookup(user)?;
+        let v = self.variants.get_mut(variant)?;
+        let mut scores = Vec::new();
+        match &mut v.model {
+            Model::MostPop => scores.extend(self.catalogue.counts().iter().map(|&c| c as f32)),
+            Model::Bpr(m) => m.score_all(dense, self.catalogue.alive(), &mut scores),
+        }
+        let history = self.users.history(dense);
+        let mut ranked: Vec<(u32, f32)> = scores
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                let i = *i as u32;
+                s.is_finite() && self.catalogue.is_alive(i) && !history.contains(&i)
+            })
+            .map(|(i, s)| (i as u32, *s))
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(k);
+        Some(
+            ranked
+                .into_iter()
+                .map(|(i, s)| (self.catalogue.id(i), s))
+                .collect(),
+        )
+    }
+
+    /// Rows changed since the last call: this worker's users, and (when `items`) the
+    /// shared item tables, which one worker publishes for all.
+    pub(crate) fn take_deltas(&mut self, checkpoint: u64, items: bool) -> Vec<ModelDelta> {
+        let mut out = Vec::new();
+        for v in &mut self.variants {
+            let Model::Bpr(m) = &mut v.model else {
+                continue;
+            };
+            for (dense, vector) in m.take_dirty_users() {
+                out.push(ModelDelta {
+                    variant: v.name.clone(),
+                    entity: Entity::User,
+                    id: self.users.id(dense),
+                    vector,
+                    bias: None,
+                    checkpoint,
+                });
+            }
+            if items {
+                let bias = m.has_item_bias();
+                for (dense, vector, b) in m.table().take_dirty(self.catalogue.len()) {
+                    if !self.catalogue.is_alive(dense) {
+                        continue;
+                    }
+                    out.push(ModelDelta {
+                        variant: v.name.clone(),
+                        entity: Entity::Item,
+                        id: self.catalogue.id(dense),
+                        vector,
+                        bias: bias.then_some(b),
+                        checkpoint,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Approximate heap bytes of this worker's user state (histories and user rows).

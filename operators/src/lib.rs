@@ -22,6 +22,7 @@ mod item_table;
 mod learner;
 mod model;
 mod popularity;
+pub mod serve;
 mod state;
 
 pub use backtest::{

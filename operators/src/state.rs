@@ -94,7 +94,6 @@ impl ItemCatalogue {
     }
 
     /// The raw id of a dense index.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn id(&self, dense: u32) -> u64 {
         self.ids[dense as usize]
     }
@@ -155,6 +154,16 @@ impl Users {
         let d = dense as usize;
         self.last_seen[d] = self.last_seen[d].max(ts);
         dense
+    }
+
+    /// The raw id of a dense user.
+    pub(crate) fn id(&self, dense: u32) -> u64 {
+        self.ids[dense as usize]
+    }
+
+    /// The dense index of a user held now.
+    pub(crate) fn lookup(&self, id: u64) -> Option<u32> {
+        self.index.get(&id).copied()
     }
 
     #[inline]

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod dead_letter;
+pub mod delta;
 pub mod error;
 pub mod event;
 pub mod memory;

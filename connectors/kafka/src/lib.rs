@@ -25,7 +25,7 @@ use tidepool_pipeline::{Error, Result};
 
 pub use embedded::Embedded;
 pub use json::{encode, Decoded, JsonMapping, TimeUnit, DEFAULT_MAX_BYTES};
-pub use produce::{produce, ProduceReport, Producer};
+pub use produce::{produce, KafkaDeltaSink, ProduceReport, Producer};
 pub use source::{KafkaCounters, KafkaSource, StopAt};
 
 /// Where to connect and how.
@@ -144,6 +144,57 @@ pub fn commit_offsets(settings: &KafkaSettings, positions: &BTreeMap<i32, i64>) 
     consumer
         .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
         .map_err(|e| source::kafka_error("committing offsets", e))
+}
+
+/// Every message of a topic, from the beginning to the end offsets it has now, as
+/// `(key, payload)`: for tools and tests that inspect a small topic (model deltas).
+pub fn read_topic(settings: &KafkaSettings) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = settings
+        .client_config()
+        .set("group.id", "tidepool-read-topic")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| source::kafka_error("creating a reader", e))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut end = BTreeMap::new();
+    for p in settings.partitions()? {
+        let (low, high) = consumer
+            .fetch_watermarks(&settings.topic, p, Duration::from_secs(10))
+            .map_err(|e| source::kafka_error("reading offsets", e))?;
+        if high > low {
+            end.insert(p, high);
+            tpl.add_partition_offset(&settings.topic, p, rdkafka::Offset::Offset(low))
+                .map_err(|e| source::kafka_error("assigning", e))?;
+        }
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| source::kafka_error("assigning", e))?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !end.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::connector("kafka: reading a topic", "timed out"));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push((
+                    m.key().unwrap_or_default().to_vec(),
+                    m.payload().unwrap_or_default().to_vec(),
+                ));
+                if end
+                    .get(&m.partition())
+                    .is_some_and(|h| m.offset() + 1 >= *h)
+                {
+                    end.remove(&m.partition());
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "kafka read error; retrying"),
+            None => {}
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -166,3 +166,35 @@ pub fn produce(
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+
+/// Model deltas to a topic: key `variant/entity/id`, value the delta as JSON (see
+/// [`tidepool_pipeline::delta::ModelDelta`]); on a compacted topic the last value per key
+/// is the current model. Each publication waits for the brokers' acknowledgements.
+#[derive(Debug)]
+pub struct KafkaDeltaSink {
+    producer: Mutex<Producer>,
+}
+
+impl KafkaDeltaSink {
+    /// A sink producing to `settings.topic`.
+    pub fn new(settings: &KafkaSettings) -> Result<Self> {
+        Ok(Self {
+            producer: Mutex::new(Producer::new(settings)?),
+        })
+    }
+}
+
+impl tidepool_pipeline::delta::DeltaSink for KafkaDeltaSink {
+    fn publish(&self, deltas: &[tidepool_pipeline::delta::ModelDelta]) -> Result<()> {
+        let mut producer = self
+            .producer
+            .lock()
+            .map_err(|_| Error::Internal("delta producer lock poisoned".into()))?;
+        for d in deltas {
+            let value = serde_json::to_vec(d)
+                .map_err(|e| Error::Internal(format!("encoding a delta: {e}")))?;
+            producer.send(d.key().as_bytes(), &value)?;
+        }
+        producer.flush(Duration::from_secs(60)).map(drop)
+    }
+}

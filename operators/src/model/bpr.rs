@@ -150,6 +150,8 @@ pub(crate) struct Bpr {
     items: ItemRows,
     /// Row-major user rows, `layout.stride()` values each, indexed by dense user index.
     users: Vec<f32>,
+    /// Users trained since the last delta publication, by dense index.
+    dirty: Vec<bool>,
     qi: Vec<f32>,
     qj: Vec<f32>,
 }
@@ -164,6 +166,7 @@ impl Bpr {
             layout,
             items,
             users: Vec::new(),
+            dirty: Vec::new(),
             qi: vec![0.0; stride],
             qj: vec![0.0; stride],
             cfg,
@@ -221,7 +224,39 @@ impl Bpr {
         }
         self.users.truncate(kept * stride);
         self.users.shrink_to_fit();
+        let mut dirty = vec![false; kept];
+        for (old, new) in remap.iter().enumerate() {
+            if let (Some(new), Some(true)) = (new, self.dirty.get(old)) {
+                dirty[*new as usize] = true;
+            }
+        }
+        self.dirty = dirty;
         (before.saturating_sub(self.users.capacity()) * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// The embeddings of users trained since the last call, clearing the marks.
+    pub(crate) fn take_dirty_users(&mut self) -> Vec<(u32, Vec<f32>)> {
+        let (dim, stride) = (self.layout.dim, self.layout.stride());
+        let mut out = Vec::new();
+        for (u, d) in self.dirty.iter_mut().enumerate() {
+            if std::mem::take(d) {
+                let start = u * stride;
+                if let Some(row) = self.users.get(start..start + dim) {
+                    out.push((u as u32, row.to_vec()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether items carry a bias term.
+    pub(crate) fn has_item_bias(&self) -> bool {
+        self.cfg.item_bias
+    }
+
+    /// The shared item table.
+    pub(crate) fn table(&self) -> &Arc<ItemTable> {
+        self.items.table()
     }
 
     /// The user rows, `stride` values per dense user.
@@ -268,6 +303,10 @@ impl Bpr {
         let (dim, stride) = (self.layout.dim, self.layout.stride());
         let (lr, reg, bias) = (self.cfg.lr, self.cfg.reg, self.cfg.item_bias);
         let start = user as usize * stride;
+        if self.dirty.len() <= user as usize {
+            self.dirty.resize(user as usize + 1, false);
+        }
+        self.dirty[user as usize] = true;
         // Rows are [embedding, bias | accumulators]; with SGD the second half is empty.
         let (p, pacc) = self.users[start..start + stride].split_at_mut(dim + 1);
         self.items.load(pos, &mut self.qi);

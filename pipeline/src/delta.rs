@@ -1,0 +1,60 @@
+//! Model deltas: embedding rows that changed, handed to serving.
+//!
+//! Deltas are published at every checkpoint, so what serving sees is always a state the
+//! model can restart from. Keys are `variant/entity/id`: on a compacted Kafka topic the
+//! last value per key wins and the topic holds the whole model.
+
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// Which table a row belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Entity {
+    /// A user embedding.
+    User,
+    /// An item embedding.
+    Item,
+}
+
+impl Entity {
+    /// `user` or `item`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entity::User => "user",
+            Entity::Item => "item",
+        }
+    }
+}
+
+/// One changed row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelDelta {
+    /// Variant name.
+    pub variant: String,
+    /// User or item.
+    pub entity: Entity,
+    /// Raw id.
+    pub id: u64,
+    /// The embedding (without optimiser state).
+    pub vector: Vec<f32>,
+    /// The item bias (items of models with a bias only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias: Option<f32>,
+    /// The checkpoint this row belongs to.
+    pub checkpoint: u64,
+}
+
+impl ModelDelta {
+    /// The message key: `variant/entity/id`.
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.variant, self.entity.name(), self.id)
+    }
+}
+
+/// Somewhere deltas go (a Kafka topic, files). Shared by all workers.
+pub trait DeltaSink: Send + Sync + std::fmt::Debug {
+    /// Publishes deltas and returns once they are durable (acknowledged).
+    fn publish(&self, deltas: &[ModelDelta]) -> Result<()>;
+}
