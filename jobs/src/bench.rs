@@ -222,10 +222,142 @@ fn gc_soak(args: &BenchArgs) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(runs)
 }
 
+/// The Kafka path: produce into an embedded cluster, then train from it (2 workers,
+/// most-popular and BPR, evaluation off, a checkpoint every 5 s and at the end); and the
+/// checkpoint cost for 1 M users x 64 dims.
+fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    use tidepool_connector_kafka::{
+        produce, Embedded, JsonMapping, KafkaSettings, KafkaSource, StopAt,
+    };
+    use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
+    use tidepool_operators::{run_dataflow, RunOptions};
+    use tidepool_pipeline::memory::collector::GcController;
+
+    let n = args.kafka_events;
+    // The mock cluster keeps a bounded log per partition (about 57 k small messages):
+    // enough partitions that nothing is dropped before it is read.
+    let partitions = (n / 40_000).clamp(4, 256) as i32;
+    let cluster = Embedded::start(1)?;
+    cluster.create_topic("bench", partitions)?;
+    let settings = KafkaSettings {
+        brokers: cluster.bootstrap(),
+        topic: "bench".into(),
+        group: "bench".into(),
+        ..KafkaSettings::default()
+    };
+    let cfg = GeneratorConfig {
+        events: n,
+        users: (n / 50).max(1000),
+        items: (n / 500).max(1000),
+        ..GeneratorConfig::default()
+    };
+    let events = crate::stream::generated_events(cfg)?;
+    let produced = produce(&settings, events, None, &|_| {})?;
+    eprintln!(
+        "produced {} events in {:.1}s ({:.0}/s) into {partitions} partitions",
+        produced.messages,
+        produced.seconds,
+        produced.messages as f64 / produced.seconds
+    );
+    let mut rows = Vec::new();
+    for model in [ModelKind::Mostpop, ModelKind::Bpr] {
+        let dir = tempfile::tempdir()?;
+        let mut config = BacktestConfig {
+            workers: 2,
+            tick_ms: Some(60_000),
+            allowed_lateness_ms: 300_000,
+            ..BacktestConfig::default()
+        };
+        config.eval.eval_every = 0;
+        config.variants[0].model.kind = model;
+        config.variants[0].name = model.name().into();
+        let cp = Arc::new(Checkpointer::new(
+            CheckpointSettings {
+                dir: dir.path().to_path_buf(),
+                interval: Some(std::time::Duration::from_secs(5)),
+                keep: 2,
+                config_hash: crate::stream::config_hash(&config)?,
+                config: Some(config.clone()),
+            },
+            2,
+        )?);
+        let dead = Arc::new(MemoryDeadLetters::new(0));
+        let source = KafkaSource::new(
+            KafkaSettings {
+                group: format!("bench-{}", model.name()),
+                ..settings.clone()
+            },
+            JsonMapping::default(),
+            Arc::clone(&dead) as Arc<dyn tidepool_pipeline::DeadLetterSink>,
+        )?
+        .stop_at(StopAt::End);
+        let options = RunOptions {
+            gc: Arc::new(GcController::new(config.gc.clone(), 2)),
+            checkpoints: Some(Arc::clone(&cp)),
+            restore: None,
+            deltas: None,
+        };
+        let report = run_dataflow(Arc::new(source), &config, dead, options, &|_| {})?;
+        let stats = cp.stats();
+        eprintln!(
+            "kafka -> train ({}): {} events in {:.2}s = {:.0} events/s; {} checkpoints, last {} bytes, max pause {:.1} ms",
+            model.name(),
+            report.events,
+            report.seconds,
+            report.events_per_sec(),
+            stats.written,
+            stats.last_bytes,
+            stats.max_pause_ms
+        );
+        rows.push(json!({
+            "model": model.name(), "events": report.events, "seconds": report.seconds,
+            "events_per_sec": report.events_per_sec(), "checkpoints": stats.written,
+            "checkpoint_bytes": stats.last_bytes, "checkpoint_max_pause_ms": stats.max_pause_ms,
+        }));
+    }
+    let dir = tempfile::tempdir()?;
+    let (secs, bytes) = tidepool_operators::checkpoint::bench_user_part(dir.path(), 1_000_000, 64)?;
+    eprintln!("checkpoint of 1 M users x 64 dims (Adagrad): {bytes} bytes in {secs:.2}s");
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>14}",
+        "model", "events", "events/s", "checkpoints", "max pause ms"
+    );
+    for r in &rows {
+        println!(
+            "{:<10} {:>12} {:>12.0} {:>12} {:>14.1}",
+            r["model"].as_str().unwrap_or(""),
+            r["events"].as_u64().unwrap_or(0),
+            r["events_per_sec"].as_f64().unwrap_or(0.0),
+            r["checkpoints"].as_u64().unwrap_or(0),
+            r["checkpoint_max_pause_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!(
+        "produce: {:.0} events/s; checkpoint of 1 M users x 64 dims: {:.1} MB in {secs:.2}s",
+        produced.messages as f64 / produced.seconds,
+        bytes as f64 / 1e6
+    );
+    Ok(json!({
+        "produce_events_per_sec": produced.messages as f64 / produced.seconds,
+        "train": rows,
+        "checkpoint_1m_users_64d": { "seconds": secs, "bytes": bytes },
+    }))
+}
+
 /// Runs the benchmark and prints a table (and JSON with `--json`).
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; run `cargo run --release -p tidepool-jobs -- bench` for real figures");
+    }
+    if args.kafka {
+        let result = kafka_bench(args)?;
+        if let Some(path) = &args.json {
+            std::fs::write(
+                path,
+                serde_json::to_string_pretty(&json!({ "kafka": result }))?,
+            )?;
+        }
+        return Ok(());
     }
     if args.gc {
         let runs = gc_soak(args)?;

@@ -515,6 +515,13 @@ pub struct BenchArgs {
     /// GC soak: workers per run.
     #[arg(long, default_value_t = 2)]
     pub gc_workers: usize,
+    /// Run the Kafka benchmark instead: produce into the embedded cluster, train with
+    /// checkpoints on, and the cost of checkpointing 1 M users x 64 dims.
+    #[arg(long)]
+    pub kafka: bool,
+    /// Kafka benchmark: events produced and trained.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub kafka_events: u64,
     /// GC soak: write each run's heap plot into DIR/gc-<percent>[-limit]/heap.svg.
     #[arg(long, value_name = "DIR")]
     pub gc_report: Option<PathBuf>,

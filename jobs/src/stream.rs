@@ -104,7 +104,9 @@ fn embedded_demo(args: &TrainArgs) -> anyhow::Result<Embedded> {
 }
 
 /// The events of a generated stream, in order.
-fn generated_events(cfg: GeneratorConfig) -> anyhow::Result<impl Iterator<Item = Event>> {
+pub(crate) fn generated_events(
+    cfg: GeneratorConfig,
+) -> anyhow::Result<impl Iterator<Item = Event>> {
     let generator = Generator::new(cfg)?;
     Ok(generator.flat_map(|batch| {
         let origin = tidepool_pipeline::BatchOrigin {

@@ -611,6 +611,31 @@ impl Checkpointer {
     }
 }
 
+/// Writes (and fsyncs) the user part a worker holding `users` users with `dim`-dimensional
+/// Adagrad rows and a one-item history each would write, into `dir`; returns `(seconds,
+/// bytes)`. For the benchmark of what a checkpoint costs at scale.
+pub fn bench_user_part(dir: &Path, users: usize, dim: usize) -> Result<(f64, u64)> {
+    let mut part_users = crate::state::Users::default();
+    for u in 0..users as u64 {
+        let d = part_users.get_or_insert(u, 0);
+        part_users.remember(d, (u % 1000) as u32);
+    }
+    let stride = 2 * (dim + 1);
+    let rows: Vec<f32> = (0..users * stride)
+        .map(|i| (i % 97) as f32 * 0.01)
+        .collect();
+    let part = WorkerPart {
+        worker: 0,
+        users: part_users,
+        variants: vec![(rows, BTreeMap::new())],
+        sampler_shortfalls: 0,
+    };
+    let started = Instant::now();
+    let bytes = write_bin(&dir.join("worker-0.bin"), &part)?;
+    sync_dir(dir)?;
+    Ok((started.elapsed().as_secs_f64(), bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
