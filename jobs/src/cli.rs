@@ -362,6 +362,10 @@ pub struct TrainArgs {
     /// Load a checkpoint even if it was written by a different model configuration.
     #[arg(long)]
     pub force_checkpoint: bool,
+    /// Send dead letters to this topic (JSON, keyed by the record's location) instead of
+    /// --dead-letters or memory.
+    #[arg(long)]
+    pub dead_letter_topic: Option<String>,
     /// Publish changed embedding rows to this topic at every checkpoint (needs
     /// --checkpoint-dir); key `variant/entity/id`, value JSON.
     #[arg(long, requires = "checkpoint_dir")]

@@ -164,9 +164,20 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         None if embedded.is_some() => StopAt::End,
         None => StopAt::Never,
     };
-    let dead: Arc<dyn DeadLetterSink> = match &args.run.dead_letters {
-        Some(path) => Arc::new(JsonlDeadLetters::new(path)),
-        None => Arc::new(MemoryDeadLetters::new(5)),
+    let dead: Arc<dyn DeadLetterSink> = match (&args.dead_letter_topic, &args.run.dead_letters) {
+        (Some(topic), _) => {
+            if let Some(cluster) = &embedded {
+                cluster.create_topic(topic, 1)?;
+            }
+            Arc::new(tidepool_connector_kafka::KafkaDeadLetters::new(
+                &KafkaSettings {
+                    topic: topic.clone(),
+                    ..args.kafka.settings(&brokers)
+                },
+            )?)
+        }
+        (None, Some(path)) => Arc::new(JsonlDeadLetters::new(path)),
+        (None, None) => Arc::new(MemoryDeadLetters::new(5)),
     };
     let pool = args.run.pool();
     let gc = Arc::new(GcController::new(config.gc.clone(), config.workers).with_pool(pool.clone()));

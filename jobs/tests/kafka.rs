@@ -131,7 +131,7 @@ fn train_follows_the_topic_and_beats_mostpop() {
 /// one trained, every bad one a dead letter with its reason, counters exact.
 #[test]
 fn bad_records_become_dead_letters_and_good_ones_train() {
-    let (_cluster, settings) = cluster("mixed");
+    let (cluster, settings) = cluster("mixed");
     let good = events(5_000);
     let big = format!(
         r#"{{"user_id":1,"item_id":2,"ts":3,"pad":"{}"}}"#,
@@ -188,11 +188,40 @@ fn bad_records_become_dead_letters_and_good_ones_train() {
     assert_eq!(s["kafka"]["dead_letters"], bad_sent, "{s}");
     assert_eq!(s["dead_letters"], bad_sent, "{s}");
     let letters = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
-    let letters: Vec<serde_json::Value> = letters
+    let mut letters: Vec<serde_json::Value> = letters
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(letters.len() as u64, bad_sent);
+
+    // The same run with the dead letters on a topic.
+    cluster.create_topic("dlq", 1).unwrap();
+    ok(finish(
+        &mut train(
+            &settings.brokers,
+            dir.path(),
+            &[
+                "--topic",
+                "mixed",
+                "--model",
+                "mostpop",
+                "--dead-letter-topic",
+                "dlq",
+            ],
+        ),
+        Duration::from_secs(120),
+    ));
+    let on_topic = tidepool_connector_kafka::read_topic(&KafkaSettings {
+        topic: "dlq".into(),
+        ..settings.clone()
+    })
+    .unwrap();
+    assert_eq!(on_topic.len() as u64, bad_sent);
+    letters.extend(
+        on_topic
+            .iter()
+            .map(|(_, v)| serde_json::from_slice(v).unwrap()),
+    );
     for l in &letters {
         let reason = l["reason"].as_str().unwrap();
         assert!(

@@ -198,3 +198,46 @@ impl tidepool_pipeline::delta::DeltaSink for KafkaDeltaSink {
         producer.flush(Duration::from_secs(60)).map(drop)
     }
 }
+
+/// Dead letters to a topic: key the record's location (`topic/partition@offset`), value
+/// the dead letter as JSON (`location`, `reason`, `raw`). Counted like every sink.
+#[derive(Debug)]
+pub struct KafkaDeadLetters {
+    producer: Mutex<Producer>,
+    count: AtomicU64,
+}
+
+impl KafkaDeadLetters {
+    /// A sink producing to `settings.topic`.
+    pub fn new(settings: &KafkaSettings) -> Result<Self> {
+        Ok(Self {
+            producer: Mutex::new(Producer::new(settings)?),
+            count: AtomicU64::new(0),
+        })
+    }
+}
+
+impl tidepool_pipeline::DeadLetterSink for KafkaDeadLetters {
+    fn send(&self, letter: tidepool_pipeline::DeadLetter) -> Result<()> {
+        let value = serde_json::to_vec(&letter)
+            .map_err(|e| Error::Internal(format!("encoding a dead letter: {e}")))?;
+        self.producer
+            .lock()
+            .map_err(|_| Error::Internal("dead-letter producer lock poisoned".into()))?
+            .send(letter.location.as_bytes(), &value)?;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.producer
+            .lock()
+            .map_err(|_| Error::Internal("dead-letter producer lock poisoned".into()))?
+            .flush(Duration::from_secs(60))
+            .map(drop)
+    }
+}
