@@ -41,6 +41,11 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print a user's top items from a checkpoint, scored as the evaluator scores.
     Recommend(RecommendArgs),
+    /// Run a job file (TOML): source, models, evaluation, pool, gc, state, checkpoints,
+    /// outputs.
+    Run(crate::job::JobArgs),
+    /// Check a job file without running it.
+    Validate(crate::job::JobArgs),
 }
 
 /// Arguments of `tidepool recommend`.

@@ -5,6 +5,7 @@
 //! - [`bench`]: `tidepool bench`, throughput measurements.
 //! - [`report`]: summary table, summary JSON, per-window metrics files.
 //! - [`stream`]: `train` (Kafka, checkpoints) and `produce`.
+//! - [`job`]: job files (`run`, `validate`).
 //! - [`plot`]: charts for report directories (plotters, SVG).
 
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod job;
 pub mod plot;
 pub mod report;
 pub mod stream;
@@ -27,5 +29,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Train(args) => stream::train(&args).map(drop),
         cli::Command::Produce(args) => stream::produce_file(&args).map(drop),
         cli::Command::Recommend(args) => stream::recommend(&args).map(drop),
+        cli::Command::Run(args) => job::run(&args.job),
+        cli::Command::Validate(args) => job::validate(&args.job),
     }
 }

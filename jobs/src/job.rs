@@ -1,0 +1,650 @@
+//! Job files: `tidepool run JOB.toml` and `tidepool validate JOB.toml`.
+//!
+//! A job file sets the same settings as the command line, under the same names and with
+//! the same defaults: it is read into the subcommand's own arguments (a generated or
+//! Parquet source runs as `backtest`, a Kafka source as `train`), starting from the
+//! command line's defaults, so there is one set of names, defaults and checks. Unknown
+//! keys are errors; every error names `file:line:column` and, for a bad value, the valid
+//! forms.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::cli::{Cli, Command};
+
+/// `[source]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// `generator`, `parquet` or `kafka`.
+    pub kind: String,
+    /// Parquet: files, directories or globs (relative to the job file).
+    pub inputs: Option<Vec<String>>,
+    /// Parquet: column names.
+    pub user_col: Option<String>,
+    /// Parquet: column names.
+    pub item_col: Option<String>,
+    /// Parquet: column names.
+    pub time_col: Option<String>,
+    /// Parquet: unit of an integer time column (`s`, `ms`).
+    pub time_unit: Option<String>,
+    /// Generator: events, users, items, churn.
+    pub events: Option<u64>,
+    /// Generator.
+    pub users: Option<u64>,
+    /// Generator.
+    pub items: Option<u64>,
+    /// Generator.
+    pub user_churn: Option<u64>,
+    /// Kafka: bootstrap servers or `embedded`.
+    pub brokers: Option<String>,
+    /// Kafka.
+    pub topic: Option<String>,
+    /// Kafka.
+    pub group: Option<String>,
+    /// Kafka: partitions of an embedded cluster's topic.
+    pub partitions: Option<i32>,
+    /// Kafka: `never`, `end`, `idle:DURATION`.
+    pub stop_at: Option<String>,
+    /// Kafka: JSON field names.
+    pub user_field: Option<String>,
+    /// Kafka.
+    pub item_field: Option<String>,
+    /// Kafka.
+    pub time_field: Option<String>,
+    /// Kafka.
+    pub type_field: Option<String>,
+    /// Kafka: event types trained on.
+    pub types: Option<Vec<String>>,
+    /// Kafka: librdkafka settings passed through.
+    pub config: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `[model]` (and each `[[variants]]`, which adds `name`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Variant name (variants only).
+    pub name: Option<String>,
+    /// `bpr` or `mostpop`.
+    pub kind: Option<String>,
+    /// Embedding dimension.
+    pub dim: Option<usize>,
+    /// Learning rate.
+    pub lr: Option<f32>,
+    /// L2 regularisation.
+    pub reg: Option<f32>,
+    /// `sgd` or `adagrad`.
+    pub optimizer: Option<String>,
+    /// Negatives per positive.
+    pub negatives: Option<usize>,
+    /// Initial embedding standard deviation.
+    pub init_std: Option<f32>,
+    /// Item bias on or off.
+    pub item_bias: Option<bool>,
+    /// Negative sampler spec.
+    pub sampler: Option<String>,
+}
+
+/// `[eval]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Warm-up share.
+    pub warmup: Option<f64>,
+    /// Score every N-th event.
+    pub eval_every: Option<u64>,
+    /// Cut-off K.
+    pub k: Option<usize>,
+    /// Metrics window width.
+    pub window: Option<String>,
+}
+
+/// `[run]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Worker threads.
+    pub workers: Option<usize>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Round width in event time.
+    pub tick: Option<String>,
+    /// Rounds in flight.
+    pub rounds_in_flight: Option<u64>,
+    /// Allowed lateness.
+    pub allowed_lateness: Option<String>,
+    /// `train` or `dead-letter`.
+    pub late: Option<String>,
+    /// Popularity window.
+    pub popularity_window: Option<String>,
+    /// No progress bar.
+    pub quiet: Option<bool>,
+}
+
+/// `[pool]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// On or off.
+    pub enabled: Option<bool>,
+    /// Smallest size class.
+    pub floor: Option<String>,
+    /// Largest size class.
+    pub ceiling: Option<String>,
+    /// Bytes kept per class.
+    pub retain: Option<String>,
+    /// Shards (0: one per worker).
+    pub shards: Option<usize>,
+    /// Poison returned buffers.
+    pub poison: Option<bool>,
+}
+
+/// `[gc]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcSection {
+    /// A percentage, or `"off"`.
+    pub gc_percent: Option<toml::Value>,
+    /// Floor.
+    pub min_heap: Option<String>,
+    /// Soft limit.
+    pub memory_limit: Option<String>,
+    /// Forced cycle interval.
+    pub force_interval: Option<String>,
+    /// GCTRACE lines.
+    pub trace: Option<bool>,
+}
+
+/// `[state]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// User TTL.
+    pub user_ttl: Option<String>,
+    /// Item TTL.
+    pub item_ttl: Option<String>,
+}
+
+/// `[checkpoint]` (Kafka jobs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Directory (relative to the job file).
+    pub dir: Option<String>,
+    /// Interval.
+    pub interval: Option<String>,
+    /// Checkpoints kept.
+    pub keep: Option<usize>,
+}
+
+/// `[output]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Summary JSON path.
+    pub summary_json: Option<String>,
+    /// Per-window metrics path.
+    pub metrics_out: Option<String>,
+    /// Dead letters path.
+    pub dead_letters: Option<String>,
+    /// Dead letters topic (Kafka jobs).
+    pub dead_letter_topic: Option<String>,
+    /// Model delta topic (Kafka jobs).
+    pub publish_topic: Option<String>,
+    /// Report directory.
+    pub report: Option<String>,
+}
+
+/// A whole job file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Where events come from.
+    pub source: SourceSection,
+    /// The model (each variant's defaults).
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Models trained side by side.
+    #[serde(default)]
+    pub variants: Vec<ModelSection>,
+    /// The prequential protocol.
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// Workers and replay.
+    #[serde(default)]
+    pub run: RunSection,
+    /// The buffer pool.
+    #[serde(default)]
+    pub pool: PoolSection,
+    /// The GC trigger.
+    #[serde(default)]
+    pub gc: GcSection,
+    /// Retention.
+    #[serde(default)]
+    pub state: StateSection,
+    /// Checkpoints.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// Outputs.
+    #[serde(default)]
+    pub output: OutputSection,
+}
+
+/// `line:column` (1-based) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+/// Where a key is set in the file, for errors found after parsing (`file:line:column`).
+fn locate(path: &Path, text: &str, section: &str, key: &str) -> String {
+    let mut in_section = section.is_empty();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t.trim_matches(|c| c == '[' || c == ']').trim() == section;
+        } else if in_section
+            && t.split('=').next().is_some_and(|k| k.trim() == key)
+            && t.contains('=')
+        {
+            let col = line.find(key).unwrap_or(0);
+            let (l, c) = line_col(text, offset + col);
+            return format!("{}:{l}:{c}", path.display());
+        }
+        offset += line.len();
+    }
+    path.display().to_string()
+}
+
+/// Reads and checks a job file; returns the command it describes.
+pub fn load(path: &Path) -> anyhow::Result<Command> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let job: Job = toml::from_str(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| {
+                let (l, c) = line_col(&text, s.start);
+                format!("{}:{l}:{c}", path.display())
+            })
+            .unwrap_or_else(|| path.display().to_string());
+        anyhow::anyhow!("{at}: {}", e.message().trim())
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    to_command(&job, base, &|section: &str, key: &str| {
+        locate(path, &text, section, key)
+    })
+}
+
+fn rel(base: &Path, p: &str) -> String {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        p.to_string()
+    } else {
+        base.join(path).display().to_string()
+    }
+}
+
+/// Builds argv for the subcommand, so clap applies its own parsers, defaults and
+/// checks; `at` locates a key for error messages.
+fn to_command(
+    job: &Job,
+    base: &Path,
+    at: &dyn Fn(&str, &str) -> String,
+) -> anyhow::Result<Command> {
+    let mut argv: Vec<String> = vec!["tidepool".into()];
+    // Each flag remembers the (section, key) it came from, for clap's errors.
+    let mut origin: Vec<(String, String, String)> = Vec::new();
+    let mut flag = |argv: &mut Vec<String>, section: &str, key: &str, name: &str, value: String| {
+        origin.push((format!("--{name}"), section.to_string(), key.to_string()));
+        argv.push(format!("--{name}"));
+        argv.push(value);
+    };
+    let s = &job.source;
+    let kafka = match s.kind.as_str() {
+        "generator" | "parquet" => false,
+        "kafka" => true,
+        other => bail!(
+            "{}: unknown source kind {other:?}; valid: generator, parquet, kafka",
+            at("source", "kind")
+        ),
+    };
+    argv.push(if kafka { "train" } else { "backtest" }.into());
+    if kafka {
+        let brokers = s.brokers.clone().ok_or_else(|| {
+            anyhow::anyhow!("{}: a kafka source needs brokers", at("source", "kind"))
+        })?;
+        flag(&mut argv, "source", "brokers", "brokers", brokers);
+        for (key, name, v) in [
+            ("topic", "topic", &s.topic),
+            ("group", "group", &s.group),
+            ("stop_at", "stop-at", &s.stop_at),
+            ("user_field", "user-field", &s.user_field),
+            ("item_field", "item-field", &s.item_field),
+            ("time_field", "time-field", &s.time_field),
+            ("type_field", "type-field", &s.type_field),
+        ] {
+            if let Some(v) = v {
+                flag(&mut argv, "source", key, name, v.clone());
+            }
+        }
+        if let Some(p) = s.partitions {
+            flag(
+                &mut argv,
+                "source",
+                "partitions",
+                "partitions",
+                p.to_string(),
+            );
+        }
+        for t in s.types.iter().flatten() {
+            flag(&mut argv, "source", "types", "type", t.clone());
+        }
+        for (k, v) in s.config.iter().flatten() {
+            flag(
+                &mut argv,
+                "source",
+                "config",
+                "kafka-config",
+                format!("{k}={v}"),
+            );
+        }
+        let c = &job.checkpoint;
+        if let Some(d) = &c.dir {
+            flag(
+                &mut argv,
+                "checkpoint",
+                "dir",
+                "checkpoint-dir",
+                rel(base, d),
+            );
+        }
+        if let Some(i) = &c.interval {
+            flag(
+                &mut argv,
+                "checkpoint",
+                "interval",
+                "checkpoint-interval",
+                i.clone(),
+            );
+        }
+        if let Some(k) = c.keep {
+            flag(
+                &mut argv,
+                "checkpoint",
+                "keep",
+                "keep-checkpoints",
+                k.to_string(),
+            );
+        }
+        if let Some(t) = &job.output.dead_letter_topic {
+            flag(
+                &mut argv,
+                "output",
+                "dead_letter_topic",
+                "dead-letter-topic",
+                t.clone(),
+            );
+        }
+        if let Some(t) = &job.output.publish_topic {
+            flag(
+                &mut argv,
+                "output",
+                "publish_topic",
+                "publish-topic",
+                t.clone(),
+            );
+        }
+    }
+    for (key, name, v) in [
+        ("user_col", "user-col", &s.user_col),
+        ("item_col", "item-col", &s.item_col),
+        ("time_col", "time-col", &s.time_col),
+        ("time_unit", "time-unit", &s.time_unit),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "source", key, name, v.clone());
+        }
+    }
+    for (key, name, v) in [
+        ("events", "events", s.events),
+        ("users", "users", s.users),
+        ("items", "items", s.items),
+        ("user_churn", "user-churn", s.user_churn),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "source", key, name, v.to_string());
+        }
+    }
+    let m = &job.model;
+    let strings = [
+        ("kind", "model", &m.kind),
+        ("optimizer", "optimizer", &m.optimizer),
+        ("sampler", "sampler", &m.sampler),
+    ];
+    for (key, name, v) in strings {
+        if let Some(v) = v {
+            flag(&mut argv, "model", key, name, v.clone());
+        }
+    }
+    let numbers = [
+        ("dim", "dim", m.dim.map(|v| v.to_string())),
+        ("lr", "lr", m.lr.map(|v| v.to_string())),
+        ("reg", "reg", m.reg.map(|v| v.to_string())),
+        ("negatives", "negatives", m.negatives.map(|v| v.to_string())),
+        ("init_std", "init-std", m.init_std.map(|v| v.to_string())),
+    ];
+    for (key, name, v) in numbers {
+        if let Some(v) = v {
+            flag(&mut argv, "model", key, name, v);
+        }
+    }
+    if m.item_bias == Some(false) {
+        argv.push("--no-item-bias".into());
+    }
+    for (i, v) in job.variants.iter().enumerate() {
+        let name = v.name.clone().ok_or_else(|| {
+            anyhow::anyhow!("{}: variant {} needs a name", at("variants", "name"), i + 1)
+        })?;
+        let mut spec = format!("{name}={}", v.sampler.clone().unwrap_or_default());
+        for (k, val) in [
+            ("model", v.kind.clone()),
+            ("dim", v.dim.map(|x| x.to_string())),
+            ("lr", v.lr.map(|x| x.to_string())),
+            ("reg", v.reg.map(|x| x.to_string())),
+            ("optimizer", v.optimizer.clone()),
+            ("negatives", v.negatives.map(|x| x.to_string())),
+            ("init_std", v.init_std.map(|x| x.to_string())),
+            ("item_bias", v.item_bias.map(|x| x.to_string())),
+        ] {
+            if let Some(val) = val {
+                spec.push_str(&format!(",{k}={val}"));
+            }
+        }
+        flag(&mut argv, "variants", "name", "variant", spec);
+    }
+    let e = &job.eval;
+    for (key, name, v) in [
+        ("warmup", "warmup", e.warmup.map(|v| v.to_string())),
+        (
+            "eval_every",
+            "eval-every",
+            e.eval_every.map(|v| v.to_string()),
+        ),
+        ("k", "k", e.k.map(|v| v.to_string())),
+        ("window", "metrics-window", e.window.clone()),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "eval", key, name, v);
+        }
+    }
+    let r = &job.run;
+    for (key, name, v) in [
+        ("workers", "workers", r.workers.map(|v| v.to_string())),
+        ("seed", "seed", r.seed.map(|v| v.to_string())),
+        ("tick", "tick", r.tick.clone()),
+        (
+            "rounds_in_flight",
+            "rounds-in-flight",
+            r.rounds_in_flight.map(|v| v.to_string()),
+        ),
+        (
+            "allowed_lateness",
+            "allowed-lateness",
+            r.allowed_lateness.clone(),
+        ),
+        ("late", "late", r.late.clone()),
+        (
+            "popularity_window",
+            "pop-window",
+            r.popularity_window.clone(),
+        ),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "run", key, name, v);
+        }
+    }
+    if r.quiet == Some(true) {
+        argv.push("--quiet".into());
+    }
+    let p = &job.pool;
+    for (key, name, v) in [
+        (
+            "enabled",
+            "pool",
+            p.enabled.map(|b| if b { "on" } else { "off" }.to_string()),
+        ),
+        ("floor", "pool-floor", p.floor.clone()),
+        ("ceiling", "pool-ceiling", p.ceiling.clone()),
+        ("retain", "pool-retain", p.retain.clone()),
+        ("shards", "pool-shards", p.shards.map(|v| v.to_string())),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "pool", key, name, v);
+        }
+    }
+    if p.poison == Some(true) {
+        argv.push("--pool-poison".into());
+    }
+    let g = &job.gc;
+    let percent = g.gc_percent.as_ref().map(|v| match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    for (key, name, v) in [
+        ("gc_percent", "gc", percent),
+        ("min_heap", "gc-min-heap", g.min_heap.clone()),
+        ("memory_limit", "memory-limit", g.memory_limit.clone()),
+        (
+            "force_interval",
+            "gc-force-interval",
+            g.force_interval.clone(),
+        ),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "gc", key, name, v);
+        }
+    }
+    if g.trace == Some(true) {
+        argv.push("--gctrace".into());
+    }
+    for (key, name, v) in [
+        ("user_ttl", "user-ttl", &job.state.user_ttl),
+        ("item_ttl", "item-ttl", &job.state.item_ttl),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "state", key, name, v.clone());
+        }
+    }
+    let o = &job.output;
+    for (key, name, v) in [
+        ("summary_json", "summary-json", &o.summary_json),
+        ("metrics_out", "metrics-out", &o.metrics_out),
+        ("dead_letters", "dead-letters", &o.dead_letters),
+        ("report", "report", &o.report),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "output", key, name, rel(base, v));
+        }
+    }
+    if !kafka {
+        for input in s.inputs.iter().flatten() {
+            argv.push(rel(base, input));
+        }
+        if s.kind == "parquet" && s.inputs.as_ref().is_none_or(Vec::is_empty) {
+            bail!("{}: a parquet source needs inputs", at("source", "kind"));
+        }
+    }
+    let cli = Cli::try_parse_from(&argv).map_err(|e| {
+        // Point at the key the offending flag came from.
+        let msg = e.to_string();
+        let first = msg
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .to_string();
+        let place = origin
+            .iter()
+            .find(|(f, _, _)| msg.contains(&format!("'{f} ")) || msg.contains(&format!("'{f}'")))
+            .map(|(_, section, key)| at(section, key))
+            .unwrap_or_else(|| at("", ""));
+        anyhow::anyhow!("{place}: {first}")
+    })?;
+    Ok(cli.command)
+}
+
+/// `tidepool validate`: checks a job file and says what it would run.
+pub fn validate(path: &Path) -> anyhow::Result<()> {
+    let command = load(path)?;
+    let what = match &command {
+        Command::Backtest(args) => {
+            let config = args.config()?;
+            config.validate()?;
+            format!(
+                "a backtest with {} variant(s) on {} worker(s)",
+                config.variants.len(),
+                config.workers
+            )
+        }
+        Command::Train(args) => {
+            let config = args.run.config()?;
+            config.validate()?;
+            format!(
+                "Kafka retraining from {} with {} variant(s) on {} worker(s)",
+                args.kafka.brokers,
+                config.variants.len(),
+                config.workers
+            )
+        }
+        _ => "nothing runnable".into(),
+    };
+    println!("{}: ok ({what})", path.display());
+    Ok(())
+}
+
+/// `tidepool run`: runs the job.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    match load(path)? {
+        Command::Backtest(args) => crate::commands::backtest(&args).map(drop),
+        Command::Train(args) => crate::stream::train(&args).map(drop),
+        _ => bail!("{}: not a runnable job", path.display()),
+    }
+}
+
+/// Arguments of `tidepool run` and `tidepool validate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// The job file.
+    pub job: PathBuf,
+}

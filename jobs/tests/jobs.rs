@@ -1,0 +1,110 @@
+//! Job files: the shipped examples validate and run; bad files fail with golden
+//! messages naming file:line:column and the valid choices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tidepool(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("tidepool runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A copy of an example in a scratch directory (outputs land next to the job file).
+fn example(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
+    let dst = dir.path().join(name);
+    std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    (dir, dst)
+}
+
+#[test]
+fn the_backtest_example_validates_and_runs() {
+    let (dir, job) = example("backtest-generated.toml");
+    let job = job.to_str().unwrap();
+    let out = tidepool(&["validate", job], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok (a backtest with 2 variant(s) on 2 worker(s))"));
+    let out = tidepool(&["run", job], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("backtest-summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["events"], 100_000);
+    assert_eq!(summary["variants"].as_array().unwrap().len(), 2);
+    assert_eq!(summary["config"]["workers"], 2);
+    assert_eq!(summary["config"]["state"]["user_ttl_ms"], 7 * 86_400_000u64);
+}
+
+#[test]
+fn the_kafka_example_runs_against_its_embedded_cluster() {
+    let (dir, job) = example("kafka-embedded.toml");
+    let out = tidepool(&["run", job.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("kafka-summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["events"], 50_000);
+    assert!(summary["checkpoints"]["written"].as_u64().unwrap() >= 1);
+    assert!(dir.path().join("kafka-checkpoints").is_dir());
+}
+
+#[test]
+fn bad_job_files_get_golden_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[source]\nkind = \"generator\"\n\n[model]\ndim = 32\ncolour = \"red\"\n",
+            "error: bad.toml:6:1: unknown field `colour`, expected one of `name`, `kind`, `dim`, `lr`, `reg`, `optimizer`, `negatives`, `init_std`, `item_bias`, `sampler`",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[model]\ndim = \"big\"\n",
+            "error: bad.toml:5:7: invalid type: string \"big\", expected usize",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[model]\nkind = \"svd\"\n",
+            "error: bad.toml:5:1: invalid value 'svd' for '--model <MODEL>': invalid configuration: unknown model \"svd\"; valid: bpr, mostpop",
+        ),
+        (
+            "[source]\nkind = \"files\"\n",
+            "error: bad.toml:2:1: unknown source kind \"files\"; valid: generator, parquet, kafka",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n[gc]\ngc_percent = \"lots\"\n",
+            "error: bad.toml:4:1: invalid value 'lots' for '--gc <off|PERCENT>': invalid configuration: gc percent \"lots\" must be off or a whole number, e.g. 100",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[state]\nuser_ttl = \"7 fortnights\"\n",
+            "error: bad.toml:5:1: invalid value '7 fortnights' for '--user-ttl <USER_TTL>': unknown time unit \"fortnights\"",
+        ),
+        (
+            "[source]\nkind = \"parquet\"\n",
+            "error: bad.toml:2:1: a parquet source needs inputs",
+        ),
+        (
+            "[sauce]\nkind = 1\n",
+            "error: bad.toml:1:2: unknown field `sauce`, expected one of `source`, `model`, `variants`, `eval`, `run`, `pool`, `gc`, `state`, `checkpoint`, `output`",
+        ),
+    ];
+    for (job, golden) in cases {
+        std::fs::write(dir.path().join("bad.toml"), job).unwrap();
+        let out = tidepool(&["validate", "bad.toml"], dir.path());
+        assert!(!out.status.success(), "{job}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.starts_with(golden),
+            "{job}\ngot:  {stderr}\nwant: {golden}"
+        );
+    }
+}
