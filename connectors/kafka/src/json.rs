@@ -8,8 +8,10 @@
 //! integer in the configured unit, or the Kafka message timestamp when no time field is
 //! configured; the weight is optional (1.0).
 
+use std::borrow::Cow;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tidepool_pipeline::{Event, EventType};
 
 /// Default for [`JsonMapping::max_bytes`]: 64 KiB.
@@ -88,30 +90,213 @@ pub enum Decoded {
     Rejected(String),
 }
 
-fn id(v: Option<&Value>, field: &str) -> Result<u64, String> {
+/// A JSON value as far as the mapping cares: numbers and strings kept (strings borrowed
+/// from the payload when they have no escapes), everything else only by kind. Decoding
+/// into this instead of `serde_json::Value` skips building a map per message.
+#[derive(Debug)]
+enum Scalar<'a> {
+    Null,
+    Bool,
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Str(Cow<'a, str>),
+    Array,
+    Object,
+}
+
+impl std::fmt::Display for Scalar<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::U64(n) => write!(f, "{n}"),
+            Scalar::I64(n) => write!(f, "{n}"),
+            Scalar::F64(n) => write!(f, "{n}"),
+            other => f.write_str(other.kind()),
+        }
+    }
+}
+
+impl Scalar<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Bool => "a boolean",
+            Scalar::U64(_) | Scalar::I64(_) | Scalar::F64(_) => "a number",
+            Scalar::Str(_) => "a string",
+            Scalar::Array => "an array",
+            Scalar::Object => "an object",
+        }
+    }
+
+    fn is_number(&self) -> bool {
+        matches!(self, Scalar::U64(_) | Scalar::I64(_) | Scalar::F64(_))
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Scalar::U64(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn as_i64(&self) -> Option<i64> {
+        match self {
+            Scalar::U64(n) => i64::try_from(*n).ok(),
+            Scalar::I64(n) => Some(*n),
+            Scalar::F64(n) if n.is_finite() => Some(*n as i64),
+            _ => None,
+        }
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Scalar::U64(n) => Some(*n as f64),
+            Scalar::I64(n) => Some(*n as f64),
+            Scalar::F64(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Bool)
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Scalar::U64(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(if v >= 0 {
+            Scalar::U64(v as u64)
+        } else {
+            Scalar::I64(v)
+        })
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::F64(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Object)
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// The mapped fields of one payload object.
+#[derive(Default)]
+struct Fields<'a> {
+    user: Option<Scalar<'a>>,
+    item: Option<Scalar<'a>>,
+    kind: Option<Scalar<'a>>,
+    ts: Option<Scalar<'a>>,
+    weight: Option<Scalar<'a>>,
+}
+
+/// Reads a payload object, keeping only the fields the mapping names.
+struct FieldsSeed<'m>(&'m JsonMapping);
+
+impl<'de> DeserializeSeed<'de> for FieldsSeed<'_> {
+    type Value = Fields<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldsSeed<'_> {
+    type Value = Fields<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let m = self.0;
+        let mut out = Fields::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let slot = if key == m.user.as_str() {
+                &mut out.user
+            } else if key == m.item.as_str() {
+                &mut out.item
+            } else if key == m.event_type.as_str() {
+                &mut out.kind
+            } else if m.ts.as_deref() == Some(&*key) {
+                &mut out.ts
+            } else if m.weight.as_deref() == Some(&*key) {
+                &mut out.weight
+            } else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(out)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(NOT_OBJECT_ARRAY))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::custom("expected a JSON object, got a string"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(E::custom("expected a JSON object, got a number"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(E::custom("expected a JSON object, got a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom("expected a JSON object, got a number"))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom("expected a JSON object, got a boolean"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom("expected a JSON object, got null"))
+    }
+}
+
+const NOT_OBJECT_ARRAY: &str = "expected a JSON object, got an array";
+
+fn id(v: Option<&Scalar<'_>>, field: &str) -> Result<u64, String> {
     match v {
-        None | Some(Value::Null) => Err(format!("missing {field}")),
-        Some(Value::Number(n)) => n
+        None | Some(Scalar::Null) => Err(format!("missing {field}")),
+        Some(n) if n.is_number() => n
             .as_u64()
             .ok_or_else(|| format!("{field} must be an unsigned integer, got {n}")),
-        Some(Value::String(s)) => s
+        Some(Scalar::Str(s)) => s
             .parse()
             .map_err(|_| format!("{field} must be an unsigned integer, got {s:?}")),
         Some(other) => Err(format!(
             "{field} must be an unsigned integer, got {}",
-            kind(other)
+            other.kind()
         )),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -138,23 +323,31 @@ impl JsonMapping {
                 self.max_bytes
             ));
         }
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON: {e}"))?;
-        let Value::Object(obj) = value else {
-            return Err(format!("expected a JSON object, got {}", kind(&value)));
-        };
-        let user = id(obj.get(&self.user), &self.user)?;
-        let item = id(obj.get(&self.item), &self.item)?;
-        let kind_value = obj.get(&self.event_type);
-        let event_kind = match kind_value {
-            None | Some(Value::Null) => EventType::View,
-            Some(Value::String(s)) => EventType::from_name(s).ok_or_else(|| {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let obj = FieldsSeed(self)
+            .deserialize(&mut de)
+            .and_then(|f| de.end().map(|()| f))
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => {
+                    let msg = e.to_string();
+                    match msg.find(" at line ") {
+                        Some(i) => msg[..i].to_string(),
+                        None => msg,
+                    }
+                }
+                _ => format!("malformed JSON: {e}"),
+            })?;
+        let user = id(obj.user.as_ref(), &self.user)?;
+        let item = id(obj.item.as_ref(), &self.item)?;
+        let event_kind = match &obj.kind {
+            None | Some(Scalar::Null) => EventType::View,
+            Some(Scalar::Str(s)) => EventType::from_name(s).ok_or_else(|| {
                 format!(
-                    "unknown {} {s:?}; valid: view, click, cart, purchase",
+                    "unknown {} {s:?}; valid: view, click, cart, purchase, rating",
                     self.event_type
                 )
             })?,
-            Some(Value::Number(n)) => n
+            Some(n) if n.is_number() => n
                 .as_u64()
                 .and_then(|c| u8::try_from(c).ok())
                 .and_then(EventType::from_code)
@@ -163,23 +356,22 @@ impl JsonMapping {
                 return Err(format!(
                     "{} must be a name or a code, got {}",
                     self.event_type,
-                    kind(other)
+                    other.kind()
                 ))
             }
         };
         let ts = match &self.ts {
             None => kafka_ts.ok_or("the message has no timestamp and no time field is mapped")?,
             Some(field) => {
-                let raw = match obj.get(field) {
-                    None | Some(Value::Null) => return Err(format!("missing {field}")),
-                    Some(Value::Number(n)) => n
+                let raw = match &obj.ts {
+                    None | Some(Scalar::Null) => return Err(format!("missing {field}")),
+                    Some(n) if n.is_number() => n
                         .as_i64()
-                        .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
                         .ok_or_else(|| format!("{field} out of range: {n}"))?,
                     Some(other) => {
                         return Err(format!(
                             "{field} must be an integer time, got {}",
-                            kind(other)
+                            other.kind()
                         ))
                     }
                 };
@@ -191,13 +383,13 @@ impl JsonMapping {
                 }
             }
         };
-        let weight = match self.weight.as_ref().and_then(|f| obj.get(f)) {
-            None | Some(Value::Null) => 1.0,
-            Some(Value::Number(n)) => match n.as_f64() {
+        let weight = match &obj.weight {
+            None | Some(Scalar::Null) => 1.0,
+            Some(n) if n.is_number() => match n.as_f64() {
                 Some(w) if w.is_finite() => w as f32,
                 _ => return Err(format!("weight out of range: {n}")),
             },
-            Some(other) => return Err(format!("weight must be a number, got {}", kind(other))),
+            Some(other) => return Err(format!("weight must be a number, got {}", other.kind())),
         };
         if !self.types.is_empty() && !self.types.contains(&event_kind) {
             return Ok(None);
