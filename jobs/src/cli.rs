@@ -265,6 +265,11 @@ pub struct BacktestArgs {
     /// dead-letter (reason `late`).
     #[arg(long, default_value = "train", value_parser = parse_lib::<LatePolicy>)]
     pub late: LatePolicy,
+    /// Serve /metrics (Prometheus), /healthz and the admin endpoints (POST
+    /// /admin/gc?percent=N|off, /admin/compact, /admin/checkpoint) here: a port (bound to
+    /// 127.0.0.1) or an explicit IP:PORT; port 0 picks a free one (printed on stderr).
+    #[arg(long, value_name = "[IP:]PORT")]
+    pub metrics_addr: Option<String>,
     /// Write a report directory: heap.svg (live heap over time, GC cycles marked).
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,

@@ -155,12 +155,31 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     #[cfg(unix)]
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
         .context("installing the SIGUSR1 handler")?;
+    let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(addr) = &args.metrics_addr {
+        let bound = crate::serve::start(
+            addr,
+            crate::serve::Telemetry {
+                trained: Arc::clone(&trained),
+                gc: Arc::clone(&gc),
+                checkpoints: None,
+                dead: Arc::clone(&dead),
+                pool: pool.clone(),
+                messages: None,
+                started: Instant::now(),
+            },
+        )?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
     let report = run_backtest_with(
         source,
         &config,
         Arc::clone(&dead),
         Arc::clone(&gc),
-        &|done| bar.set_position(done),
+        &|done| {
+            trained.store(done, std::sync::atomic::Ordering::Relaxed);
+            bar.set_position(done)
+        },
     )?;
     bar.finish_and_clear();
     print!("{}", summary_table(&report));

@@ -6,6 +6,7 @@
 //! - [`report`]: summary table, summary JSON, per-window metrics files.
 //! - [`stream`]: `train` (Kafka, checkpoints) and `produce`.
 //! - [`job`]: job files (`run`, `validate`).
+//! - [`serve`]: `/metrics`, `/healthz` and admin endpoints of a running job.
 //! - [`plot`]: charts for report directories (plotters, SVG).
 
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod commands;
 pub mod job;
 pub mod plot;
 pub mod report;
+pub mod serve;
 pub mod stream;
 
 /// Runs a parsed command line.

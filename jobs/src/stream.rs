@@ -267,6 +267,22 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         }
         None => None,
     };
+    let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(addr) = &args.run.metrics_addr {
+        let bound = crate::serve::start(
+            addr,
+            crate::serve::Telemetry {
+                trained: Arc::clone(&trained),
+                gc: Arc::clone(&gc),
+                checkpoints: checkpoints.clone(),
+                dead: Arc::clone(&dead),
+                pool: pool.clone(),
+                messages: Some(counters.clone_messages()),
+                started: std::time::Instant::now(),
+            },
+        )?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
     let options = RunOptions {
         gc,
         checkpoints,
@@ -278,7 +294,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         &config,
         Arc::clone(&dead),
         options,
-        &|n| bar.set_position(n),
+        &|n| {
+            trained.store(n, Ordering::Relaxed);
+            bar.set_position(n)
+        },
     )?;
     bar.finish_and_clear();
     print!("{}", summary_table(&report));

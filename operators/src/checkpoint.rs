@@ -410,6 +410,11 @@ impl Checkpointer {
         Arc::clone(&self.requested)
     }
 
+    /// Time since the last checkpoint committed (or since the coordinator started).
+    pub fn age(&self) -> Duration {
+        lock(&self.last).elapsed()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> CheckpointStats {
         lock(&self.stats).clone()

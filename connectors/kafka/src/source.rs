@@ -59,7 +59,7 @@ pub enum StopAt {
 #[derive(Debug, Default)]
 pub struct KafkaCounters {
     /// Messages read (good, skipped and rejected).
-    pub messages: AtomicU64,
+    pub messages: Arc<AtomicU64>,
     /// Messages skipped by the event-type filter.
     pub skipped: AtomicU64,
     /// Messages sent to the dead letters.
@@ -67,6 +67,13 @@ pub struct KafkaCounters {
     /// Offsets skipped because the broker no longer had them (retention deleted them
     /// before they were read): data lost upstream, counted and logged, never silent.
     pub offsets_lost: AtomicU64,
+}
+
+impl KafkaCounters {
+    /// A handle on the message counter (for a metrics endpoint).
+    pub fn clone_messages(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.messages)
+    }
 }
 
 /// Messages per batch at most.

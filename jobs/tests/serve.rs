@@ -1,0 +1,134 @@
+//! The metrics and admin endpoint of a running job, scraped over HTTP, and graceful
+//! shutdown on SIGTERM with a final checkpoint.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("the endpoint accepts connections");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http(addr, "GET", "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_admin_and_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "train",
+            "--quiet",
+            "--brokers",
+            "embedded",
+            "--events",
+            "30000",
+            "--stop-at",
+            "idle:60s",
+            "--metrics-addr",
+            "0",
+            "--checkpoint-dir",
+            "ckpt",
+            "--checkpoint-interval",
+            "1h",
+            "--gc-force-interval",
+            "1h",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("metrics on http://") {
+                let _ = tx.send(url.trim_end_matches("/metrics").to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the endpoint address is printed");
+    assert!(addr.starts_with("127.0.0.1:"), "bound to loopback: {addr}");
+
+    assert_eq!(http(&addr, "GET", "/healthz"), (200, "ok\n".to_string()));
+    wait_for("every event trained", || {
+        metric(&addr, "tidepool_events_trained_total") == Some(30_000.0)
+    });
+    let (_, body) = http(&addr, "GET", "/metrics");
+    for name in [
+        "tidepool_events_per_second",
+        "tidepool_dead_letters_total",
+        "tidepool_kafka_messages_total",
+        "tidepool_gc_cycles_total{trigger=\"manual\"}",
+        "tidepool_heap_live_bytes",
+        "tidepool_pool_hit_rate",
+        "tidepool_checkpoint_age_seconds",
+    ] {
+        assert!(body.contains(name), "{name} missing from\n{body}");
+    }
+
+    // gc_percent set at run time shows in the metrics and the next cycle's settings.
+    assert_eq!(metric(&addr, "tidepool_gc_percent"), Some(100.0));
+    assert_eq!(http(&addr, "POST", "/admin/gc?percent=50").0, 200);
+    assert_eq!(metric(&addr, "tidepool_gc_percent"), Some(50.0));
+    assert_eq!(http(&addr, "POST", "/admin/gc?percent=lots").0, 400);
+    assert_eq!(http(&addr, "POST", "/admin/compact").0, 200);
+    wait_for("a manual cycle", || {
+        metric(&addr, "tidepool_gc_cycles_total{trigger=\"manual\"}").unwrap_or(0.0) >= 1.0
+    });
+    assert_eq!(http(&addr, "POST", "/admin/checkpoint").0, 200);
+    wait_for("the requested checkpoint", || {
+        metric(&addr, "tidepool_checkpoints_total").unwrap_or(0.0) >= 1.0
+    });
+
+    // SIGTERM: stop the readers, drain, final checkpoint, exit 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("checkpoints: 2 written"), "{stdout}");
+    let ckpts: Vec<_> = std::fs::read_dir(dir.path().join("ckpt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(ckpts.iter().any(|n| n == "ckpt-2"), "{ckpts:?}");
+}
