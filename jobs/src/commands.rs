@@ -156,21 +156,15 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
         .context("installing the SIGUSR1 handler")?;
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    if let Some(addr) = &args.metrics_addr {
-        let bound = crate::serve::start(
-            addr,
-            crate::serve::Telemetry {
-                trained: Arc::clone(&trained),
-                gc: Arc::clone(&gc),
-                checkpoints: None,
-                dead: Arc::clone(&dead),
-                pool: pool.clone(),
-                messages: None,
-                started: Instant::now(),
-            },
-        )?;
-        eprintln!("metrics on http://{bound}/metrics");
-    }
+    crate::serve::start_if(args.metrics_addr.as_deref(), || crate::serve::Telemetry {
+        trained: Arc::clone(&trained),
+        gc: Arc::clone(&gc),
+        checkpoints: None,
+        dead: Arc::clone(&dead),
+        pool: pool.clone(),
+        messages: None,
+        started: Instant::now(),
+    })?;
     let report = run_backtest_with(
         source,
         &config,

@@ -236,3 +236,13 @@ pub fn start(addr: &str, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
         })?;
     Ok(bound)
 }
+
+/// Starts the endpoint when `addr` is given, announcing the bound address on stderr
+/// (the line tests and scripts read).
+pub fn start_if(addr: Option<&str>, telemetry: impl FnOnce() -> Telemetry) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let bound = start(addr, telemetry())?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
+    Ok(())
+}

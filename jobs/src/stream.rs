@@ -268,21 +268,17 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         None => None,
     };
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    if let Some(addr) = &args.run.metrics_addr {
-        let bound = crate::serve::start(
-            addr,
-            crate::serve::Telemetry {
-                trained: Arc::clone(&trained),
-                gc: Arc::clone(&gc),
-                checkpoints: checkpoints.clone(),
-                dead: Arc::clone(&dead),
-                pool: pool.clone(),
-                messages: Some(counters.clone_messages()),
-                started: std::time::Instant::now(),
-            },
-        )?;
-        eprintln!("metrics on http://{bound}/metrics");
-    }
+    crate::serve::start_if(args.run.metrics_addr.as_deref(), || {
+        crate::serve::Telemetry {
+            trained: Arc::clone(&trained),
+            gc: Arc::clone(&gc),
+            checkpoints: checkpoints.clone(),
+            dead: Arc::clone(&dead),
+            pool: pool.clone(),
+            messages: Some(counters.clone_messages()),
+            started: std::time::Instant::now(),
+        }
+    })?;
     let options = RunOptions {
         gc,
         checkpoints,
