@@ -299,6 +299,7 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             checkpoints: Some(Arc::clone(&cp)),
             restore: None,
             deltas: None,
+            cluster: None,
         };
         let report = run_dataflow(Arc::new(source), &config, dead, options, &|_| {})?;
         let stats = cp.stats();

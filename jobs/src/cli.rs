@@ -15,7 +15,13 @@ use tidepool_operators::{LatePolicy, ModelKind, Optimizer};
 
 /// tidepool: streaming online learning for recommenders.
 #[derive(Debug, Parser)]
-#[command(name = "tidepool", version, about, propagate_version = true)]
+#[command(
+    name = "tidepool",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -121,9 +127,23 @@ pub struct BacktestArgs {
     /// Model: bpr or mostpop.
     #[arg(long, default_value = "bpr", value_parser = parse_lib::<ModelKind>)]
     pub model: ModelKind,
-    /// Timely worker threads.
+    /// Timely worker threads (per process in a cluster).
     #[arg(long, short = 'w', default_value_t = 1)]
     pub workers: usize,
+    /// Processes of a timely cluster running this job together; start each with the
+    /// same arguments and its own --process.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index in the cluster, 0..processes.
+    #[arg(long, short = 'p', default_value_t = 0)]
+    pub process: usize,
+    /// `host:port` of every process, one per line in process order (default: 127.0.0.1
+    /// ports 2101, 2102, ...).
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// Give up (exit 3) when the cluster's processes have not all connected by then.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
     /// Embedding dimension.
     #[arg(long, default_value_t = DEFAULT_DIM)]
     pub dim: usize,

@@ -10,8 +10,9 @@ use tidepool_connector_generator::{Generator, GeneratorConfig, GeneratorSource};
 use tidepool_connector_parquet::{
     import_csv, ColumnMapping, CsvOptions, EventWriter, ImportReport, ParquetSource,
 };
+use tidepool_operators::cluster::Cluster;
 use tidepool_operators::{
-    run_backtest_with, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, StateConfig,
+    run_dataflow, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, RunOptions, StateConfig,
     VariantConfig,
 };
 use tidepool_pipeline::event::event_schema;
@@ -29,6 +30,16 @@ fn millis(d: std::time::Duration) -> i64 {
 }
 
 impl BacktestArgs {
+    /// This process's place in a cluster (`None` for one process).
+    pub fn cluster(&self) -> anyhow::Result<Option<Cluster>> {
+        if self.processes <= 1 && self.hostfile.is_none() {
+            return Ok(None);
+        }
+        let mut cluster = Cluster::new(self.processes, self.process, self.hostfile.as_deref())?;
+        cluster.connect_timeout = self.connect_timeout;
+        Ok(Some(cluster))
+    }
+
     /// The library configuration these arguments describe.
     pub fn config(&self) -> anyhow::Result<BacktestConfig> {
         let model = ModelConfig {
@@ -165,16 +176,17 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         messages: None,
         started: Instant::now(),
     })?;
-    let report = run_backtest_with(
-        source,
-        &config,
-        Arc::clone(&dead),
-        Arc::clone(&gc),
-        &|done| {
-            trained.store(done, std::sync::atomic::Ordering::Relaxed);
-            bar.set_position(done)
-        },
-    )?;
+    let options = RunOptions {
+        gc: Arc::clone(&gc),
+        checkpoints: None,
+        restore: None,
+        deltas: None,
+        cluster: args.cluster()?,
+    };
+    let report = run_dataflow(source, &config, Arc::clone(&dead), options, &|done| {
+        trained.store(done, std::sync::atomic::Ordering::Relaxed);
+        bar.set_position(done)
+    })?;
     bar.finish_and_clear();
     print!("{}", summary_table(&report));
     let stats = pool.stats();

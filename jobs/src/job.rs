@@ -169,6 +169,18 @@ pub struct StateSection {
     pub item_ttl: Option<String>,
 }
 
+/// `[cluster]`: the job as a timely cluster of several processes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Processes.
+    pub processes: Option<usize>,
+    /// This process's index (usually given per process: `tidepool run JOB --process I`).
+    pub process: Option<usize>,
+    /// Host file (relative to the job file): `host:port` per process.
+    pub hostfile: Option<String>,
+}
+
 /// `[checkpoint]` (Kafka jobs).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,6 +229,9 @@ pub struct Job {
     /// Workers and replay.
     #[serde(default)]
     pub run: RunSection,
+    /// Several processes.
+    #[serde(default)]
+    pub cluster: ClusterSection,
     /// The buffer pool.
     #[serde(default)]
     pub pool: PoolSection,
@@ -267,7 +282,7 @@ fn locate(path: &Path, text: &str, section: &str, key: &str) -> String {
 }
 
 /// Reads and checks a job file; returns the command it describes.
-pub fn load(path: &Path) -> anyhow::Result<Command> {
+pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Command> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let job: Job = toml::from_str(&text).map_err(|e| {
@@ -281,7 +296,7 @@ pub fn load(path: &Path) -> anyhow::Result<Command> {
         anyhow::anyhow!("{at}: {}", e.message().trim())
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    to_command(&job, base, &|section: &str, key: &str| {
+    to_command(&job, base, overrides, &|section: &str, key: &str| {
         locate(path, &text, section, key)
     })
 }
@@ -300,6 +315,7 @@ fn rel(base: &Path, p: &str) -> String {
 fn to_command(
     job: &Job,
     base: &Path,
+    overrides: &[String],
     at: &dyn Fn(&str, &str) -> String,
 ) -> anyhow::Result<Command> {
     let mut argv: Vec<String> = vec!["tidepool".into()];
@@ -517,6 +533,20 @@ fn to_command(
     if r.quiet == Some(true) {
         argv.push("--quiet".into());
     }
+    let c = &job.cluster;
+    for (key, name, v) in [
+        ("processes", "processes", c.processes.map(|v| v.to_string())),
+        ("process", "process", c.process.map(|v| v.to_string())),
+        (
+            "hostfile",
+            "hostfile",
+            c.hostfile.as_deref().map(|h| rel(base, h)),
+        ),
+    ] {
+        if let Some(v) = v {
+            flag(&mut argv, "cluster", key, name, v);
+        }
+    }
     let p = &job.pool;
     for (key, name, v) in [
         (
@@ -585,6 +615,8 @@ fn to_command(
             bail!("{}: a parquet source needs inputs", at("source", "kind"));
         }
     }
+    // Flags after the file name win over the file (clap keeps the last occurrence).
+    argv.extend(overrides.iter().cloned());
     let cli = Cli::try_parse_from(&argv).map_err(|e| {
         // Point at the key the offending flag came from.
         let msg = e.to_string();
@@ -605,26 +637,26 @@ fn to_command(
 }
 
 /// `tidepool validate`: checks a job file and says what it would run.
-pub fn validate(path: &Path) -> anyhow::Result<()> {
-    let command = load(path)?;
+pub fn validate(path: &Path, overrides: &[String]) -> anyhow::Result<()> {
+    let command = load(path, overrides)?;
     let what = match &command {
         Command::Backtest(args) => {
             let config = args.config()?;
             config.validate()?;
             format!(
-                "a backtest with {} variant(s) on {} worker(s)",
+                "a backtest with {} variant(s) on {}",
                 config.variants.len(),
-                config.workers
+                shape(&args.cluster()?, config.workers)
             )
         }
         Command::Train(args) => {
             let config = args.run.config()?;
             config.validate()?;
             format!(
-                "Kafka retraining from {} with {} variant(s) on {} worker(s)",
+                "Kafka retraining from {} with {} variant(s) on {}",
                 args.kafka.brokers,
                 config.variants.len(),
-                config.workers
+                shape(&args.run.cluster()?, config.workers)
             )
         }
         _ => "nothing runnable".into(),
@@ -633,9 +665,21 @@ pub fn validate(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn shape(cluster: &Option<tidepool_operators::cluster::Cluster>, workers: usize) -> String {
+    match cluster {
+        Some(c) => format!(
+            "process {} of a {}-process cluster ({}), {workers} worker(s) each",
+            c.process,
+            c.processes,
+            c.addresses.join(", ")
+        ),
+        None => format!("{workers} worker(s)"),
+    }
+}
+
 /// `tidepool run`: runs the job.
-pub fn run(path: &Path) -> anyhow::Result<()> {
-    match load(path)? {
+pub fn run(path: &Path, overrides: &[String]) -> anyhow::Result<()> {
+    match load(path, overrides)? {
         Command::Backtest(args) => crate::commands::backtest(&args).map(drop),
         Command::Train(args) => crate::stream::train(&args).map(drop),
         _ => bail!("{}: not a runnable job", path.display()),
@@ -647,4 +691,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 pub struct JobArgs {
     /// The job file.
     pub job: PathBuf,
+    /// Flags of the job's subcommand that override the file, e.g. `--process 1` for one
+    /// process of a cluster or `--workers 4`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "FLAGS"
+    )]
+    pub overrides: Vec<String>,
 }

@@ -31,7 +31,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Train(args) => stream::train(&args).map(drop),
         cli::Command::Produce(args) => stream::produce_file(&args).map(drop),
         cli::Command::Recommend(args) => stream::recommend(&args).map(drop),
-        cli::Command::Run(args) => job::run(&args.job),
-        cli::Command::Validate(args) => job::validate(&args.job),
+        cli::Command::Run(args) => job::run(&args.job, &args.overrides),
+        cli::Command::Validate(args) => job::validate(&args.job, &args.overrides),
     }
 }

@@ -29,6 +29,9 @@ fn variant_json(report: &BacktestReport, v: &VariantReport) -> Map<String, Value
     m.insert("hits".into(), json!(q.hits));
     m.insert("loss".into(), json!(q.loss()));
     m.insert("train_pairs".into(), json!(q.pairs));
+    if let Some(norm) = v.item_table_norm {
+        m.insert("item_table_norm".into(), json!(norm));
+    }
     m.insert("model_config".into(), json!(v.model));
     m
 }
@@ -46,6 +49,8 @@ pub fn summary_json(report: &BacktestReport, source: &str) -> Value {
     top.insert(TOTAL_SECONDS.into(), json!(report.seconds));
     top.insert("source".into(), json!(source));
     top.insert("rows".into(), json!(report.rows));
+    top.insert("processes".into(), json!(report.processes));
+    top.insert("workers_per_process".into(), json!(report.config.workers));
     top.insert("dead_letters".into(), json!(report.dead_letters));
     top.insert("reordered".into(), json!(report.reordered));
     top.insert(
@@ -101,9 +106,14 @@ pub fn summary_table(report: &BacktestReport) -> String {
         ));
     }
     out.push_str(&format!(
-        "{} events in {:.2}s on {} worker(s); warm-up {} events, every {} later event scored; {} dead letters, {} reordered\n",
+        "{} events in {:.2}s on {}{} worker(s); warm-up {} events, every {} later event scored; {} dead letters, {} reordered\n",
         report.events,
         report.seconds,
+        if report.processes > 1 {
+            format!("{} processes x ", report.processes)
+        } else {
+            String::new()
+        },
         report.config.workers,
         report.protocol.warmup,
         report.protocol.eval_every,

@@ -284,6 +284,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         checkpoints,
         restore,
         deltas,
+        cluster: args.run.cluster()?,
     };
     let report = run_dataflow(
         Arc::new(source),

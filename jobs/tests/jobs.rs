@@ -1,6 +1,8 @@
 //! Job files: the shipped examples validate and run; bad files fail with golden
 //! messages naming file:line:column and the valid choices.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -61,6 +63,47 @@ fn the_kafka_example_runs_against_its_embedded_cluster() {
 }
 
 #[test]
+fn the_cluster_example_runs_as_two_processes_with_flags_over_the_file() {
+    let (dir, job) = example("cluster-loopback.toml");
+    let job = job.to_str().unwrap();
+    let out = tidepool(&["validate", job, "--process", "1"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "process 1 of a 2-process cluster (127.0.0.1:2101, 127.0.0.1:2102), 1 worker(s) each"
+        ),
+        "{stdout}"
+    );
+    // Free ports instead of the example's defaults, so parallel tests cannot collide.
+    common::loopback_hostfile(dir.path(), 2);
+    let spawn = |p: &str, summary: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(["run", job, "--process", p, "--hostfile", "hosts"])
+            .args(["--summary-json", summary])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let second = spawn("1", "p1.json");
+    let first = spawn("0", "p0.json");
+    for child in [first, second] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    for name in ["p0.json", "p1.json"] {
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap();
+        assert_eq!(summary["events"], 50_000, "{name}");
+        assert_eq!(summary["processes"], 2, "{name}");
+    }
+    // The file's own summary path was overridden by the flag.
+    assert!(!dir.path().join("cluster-summary.json").exists());
+}
+
+#[test]
 fn bad_job_files_get_golden_messages() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
@@ -94,7 +137,7 @@ fn bad_job_files_get_golden_messages() {
         ),
         (
             "[sauce]\nkind = 1\n",
-            "error: bad.toml:1:2: unknown field `sauce`, expected one of `source`, `model`, `variants`, `eval`, `run`, `pool`, `gc`, `state`, `checkpoint`, `output`",
+            "error: bad.toml:1:2: unknown field `sauce`, expected one of `source`, `model`, `variants`, `eval`, `run`, `cluster`, `pool`, `gc`, `state`, `checkpoint`, `output`",
         ),
     ];
     for (job, golden) in cases {

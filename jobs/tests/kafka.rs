@@ -1,6 +1,8 @@
 //! `tidepool train` against a Kafka cluster each test starts in-process (librdkafka's
 //! mock cluster: the real protocol on a loopback port), with the binary as users run it.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -427,4 +429,70 @@ fn broker_outage_pauses_and_resumes() {
     let out = ok(run.join().unwrap());
     let s = summary(dir.path(), "s.json");
     assert_eq!(s["events"], n, "{}\n{s}", text(&out.stdout));
+}
+
+/// Two `train` processes as one timely cluster: the topic's partitions are spread over
+/// both, each process reads only its own, and both report every event trained.
+#[test]
+fn a_two_process_cluster_shares_the_partitions() {
+    let (cluster, settings) = cluster("shared");
+    let n = 20_000;
+    produce(&settings, events(n), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::loopback_hostfile(dir.path(), 2);
+    let children: Vec<_> = (0..2)
+        .map(|p| {
+            let summary = format!("p{p}.json");
+            let process = p.to_string();
+            std::thread::spawn({
+                let brokers = settings.brokers.clone();
+                let dir = dir.path().to_path_buf();
+                move || {
+                    finish(
+                        &mut train(
+                            &brokers,
+                            &dir,
+                            &[
+                                "--topic",
+                                "shared",
+                                "--model",
+                                "mostpop",
+                                "--processes",
+                                "2",
+                                "--process",
+                                &process,
+                                "--hostfile",
+                                "hosts",
+                                "--summary-json",
+                                &summary,
+                            ],
+                        ),
+                        Duration::from_secs(120),
+                    )
+                }
+            })
+        })
+        .collect();
+    for child in children {
+        ok(child.join().unwrap());
+    }
+    let (s0, s1) = (
+        summary(dir.path(), "p0.json"),
+        summary(dir.path(), "p1.json"),
+    );
+    for s in [&s0, &s1] {
+        assert_eq!(s["events"], n, "{s}");
+        assert_eq!(s["processes"], 2, "{s}");
+    }
+    let (m0, m1) = (
+        s0["kafka"]["messages"].as_u64().unwrap(),
+        s1["kafka"]["messages"].as_u64().unwrap(),
+    );
+    assert_eq!(m0 + m1, n, "each message read by exactly one process");
+    assert!(
+        m0 > 0 && m1 > 0,
+        "both processes read partitions: {m0} {m1}"
+    );
+    assert_eq!(s0["recall@10"], s1["recall@10"]);
+    drop(cluster);
 }

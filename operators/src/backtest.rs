@@ -54,10 +54,11 @@ use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::Capability;
-use timely::dataflow::operators::{Concat, Input, Probe};
+use timely::dataflow::operators::{Concat, ConnectLoop, Exchange, Feedback, Input, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::checkpoint::{CheckpointStats, Checkpointer, Loaded};
+use crate::cluster::{Cluster, Replication, RowBatch};
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
 use crate::ingest::{auto_tick, drive, Clock, Feed, IngestStats, Inputs};
 use crate::learner::{Learner, Protocol, WorkerResult};
@@ -87,11 +88,16 @@ pub struct VariantReport {
     pub total: Quality,
     /// Counters per window of event time, in time order (windows without events left out).
     pub windows: Vec<WindowReport>,
+    /// Norm of this process's item table (embeddings and biases) at the end, for learned
+    /// models: replicas of a cluster agree on it.
+    pub item_table_norm: Option<f64>,
 }
 
 /// The outcome of a backtest.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BacktestReport {
+    /// Processes of the cluster that ran it (`config.workers` each).
+    pub processes: usize,
     /// The configuration that ran.
     pub config: BacktestConfig,
     /// The protocol derived from it and the source.
@@ -197,16 +203,19 @@ const DEFAULT_TICK_WITHOUT_STATS_MS: i64 = 3_600_000;
 /// Metrics window when the source cannot tell its time range.
 const DEFAULT_WINDOW_WITHOUT_STATS_MS: i64 = 86_400_000;
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct WorkerOutcome {
     ingest: IngestStats,
     learner: WorkerResult,
 }
 
-/// The learner's second input: popularity changes and compaction commands.
+/// The learner's second input: popularity changes, compaction commands, and (in a
+/// cluster) other processes' item-row changes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Side {
     Count(CountChange),
     Cycle(CycleTicket),
+    Rows(RowBatch),
 }
 
 /// Merge effort differential spends per idle activation, so compacted traces shrink
@@ -244,6 +253,7 @@ pub fn run_backtest_with(
         checkpoints: None,
         restore: None,
         deltas: None,
+        cluster: None,
     };
     run_dataflow(source, config, dead, options, progress)
 }
@@ -260,6 +270,9 @@ pub struct RunOptions {
     /// Where changed embedding rows go at every checkpoint (before it commits, so a
     /// crash republishes rather than loses them).
     pub deltas: Option<Arc<dyn DeltaSink>>,
+    /// This process's place in a multi-process cluster (`config.workers` is then the
+    /// number of workers per process); `None` runs in this process alone.
+    pub cluster: Option<Cluster>,
 }
 
 /// The dataflow behind every command: replays or follows `source`, scoring then
@@ -279,7 +292,17 @@ pub fn run_dataflow(
         checkpoints,
         restore,
         deltas,
+        cluster,
     } = options;
+    let cluster = cluster.filter(|c| c.processes > 1);
+    if let Some(c) = &cluster {
+        if checkpoints.is_some() || restore.is_some() {
+            return Err(Error::Config(format!(
+                "checkpoints are not supported in a cluster of {} processes yet: run the job in one process (any number of workers) to checkpoint it",
+                c.processes
+            )));
+        }
+    }
     let info = source.info();
     let rows = info.rows.unwrap_or(0);
     let needs_counts = config.variants.iter().any(|v| {
@@ -353,13 +376,35 @@ pub fn run_dataflow(
         let checkpoints = checkpoints.clone();
         let tables = tables.clone();
         let deltas = deltas.clone();
-        let mut timely_config = timely::Config::process(config.workers);
+        let mut timely_config = match &cluster {
+            None => timely::Config::process(config.workers),
+            Some(c) => timely::Config {
+                communication: timely::CommunicationConfig::Cluster {
+                    threads: config.workers,
+                    process: c.process,
+                    addresses: c.addresses.clone(),
+                    report: false,
+                    zerocopy: false,
+                },
+                worker: timely::WorkerConfig::default(),
+            },
+        };
+        let connected = Arc::new(AtomicBool::new(false));
+        if let Some(c) = &cluster {
+            crate::cluster::connect_watchdog(c, Arc::clone(&connected));
+        }
+        let replication = cluster.as_ref().map(|c| Replication {
+            process: c.process,
+            processes: c.processes,
+            workers: config.workers,
+        });
         differential_dataflow::configure(
             &mut timely_config.worker,
             &differential_dataflow::Config::default().idle_merge_effort(Some(IDLE_MERGE_EFFORT)),
         );
         timely::execute(timely_config, move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
+            connected.store(true, Ordering::Release);
             // Buffers built or dropped on this thread use its shard of the pool.
             tidepool_pipeline::BufferPool::register_worker(index);
             let learner = Rc::new(RefCell::new(Some(Learner::new(
@@ -375,6 +420,9 @@ pub fn run_dataflow(
                 if let Some(l) = learner.borrow_mut().as_mut() {
                     l.restore(&loaded.shared, loaded.parts.clone(), config.seed);
                 }
+            }
+            if let (Some(replication), Some(l)) = (replication, learner.borrow_mut().as_mut()) {
+                l.replicate(replication);
             }
             let mut input = Inputs::new();
             let probe = ProbeHandle::new();
@@ -394,9 +442,17 @@ pub fn run_dataflow(
                     (empty(scope), None)
                 };
                 let side = counts.concat(control);
-                events
+                // In a cluster, item-row changes loop back one round later (see
+                // crate::cluster); alone, the loop is not built and rounds pipeline.
+                let (rows_loop, side) = if replication.is_some() {
+                    let (handle, rows) = scope.feedback::<Vec<RowBatch>>(1);
+                    (Some(handle), side.concat(rows.map(Side::Rows)))
+                } else {
+                    (None, side)
+                };
+                let changes_out = events
                     .broadcast()
-                    .binary_frontier::<_, CapacityContainerBuilder<Vec<u64>>, _, _, _, _>(
+                    .binary_frontier::<_, CapacityContainerBuilder<Vec<RowBatch>>, _, _, _, _>(
                         side,
                         Pipeline,
                         Pipeline,
@@ -405,6 +461,7 @@ pub fn run_dataflow(
                             let mut rounds = Stash::<Event>::default();
                             let mut changes = Stash::<CountChange>::default();
                             let mut cycles = Stash::<CycleTicket>::default();
+                            let mut remote = Vec::<RowBatch>::new();
                             move |(events, events_frontier), (side, side_frontier), output| {
                                 events.for_each(|cap, data| {
                                     rounds.stash(cap.retain_least(output.output_index()), data);
@@ -421,6 +478,7 @@ pub fn run_dataflow(
                                         match item {
                                             Side::Count(c) => counts.push(c),
                                             Side::Cycle(t) => tickets.push(t),
+                                            Side::Rows(r) => remote.push(r),
                                         }
                                     }
                                     changes.stash_at(time, &mut counts);
@@ -437,6 +495,11 @@ pub fn run_dataflow(
                                 let Some(learner) = learner.as_mut() else {
                                     return;
                                 };
+                                // Other processes' changes land as they come: additive,
+                                // so their order does not matter.
+                                for batch in remote.drain(..) {
+                                    learner.apply_rows(&batch);
+                                }
                                 loop {
                                     let round = rounds.first_time().filter(|t| done(t));
                                     let cycle = cycles.first_time().filter(|t| before_done(t));
@@ -455,7 +518,12 @@ pub fn run_dataflow(
                                             if let Some((cap, mut batch)) = rounds.take(time) {
                                                 let owned = learner.process_round(&mut batch);
                                                 processed.fetch_add(owned, Ordering::Relaxed);
-                                                output.session(&cap).give(owned);
+                                                let changes = learner.take_row_changes();
+                                                if !changes.is_empty() {
+                                                    output
+                                                        .session(&cap)
+                                                        .give_iterator(changes.into_iter());
+                                                }
                                             }
                                         }
                                         _ => break,
@@ -470,6 +538,11 @@ pub fn run_dataflow(
                         },
                     )
                     .probe_with(&probe);
+                if let Some(handle) = rows_loop {
+                    changes_out
+                        .exchange(|batch: &RowBatch| batch.target)
+                        .connect_loop(handle);
+                }
             });
 
             let mut stats = IngestStats::default();
@@ -554,15 +627,30 @@ pub fn run_dataflow(
             if drained.is_err() {
                 cancel.store(true, Ordering::Relaxed);
             }
-            let learner = learner
+            let outcome = learner
                 .borrow_mut()
                 .take()
-                .ok_or_else(|| Error::Internal("learner taken twice".into()))?;
-            ingest?;
-            drained?;
-            Ok::<_, Error>(WorkerOutcome {
-                ingest: stats,
-                learner: learner.finish(),
+                .ok_or_else(|| Error::Internal("learner taken twice".into()))
+                .and_then(|learner| {
+                    ingest?;
+                    drained?;
+                    Ok(WorkerOutcome {
+                        ingest: stats,
+                        learner: learner.finish(),
+                    })
+                });
+            if replication.is_none() {
+                return outcome.map(|o| vec![o]);
+            }
+            // Every process reports on the whole cluster; a worker that failed still
+            // takes part, or the others would wait for it.
+            let all = gather(worker, outcome.as_ref().ok().cloned());
+            outcome.map(|_| {
+                if index % config.workers == 0 {
+                    all
+                } else {
+                    Vec::new()
+                }
             })
         })
         .map_err(|e| Error::Internal(format!("timely could not start its workers: {e}")))?
@@ -578,7 +666,7 @@ pub fn run_dataflow(
     let mut first_error = None;
     for joined in guards.join() {
         match joined {
-            Ok(Ok(outcome)) => outcomes.push(outcome),
+            Ok(Ok(mut outcome)) => outcomes.append(&mut outcome),
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
             }
@@ -593,6 +681,10 @@ pub fn run_dataflow(
     dead.flush()?;
     let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
     report.gc = gc.stats();
+    report.processes = cluster.as_ref().map_or(1, |c| c.processes);
+    for (v, table) in report.variants.iter_mut().zip(&tables) {
+        v.item_table_norm = table.as_ref().map(|t| t.norm());
+    }
     if let Some(cp) = &checkpoints {
         let carried = cp.carried();
         report.rows += carried.rows;
@@ -664,6 +756,30 @@ fn take_checkpoint(
 
 /// One worker's share of compaction cycle `ticket`, run between rounds `time - 1` and
 /// `time`.
+/// Collects every worker's outcome on every worker of the cluster, through a dataflow
+/// of its own (built by all workers, in the same order, after the main one).
+fn gather(worker: &mut timely::worker::Worker, mine: Option<WorkerOutcome>) -> Vec<WorkerOutcome> {
+    let collected = Rc::new(RefCell::new(Vec::new()));
+    let mut input = timely::dataflow::InputHandle::<u64, CapacityContainerBuilder<Vec<_>>>::new();
+    let probe = worker.dataflow::<u64, _, _>(|scope| {
+        let sink = Rc::clone(&collected);
+        scope
+            .input_from(&mut input)
+            .broadcast()
+            .inspect(move |o: &WorkerOutcome| sink.borrow_mut().push(o.clone()))
+            .probe()
+            .0
+    });
+    if let Some(mine) = mine {
+        input.send(mine);
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(10)));
+    }
+    collected.take()
+}
+
 fn run_cycle(
     learner: &mut Learner,
     trace: Option<&mut PopularityTrace>,
@@ -687,6 +803,7 @@ fn assemble(
     outcomes: Vec<WorkerOutcome>,
 ) -> BacktestReport {
     let mut report = BacktestReport {
+        processes: 1,
         config: config.clone(),
         protocol,
         tick_ms,
@@ -743,6 +860,7 @@ fn assemble(
                     quality,
                 })
                 .collect(),
+            item_table_norm: None,
         })
         .collect();
     report

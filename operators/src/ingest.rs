@@ -85,7 +85,7 @@ pub fn auto_tick(rows: u64, span_ms: i64, target: u64) -> i64 {
 }
 
 /// What one worker's ingest saw.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IngestStats {
     /// Rows read from the source.
     pub rows: u64,

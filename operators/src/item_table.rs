@@ -179,6 +179,25 @@ impl ItemTable {
         out
     }
 
+    /// The Frobenius norm of the embeddings and biases of every initialised row: one
+    /// number that says whether two replicas of a table hold the same model.
+    pub fn norm(&self) -> f64 {
+        let (stride, dim) = (self.layout.stride(), self.layout.dim);
+        let mut sum = 0.0f64;
+        for chunk in self.chunk_list().iter().flatten() {
+            for (r, state) in chunk.states.iter().enumerate() {
+                if state.load(Ordering::Acquire) != READY {
+                    continue;
+                }
+                for v in &chunk.values[r * stride..r * stride + dim + 1] {
+                    let v = f64::from(f32::from_bits(v.load(Ordering::Relaxed)));
+                    sum += v * v;
+                }
+            }
+        }
+        sum.sqrt()
+    }
+
     /// The embedding (and bias) of every row written since the last call, among items
     /// `0..n`, clearing the marks: `(dense item, dim values, bias)`.
     pub(crate) fn take_dirty(&self, n: usize) -> Vec<(u32, Vec<f32>, f32)> {
@@ -247,6 +266,9 @@ pub(crate) struct ItemRows {
     chunks: Vec<Option<Arc<Chunk>>>,
     stride: usize,
     scratch: Vec<f32>,
+    /// What this worker's stores changed, summed per item, for the other processes of a
+    /// cluster (see [`crate::cluster`]); `None` when the table is not replicated.
+    log: Option<rustc_hash::FxHashMap<u32, Vec<f32>>>,
 }
 
 impl ItemRows {
@@ -257,7 +279,33 @@ impl ItemRows {
             chunks: Vec::new(),
             stride,
             scratch: vec![0.0; stride],
+            log: None,
         }
+    }
+
+    /// Starts recording what stores change (the table is replicated in other processes).
+    pub(crate) fn record_changes(&mut self) {
+        self.log.get_or_insert_with(Default::default);
+    }
+
+    /// The changes recorded since the last call: `(item, row delta)`, stride values each.
+    pub(crate) fn take_changes(&mut self) -> Vec<(u32, Vec<f32>)> {
+        self.log
+            .as_mut()
+            .map(|log| log.drain().collect())
+            .unwrap_or_default()
+    }
+
+    /// Adds another process's change to a row (not recorded: it is not this process's
+    /// change to pass on).
+    pub(crate) fn add(&mut self, item: u32, delta: &[f32]) {
+        let row = self.row(item);
+        for (slot, d) in row.iter().zip(delta) {
+            let v = f32::from_bits(slot.load(Ordering::Relaxed)) + d;
+            slot.store(v.to_bits(), Ordering::Relaxed);
+        }
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        self.chunk(c).dirty[r].store(true, Ordering::Release);
     }
 
     pub(crate) fn layout(&self) -> RowLayout {
@@ -392,12 +440,33 @@ impl ItemRows {
     /// Writes a row back (length = stride).
     #[inline]
     pub(crate) fn store(&mut self, item: u32, values: &[f32]) {
+        if self.log.is_some() {
+            self.record(item, values);
+        }
         let row = self.row(item);
         for (slot, v) in row.iter().zip(values) {
             slot.store(v.to_bits(), Ordering::Relaxed);
         }
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         self.chunk(c).dirty[r].store(true, Ordering::Release);
+    }
+
+    /// Adds what storing `values` changes (against the row as it is now, which includes
+    /// other workers' stores since this worker loaded it) to the log.
+    #[cold]
+    fn record(&mut self, item: u32, values: &[f32]) {
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        self.row(item);
+        let chunk = Arc::clone(self.chunk(c));
+        let row = &chunk.values[r * self.stride..(r + 1) * self.stride];
+        let stride = self.stride;
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let delta = log.entry(item).or_insert_with(|| vec![0.0; stride]);
+        for ((d, slot), v) in delta.iter_mut().zip(row).zip(values) {
+            *d += v - f32::from_bits(slot.load(Ordering::Relaxed));
+        }
     }
 
     /// Scores `p` against items `0..alive.len()`: `out[i] = p · q_i (+ b_i)`, and

@@ -15,6 +15,7 @@
 
 mod backtest;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 mod eval;
 mod ingest;

@@ -36,10 +36,13 @@ pub struct Quality {
     pub scored: u64,
     /// Scored events whose item ranked within the top K.
     pub hits: u64,
-    /// Sum of NDCG@K over scored events.
-    pub ndcg_sum: f64,
-    /// Sum of reciprocal ranks over scored events (0 for items never seen before).
-    pub rr_sum: f64,
+    /// Sum of NDCG@K over scored events, in fixed point (units of 2^-64). Integer sums
+    /// are exact in any order, so however the events are split over workers and
+    /// processes, the merged metrics are the same bit for bit.
+    pub ndcg_fixed: u128,
+    /// Sum of reciprocal ranks over scored events (0 for items never seen before), in
+    /// fixed point like `ndcg_fixed`.
+    pub rr_fixed: u128,
     /// Training pairs (positive, negative) the model took a step on.
     pub pairs: u64,
     /// Sum of the pairwise training loss.
@@ -53,10 +56,10 @@ impl Quality {
     pub fn record_rank(&mut self, rank: Option<u64>, k: usize) {
         self.scored += 1;
         if let Some(rank) = rank {
-            self.rr_sum += 1.0 / (rank as f64 + 1.0);
+            self.rr_fixed += to_fixed(1.0 / (rank as f64 + 1.0));
             if rank < k as u64 {
                 self.hits += 1;
-                self.ndcg_sum += 1.0 / (rank as f64 + 2.0).log2();
+                self.ndcg_fixed += to_fixed(1.0 / (rank as f64 + 2.0).log2());
             }
         }
     }
@@ -66,10 +69,20 @@ impl Quality {
         self.events += other.events;
         self.scored += other.scored;
         self.hits += other.hits;
-        self.ndcg_sum += other.ndcg_sum;
-        self.rr_sum += other.rr_sum;
+        self.ndcg_fixed += other.ndcg_fixed;
+        self.rr_fixed += other.rr_fixed;
         self.pairs += other.pairs;
         self.loss_sum += other.loss_sum;
+    }
+
+    /// Sum of NDCG@K over scored events.
+    pub fn ndcg_sum(&self) -> f64 {
+        from_fixed(self.ndcg_fixed)
+    }
+
+    /// Sum of reciprocal ranks over scored events.
+    pub fn rr_sum(&self) -> f64 {
+        from_fixed(self.rr_fixed)
     }
 
     /// Share of scored events that hit (recall@K with one held-out item per event).
@@ -79,18 +92,31 @@ impl Quality {
 
     /// Mean NDCG@K.
     pub fn ndcg(&self) -> f64 {
-        ratio(self.ndcg_sum, self.scored)
+        ratio(self.ndcg_sum(), self.scored)
     }
 
     /// Mean reciprocal rank.
     pub fn mrr(&self) -> f64 {
-        ratio(self.rr_sum, self.scored)
+        ratio(self.rr_sum(), self.scored)
     }
 
     /// Mean training loss per pair (0 when nothing was trained).
     pub fn loss(&self) -> f64 {
         ratio(self.loss_sum, self.pairs)
     }
+}
+
+/// One in the fixed-point sums.
+const FIXED_ONE: f64 = 18_446_744_073_709_551_616.0; // 2^64
+
+/// `x` in `[0, 1]` to fixed point (rounded; 2^-65 at most off).
+#[inline]
+fn to_fixed(x: f64) -> u128 {
+    (x * FIXED_ONE).round() as u128
+}
+
+fn from_fixed(v: u128) -> f64 {
+    v as f64 / FIXED_ONE
 }
 
 fn ratio(sum: f64, count: u64) -> f64 {
@@ -123,8 +149,8 @@ mod tests {
         assert_eq!(q.scored, 3);
         assert_eq!(q.hits, 1);
         assert!((q.recall() - 1.0 / 3.0).abs() < 1e-12);
-        assert!((q.ndcg_sum - 0.5).abs() < 1e-12);
-        assert!((q.rr_sum - (1.0 / 3.0 + 1.0 / 11.0)).abs() < 1e-12);
+        assert!((q.ndcg_sum() - 0.5).abs() < 1e-12);
+        assert!((q.rr_sum() - (1.0 / 3.0 + 1.0 / 11.0)).abs() < 1e-12);
     }
 
     #[test]

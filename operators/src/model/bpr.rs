@@ -173,6 +173,21 @@ impl Bpr {
         }
     }
 
+    /// Records item-row changes for the other processes of a cluster.
+    pub(crate) fn record_item_changes(&mut self) {
+        self.items.record_changes();
+    }
+
+    /// Item-row changes since the last call, and the row stride.
+    pub(crate) fn take_item_changes(&mut self) -> (Vec<(u32, Vec<f32>)>, usize) {
+        (self.items.take_changes(), self.layout.stride())
+    }
+
+    /// Adds another process's change to an item row.
+    pub(crate) fn add_to_item(&mut self, item: u32, delta: &[f32]) {
+        self.items.add(item, delta);
+    }
+
     /// The layout a table for this configuration needs.
     pub(crate) fn layout_for(cfg: &ModelConfig) -> RowLayout {
         RowLayout {

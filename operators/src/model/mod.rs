@@ -39,6 +39,14 @@ impl Model {
             .then(|| Arc::new(ItemTable::new(Bpr::layout_for(cfg), seed, cfg.init_std)))
     }
 
+    /// The BPR half of this model, if it has one.
+    pub(crate) fn bpr_mut(&mut self) -> Option<&mut Bpr> {
+        match self {
+            Model::Bpr(m) => Some(m),
+            Model::MostPop => None,
+        }
+    }
+
     /// Whether training takes negatives.
     pub(crate) fn wants_negatives(&self) -> bool {
         matches!(self, Model::Bpr(_))

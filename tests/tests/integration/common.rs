@@ -60,8 +60,8 @@ pub(crate) fn assert_same_quality(a: &Quality, b: &Quality, what: &str) {
         "{what}"
     );
     for (x, y) in [
-        (a.ndcg_sum, b.ndcg_sum),
-        (a.rr_sum, b.rr_sum),
+        (a.ndcg_sum(), b.ndcg_sum()),
+        (a.rr_sum(), b.rr_sum()),
         (a.loss_sum, b.loss_sum),
     ] {
         assert!(

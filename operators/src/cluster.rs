@@ -1,0 +1,212 @@
+//! Running one job as a timely cluster of several processes: the cluster's shape, its
+//! host file, and how the item tables stay in step between processes.
+//!
+//! ## What is partitioned and what is replicated
+//!
+//! Workers are numbered globally (`process * workers + local`), and everything that is
+//! partitioned by worker is partitioned over the whole cluster: users (a user's history
+//! and embedding live on the worker `owner(user, peers)`), Kafka partitions and Parquet
+//! row groups. The event stream is broadcast to every worker of every process, exactly as
+//! within one process, so each worker keeps the same replay order, catalogue and
+//! popularity counts: models without learned item state (`mostpop`) give the same
+//! numbers on any cluster shape.
+//!
+//! ## Item rows between processes
+//!
+//! Within a process the item table is shared memory, updated Hogwild!-style (see
+//! [`crate::item_table`]). Between processes there is no shared memory, so each process
+//! holds a replica and the replicas exchange *changes*: every store a worker makes is
+//! also summed, per item, into a change log (the new row minus the row it replaced,
+//! Adagrad accumulators included, which are sums and therefore add up too). After each
+//! round a worker sends its log to the other processes; item `i`'s changes go to the
+//! worker `i % workers` of each other process, which adds them to its replica. The
+//! changes travel on a timely feedback edge that advances their time by one round, so the
+//! learner's side input frontier makes round `t + 1` wait until every process has sent
+//! its round-`t` changes: a replica is at most one round behind the others (bounded
+//! staleness), and additive deltas mean no process's update overwrites another's. This is
+//! the parameter-averaging-free variant of asynchronous SGD ("delta accumulation"); what
+//! differs from one process is only the order in which concurrent updates land, which is
+//! why a cluster's BPR metrics match one process's within a tolerance rather than
+//! exactly.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tidepool_pipeline::{Error, Result};
+
+/// First port of the default loopback addresses (timely's own default).
+pub const DEFAULT_BASE_PORT: u16 = 2101;
+
+/// How long a process waits for the others by default.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Ends the process if the cluster has not connected within `timeout`: timely's
+/// connection set-up retries forever and cannot be interrupted, and a process waiting
+/// for a peer that never comes (crashed, wrong hostfile) should fail visibly instead.
+pub(crate) fn connect_watchdog(
+    cluster: &Cluster,
+    connected: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let (timeout, process, addresses) = (
+        cluster.connect_timeout,
+        cluster.process,
+        cluster.addresses.join(", "),
+    );
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if connected.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if !connected.load(std::sync::atomic::Ordering::Acquire) {
+            eprintln!(
+                "error: process {process} could not connect to the whole cluster ({addresses}) within {timeout:?}; is every process started with the same hostfile?"
+            );
+            std::process::exit(3);
+        }
+    });
+}
+
+/// This process's place in a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Number of processes.
+    pub processes: usize,
+    /// This process's index, `0..processes`.
+    pub process: usize,
+    /// `host:port` of every process, in process order.
+    pub addresses: Vec<String>,
+    /// How long to wait for every process to connect before giving up.
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Cluster {
+    /// A cluster of `processes` processes; `hostfile` lists one `host:port` per line
+    /// (blank lines and `#` comments ignored), and without one every process listens on
+    /// loopback at `DEFAULT_BASE_PORT + index`.
+    pub fn new(processes: usize, process: usize, hostfile: Option<&Path>) -> Result<Self> {
+        if processes == 0 {
+            return Err(Error::Config("--processes must be at least 1".into()));
+        }
+        if process >= processes {
+            return Err(Error::Config(format!(
+                "--process {process} is out of range: a cluster of {processes} processes has indices 0..={}",
+                processes - 1
+            )));
+        }
+        let addresses = match hostfile {
+            Some(path) => read_hostfile(path, processes)?,
+            None => (0..processes)
+                .map(|i| format!("127.0.0.1:{}", DEFAULT_BASE_PORT as usize + i))
+                .collect(),
+        };
+        Ok(Self {
+            processes,
+            process,
+            addresses,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        })
+    }
+}
+
+fn read_hostfile(path: &Path, processes: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut addresses = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let valid = line
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(Error::Config(format!(
+                "{}:{}: expected host:port, found {line:?}",
+                path.display(),
+                n + 1
+            )));
+        }
+        addresses.push(line.to_string());
+    }
+    if addresses.len() < processes {
+        return Err(Error::Config(format!(
+            "{} lists {} address(es) but the cluster has {processes} processes",
+            path.display(),
+            addresses.len()
+        )));
+    }
+    addresses.truncate(processes);
+    Ok(addresses)
+}
+
+/// Where a worker's item-row changes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Replication {
+    pub(crate) process: usize,
+    pub(crate) processes: usize,
+    /// Workers per process.
+    pub(crate) workers: usize,
+}
+
+impl Replication {
+    /// The worker of each *other* process that applies `item`'s changes.
+    pub(crate) fn targets(self, item: u32) -> impl Iterator<Item = usize> {
+        let local = item as usize % self.workers;
+        (0..self.processes)
+            .filter(move |&p| p != self.process)
+            .map(move |p| p * self.workers + local)
+    }
+}
+
+/// Item-row changes of one variant for one worker: `values` holds `stride` values per
+/// item in `items` order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RowBatch {
+    pub(crate) target: u64,
+    pub(crate) variant: u32,
+    pub(crate) items: Vec<u32>,
+    pub(crate) values: Vec<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostfile_is_read_with_comments_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hosts");
+        std::fs::write(
+            &path,
+            "# cluster\n10.0.0.1:2101\n\n10.0.0.2:2101 # second\n",
+        )
+        .expect("write");
+        let c = Cluster::new(2, 1, Some(&path)).expect("valid");
+        assert_eq!(c.addresses, ["10.0.0.1:2101", "10.0.0.2:2101"]);
+        let err = Cluster::new(3, 0, Some(&path)).expect_err("too few");
+        assert!(err.to_string().contains("lists 2 address(es)"), "{err}");
+        std::fs::write(&path, "10.0.0.1\n").expect("write");
+        let err = Cluster::new(1, 0, Some(&path)).expect_err("no port");
+        assert!(err.to_string().contains(":1: expected host:port"), "{err}");
+        let err = Cluster::new(2, 2, None).expect_err("index");
+        assert!(err.to_string().contains("out of range"), "{err}");
+        assert_eq!(
+            Cluster::new(2, 0, None).expect("default").addresses,
+            ["127.0.0.1:2101", "127.0.0.1:2102"]
+        );
+    }
+
+    #[test]
+    fn changes_go_to_one_worker_of_every_other_process() {
+        let r = Replication {
+            process: 1,
+            processes: 3,
+            workers: 2,
+        };
+        assert_eq!(r.targets(5).collect::<Vec<_>>(), [1, 5]);
+        assert_eq!(r.targets(4).collect::<Vec<_>>(), [0, 4]);
+    }
+}
