@@ -300,6 +300,7 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             restore: None,
             deltas: None,
             cluster: None,
+            live: None,
         };
         let report = run_dataflow(Arc::new(source), &config, dead, options, &|_| {})?;
         let stats = cp.stats();

@@ -1,6 +1,7 @@
 //! The subcommands, as functions the binary and the tests both call.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use tidepool_connector_parquet::{
     import_csv, ColumnMapping, CsvOptions, EventWriter, ImportReport, ParquetSource,
 };
 use tidepool_operators::cluster::Cluster;
+use tidepool_operators::live::LiveMetrics;
 use tidepool_operators::{
     run_dataflow, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, RunOptions, StateConfig,
     VariantConfig,
@@ -20,6 +22,7 @@ use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::memory::gc::GcConfig;
 use tidepool_pipeline::{
     BufferPool, DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters, PoolConfig,
+    Stoppable,
 };
 
 use crate::cli::{BacktestArgs, GenerateArgs, ImportArgs};
@@ -148,12 +151,28 @@ impl BacktestArgs {
     }
 }
 
+/// SIGINT/SIGTERM set `flag` (the sources stop, the run drains and reports, exit 0); a
+/// second signal kills the process the default way.
+pub(crate) fn stop_on_signals(flag: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_default(sig, Arc::clone(flag))
+            .context("installing a signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(flag))
+            .context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
 /// Runs a backtest as the CLI does: progress bar, table on stdout, optional files.
 pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     let config = args.config()?;
     config.validate()?;
     let pool = args.pool();
-    let source = args.source(&pool)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&stop)?;
+    let source: Arc<dyn EventSource> =
+        Arc::new(Stoppable::new(args.source(&pool)?, Arc::clone(&stop)));
     let info = source.info();
     tracing::info!(source = %info.description, workers = config.workers, "backtest starting");
     let dead: Arc<dyn DeadLetterSink> = match &args.dead_letters {
@@ -167,13 +186,15 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
         .context("installing the SIGUSR1 handler")?;
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let live = Arc::new(LiveMetrics::new(&config));
     crate::serve::start_if(args.metrics_addr.as_deref(), || crate::serve::Telemetry {
         trained: Arc::clone(&trained),
         gc: Arc::clone(&gc),
         checkpoints: None,
         dead: Arc::clone(&dead),
         pool: pool.clone(),
-        messages: None,
+        kafka: None,
+        live: Some(Arc::clone(&live)),
         started: Instant::now(),
     })?;
     let options = RunOptions {
@@ -182,12 +203,21 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         restore: None,
         deltas: None,
         cluster: args.cluster()?,
+        live: Some(live),
     };
     let report = run_dataflow(source, &config, Arc::clone(&dead), options, &|done| {
         trained.store(done, std::sync::atomic::Ordering::Relaxed);
         bar.set_position(done)
     })?;
     bar.finish_and_clear();
+    let stopped = stop.load(Ordering::Relaxed);
+    if stopped {
+        eprintln!(
+            "stopped by a signal after {} of {} rows; the results below cover those",
+            report.rows,
+            info.rows.map_or("?".to_string(), |r| r.to_string())
+        );
+    }
     print!("{}", summary_table(&report));
     let stats = pool.stats();
     if args.pool {
@@ -217,6 +247,7 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     }
     if let Some(path) = &args.summary_json {
         let mut summary = summary_json(&report, &info.description);
+        summary["stopped_early"] = stopped.into();
         summary["pool"] = serde_json::to_value(pool.stats())?;
         summary["pool"]["enabled"] = serde_json::Value::Bool(args.pool);
         if let Some(peak) = tidepool_pipeline::memory::heap::heap_peak() {

@@ -3,18 +3,23 @@
 //! checkpoint. Served by axum on a small tokio runtime in its own thread; bound to
 //! 127.0.0.1 unless an explicit address says otherwise.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
+use tidepool_connector_kafka::KafkaCounters;
 use tidepool_operators::checkpoint::Checkpointer;
+use tidepool_operators::live::LiveMetrics;
 use tidepool_pipeline::memory::collector::GcController;
+use tidepool_pipeline::Quality;
 use tidepool_pipeline::{BufferPool, DeadLetterSink};
 
 /// What the endpoint reads and controls.
@@ -30,13 +35,56 @@ pub struct Telemetry {
     pub dead: Arc<dyn DeadLetterSink>,
     /// The buffer pool.
     pub pool: BufferPool,
-    /// Kafka messages read, when the source is Kafka.
-    pub messages: Option<Arc<AtomicU64>>,
+    /// The Kafka source's counters (messages, lag per partition), when reading Kafka.
+    pub kafka: Option<Arc<KafkaCounters>>,
+    /// The run's live quality counters, event time and watermark.
+    pub live: Option<Arc<LiveMetrics>>,
     /// When the job started.
     pub started: Instant,
 }
 
-fn render(t: &Telemetry) -> String {
+/// Width of the "recent" quality window.
+const RECENT: Duration = Duration::from_secs(60);
+
+/// Snapshots of the live quality counters, one a second over the last [`RECENT`]: the
+/// recent window's counters are the newest minus the oldest.
+#[derive(Clone, Default)]
+struct Recent(Arc<Mutex<VecDeque<Snapshot>>>);
+
+/// When, and each variant's counters then.
+type Snapshot = (Instant, Vec<Quality>);
+
+impl Recent {
+    fn sample(&self, live: &LiveMetrics) {
+        let now = Instant::now();
+        let snapshot = live.quality().into_iter().map(|(_, q)| q).collect();
+        let mut ring = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        ring.push_back((now, snapshot));
+        while ring
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RECENT)
+        {
+            ring.pop_front();
+        }
+    }
+
+    /// Per variant, the counters added over the window, and the window's length.
+    fn window(&self) -> Option<(Vec<Quality>, Duration)> {
+        let ring = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let ((t0, first), (t1, last)) = (ring.front()?, ring.back()?);
+        let diff = first.iter().zip(last).map(|(a, b)| b.since(a)).collect();
+        Some((diff, t1.duration_since(*t0)))
+    }
+}
+
+#[derive(Clone)]
+struct Served {
+    telemetry: Telemetry,
+    recent: Recent,
+}
+
+fn render(served: &Served) -> String {
+    let t = &served.telemetry;
     let mut out = String::new();
     let mut metric = |name: &str, help: &str, kind: &str, lines: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -64,13 +112,27 @@ fn render(t: &Telemetry) -> String {
         "counter",
         &[(String::new(), t.dead.count() as f64)],
     );
-    if let Some(m) = &t.messages {
+    if let Some(k) = &t.kafka {
         metric(
             "tidepool_kafka_messages_total",
             "Kafka messages read.",
             "counter",
-            &[(String::new(), m.load(Ordering::Relaxed) as f64)],
+            &[(String::new(), k.messages.load(Ordering::Relaxed) as f64)],
         );
+        let lag: Vec<(String, f64)> = k
+            .lag()
+            .into_iter()
+            .map(|(p, lag)| (format!("{{partition=\"{p}\"}}"), lag as f64))
+            .collect();
+        metric(
+            "tidepool_kafka_consumer_lag",
+            "Messages between what this process has read and the partition's end (librdkafka statistics, every second).",
+            "gauge",
+            &lag,
+        );
+    }
+    if let Some(live) = &t.live {
+        render_live(live, &served.recent, &mut metric);
     }
     let gc = t.gc.stats();
     let cycles: Vec<(String, f64)> = ["ratio", "limit", "forced", "manual"]
@@ -166,6 +228,82 @@ fn render(t: &Telemetry) -> String {
     out
 }
 
+fn render_live(
+    live: &LiveMetrics,
+    recent: &Recent,
+    metric: &mut impl FnMut(&str, &str, &str, &[(String, f64)]),
+) {
+    let k = live.k();
+    let quality = live.quality();
+    let label = |name: &str| format!("{{variant=\"{}\"}}", name.replace('"', "'"));
+    let each = |f: &dyn Fn(&Quality) -> f64| -> Vec<(String, f64)> {
+        quality.iter().map(|(n, q)| (label(n), f(q))).collect()
+    };
+    metric(
+        "tidepool_events_scored_total",
+        "Events ranked before training (prequential evaluation).",
+        "counter",
+        &each(&|q| q.scored as f64),
+    );
+    metric(
+        "tidepool_hits_total",
+        &format!("Scored events whose item ranked in the top {k}."),
+        "counter",
+        &each(&|q| q.hits as f64),
+    );
+    if let Some((window, span)) = recent.window() {
+        let names = quality.iter().map(|(n, _)| label(n));
+        let recall: Vec<_> = names
+            .clone()
+            .zip(&window)
+            .map(|(l, q)| (l, q.recall()))
+            .collect();
+        let loss: Vec<_> = names.zip(&window).map(|(l, q)| (l, q.loss())).collect();
+        metric(
+            &format!("tidepool_recall_at_{k}_recent"),
+            &format!("recall@{k} over the last minute's scored events (0 when none)."),
+            "gauge",
+            &recall,
+        );
+        metric(
+            "tidepool_loss_recent",
+            "Mean training loss per pair over the last minute.",
+            "gauge",
+            &loss,
+        );
+        metric(
+            "tidepool_recent_window_seconds",
+            "Length of the window the recent gauges cover.",
+            "gauge",
+            &[(String::new(), span.as_secs_f64())],
+        );
+    }
+    if let Some(newest) = live.newest_event_ms() {
+        metric(
+            "tidepool_event_time_newest_seconds",
+            "The newest event time read (Unix seconds).",
+            "gauge",
+            &[(String::new(), newest as f64 / 1e3)],
+        );
+        // The frontier can be past the newest event (its round closed); everything read
+        // is trained then, and the watermark is the newest event time.
+        if let Some(mark) = live.watermark_ms().map(|m| m.min(newest)) {
+            metric(
+                "tidepool_watermark_seconds",
+                "Event time before which every event read is scored and trained (Unix seconds).",
+                "gauge",
+                &[(String::new(), mark as f64 / 1e3)],
+            );
+            metric(
+                "tidepool_watermark_lag_seconds",
+                "Event time read but not yet trained: newest event time minus the watermark.",
+                "gauge",
+                &[(String::new(), (newest - mark).max(0) as f64 / 1e3)],
+            );
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct GcQuery {
     percent: String,
@@ -184,49 +322,69 @@ pub fn start(addr: &str, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
         .build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
     let bound = listener.local_addr()?;
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(t): State<Telemetry>| async move { render(&t) }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/admin/gc",
-            post(
-                |State(t): State<Telemetry>, Query(q): Query<GcQuery>| async move {
-                    match tidepool_pipeline::memory::gc::parse_gc_percent(&q.percent) {
-                        Ok(p) => {
-                            let old = t.gc.set_gc_percent(p);
-                            (StatusCode::OK, format!("gc_percent {old:?} -> {p:?}\n"))
+    let served = Served {
+        recent: Recent::default(),
+        telemetry,
+    };
+    if let Some(live) = served.telemetry.live.clone() {
+        let recent = served.recent.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                recent.sample(&live);
+            }
+        });
+    }
+    let app =
+        Router::new()
+            .route(
+                "/metrics",
+                get(|State(s): State<Served>| async move { render(&s) }),
+            )
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/admin/gc",
+                post(
+                    |State(Served { telemetry: t, .. }): State<Served>,
+                     Query(q): Query<GcQuery>| async move {
+                        match tidepool_pipeline::memory::gc::parse_gc_percent(&q.percent) {
+                            Ok(p) => {
+                                let old = t.gc.set_gc_percent(p);
+                                (StatusCode::OK, format!("gc_percent {old:?} -> {p:?}\n"))
+                            }
+                            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
                         }
-                        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/admin/compact",
-            post(|State(t): State<Telemetry>| async move {
-                t.gc.request();
-                "compaction cycle requested\n"
-            }),
-        )
-        .route(
-            "/admin/checkpoint",
-            post(|State(t): State<Telemetry>| async move {
-                match &t.checkpoints {
-                    Some(cp) => {
-                        cp.request_flag().store(true, Ordering::Relaxed);
-                        (StatusCode::OK, "checkpoint requested\n")
-                    }
-                    None => (
-                        StatusCode::CONFLICT,
-                        "this job does not checkpoint (no --checkpoint-dir)\n",
-                    ),
-                }
-            }),
-        )
-        .with_state(telemetry);
+                    },
+                ),
+            )
+            .route(
+                "/admin/compact",
+                post(
+                    |State(Served { telemetry: t, .. }): State<Served>| async move {
+                        t.gc.request();
+                        "compaction cycle requested\n"
+                    },
+                ),
+            )
+            .route(
+                "/admin/checkpoint",
+                post(
+                    |State(Served { telemetry: t, .. }): State<Served>| async move {
+                        match &t.checkpoints {
+                            Some(cp) => {
+                                cp.request_flag().store(true, Ordering::Relaxed);
+                                (StatusCode::OK, "checkpoint requested\n")
+                            }
+                            None => (
+                                StatusCode::CONFLICT,
+                                "this job does not checkpoint (no --checkpoint-dir)\n",
+                            ),
+                        }
+                    },
+                ),
+            )
+            .with_state(served);
     std::thread::Builder::new()
         .name("tidepool-http".into())
         .spawn(move || {

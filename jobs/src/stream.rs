@@ -226,15 +226,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     let counters = source.counters();
     #[cfg(unix)]
     {
-        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
-        // SIGINT/SIGTERM end the readers; the run drains, writes a final checkpoint and
-        // exits 0. A second signal kills the process the default way.
-        for sig in [SIGINT, SIGTERM] {
-            signal_hook::flag::register_conditional_default(sig, source.stop_flag())
-                .context("installing a signal handler")?;
-            signal_hook::flag::register(sig, source.stop_flag())
-                .context("installing a signal handler")?;
-        }
+        use signal_hook::consts::{SIGUSR1, SIGUSR2};
+        // SIGINT/SIGTERM end the readers; the run drains and writes a final checkpoint.
+        crate::commands::stop_on_signals(&source.stop_flag())?;
         signal_hook::flag::register(SIGUSR1, gc.manual_flag())
             .context("installing the SIGUSR1 handler")?;
         if let Some(cp) = &checkpoints {
@@ -268,6 +262,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         None => None,
     };
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let live = Arc::new(tidepool_operators::live::LiveMetrics::new(&config));
     crate::serve::start_if(args.run.metrics_addr.as_deref(), || {
         crate::serve::Telemetry {
             trained: Arc::clone(&trained),
@@ -275,7 +270,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
             checkpoints: checkpoints.clone(),
             dead: Arc::clone(&dead),
             pool: pool.clone(),
-            messages: Some(counters.clone_messages()),
+            kafka: Some(Arc::clone(&counters)),
+            live: Some(Arc::clone(&live)),
             started: std::time::Instant::now(),
         }
     })?;
@@ -285,6 +281,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         restore,
         deltas,
         cluster: args.run.cluster()?,
+        live: Some(live),
     };
     let report = run_dataflow(
         Arc::new(source),

@@ -1,6 +1,8 @@
 //! The metrics and admin endpoint of a running job, scraped over HTTP, and graceful
 //! shutdown on SIGTERM with a final checkpoint.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -101,6 +103,37 @@ fn metrics_admin_and_graceful_shutdown() {
         assert!(body.contains(name), "{name} missing from\n{body}");
     }
 
+    // Lag per partition (librdkafka statistics, every second): all read, so zero.
+    wait_for("the lag of every partition", || {
+        (0..4).all(|p| {
+            metric(
+                &addr,
+                &format!("tidepool_kafka_consumer_lag{{partition=\"{p}\"}}"),
+            ) == Some(0.0)
+        })
+    });
+    // Quality as it grows, and over the last minute (which covers this whole run).
+    wait_for("a recent window of at least two seconds", || {
+        metric(&addr, "tidepool_recent_window_seconds").unwrap_or(0.0) >= 2.0
+    });
+    let scored = metric(&addr, "tidepool_events_scored_total{variant=\"bpr\"}").unwrap();
+    let hits = metric(&addr, "tidepool_hits_total{variant=\"bpr\"}").unwrap();
+    assert!(
+        scored > 1000.0 && hits > 0.0 && hits <= scored,
+        "{hits}/{scored}"
+    );
+    let recall = metric(&addr, "tidepool_recall_at_10_recent{variant=\"bpr\"}").unwrap();
+    assert!(recall > 0.0 && recall <= 1.0, "recent recall {recall}");
+    let loss = metric(&addr, "tidepool_loss_recent{variant=\"bpr\"}").unwrap();
+    assert!(loss > 0.05 && loss < 1.0, "recent loss {loss}");
+    // Everything read is trained: the watermark has reached the newest event's round.
+    let newest = metric(&addr, "tidepool_event_time_newest_seconds").unwrap();
+    let mark = metric(&addr, "tidepool_watermark_seconds").unwrap();
+    assert!(
+        mark <= newest && newest - mark < 86_400.0,
+        "{mark} vs {newest}"
+    );
+
     // gc_percent set at run time shows in the metrics and the next cycle's settings.
     assert_eq!(metric(&addr, "tidepool_gc_percent"), Some(100.0));
     assert_eq!(http(&addr, "POST", "/admin/gc?percent=50").0, 200);
@@ -116,12 +149,7 @@ fn metrics_admin_and_graceful_shutdown() {
     });
 
     // SIGTERM: stop the readers, drain, final checkpoint, exit 0.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    common::sigterm(&child);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "exit status {:?}", out.status);
     let stdout = String::from_utf8_lossy(&out.stdout);

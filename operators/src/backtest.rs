@@ -62,6 +62,7 @@ use crate::cluster::{Cluster, Replication, RowBatch};
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
 use crate::ingest::{auto_tick, drive, Clock, Feed, IngestStats, Inputs};
 use crate::learner::{Learner, Protocol, WorkerResult};
+use crate::live::LiveMetrics;
 use crate::model::Model;
 use crate::popularity::{compact_trace, CountChange, PopularityTrace, WindowedPopularity};
 use tidepool_samplers::SamplerSpec;
@@ -254,6 +255,7 @@ pub fn run_backtest_with(
         restore: None,
         deltas: None,
         cluster: None,
+        live: None,
     };
     run_dataflow(source, config, dead, options, progress)
 }
@@ -273,6 +275,8 @@ pub struct RunOptions {
     /// This process's place in a multi-process cluster (`config.workers` is then the
     /// number of workers per process); `None` runs in this process alone.
     pub cluster: Option<Cluster>,
+    /// Counters the caller reads while the run goes on (metrics endpoint).
+    pub live: Option<Arc<LiveMetrics>>,
 }
 
 /// The dataflow behind every command: replays or follows `source`, scoring then
@@ -293,6 +297,7 @@ pub fn run_dataflow(
         restore,
         deltas,
         cluster,
+        live,
     } = options;
     let cluster = cluster.filter(|c| c.processes > 1);
     if let Some(c) = &cluster {
@@ -430,6 +435,7 @@ pub fn run_dataflow(
                 let learner = Rc::clone(&learner);
                 let processed = Arc::clone(&processed);
                 let gc = Arc::clone(&gc);
+                let live = live.clone();
                 let events = scope.input_from(&mut input.events);
                 let control = scope
                     .input_from(&mut input.control)
@@ -518,6 +524,9 @@ pub fn run_dataflow(
                                             if let Some((cap, mut batch)) = rounds.take(time) {
                                                 let owned = learner.process_round(&mut batch);
                                                 processed.fetch_add(owned, Ordering::Relaxed);
+                                                if let Some(live) = &live {
+                                                    live.add(&learner.take_live());
+                                                }
                                                 let changes = learner.take_row_changes();
                                                 if !changes.is_empty() {
                                                     output
@@ -588,6 +597,7 @@ pub fn run_dataflow(
                     late: config.late,
                     allowed_lateness_ms: config.allowed_lateness_ms,
                     must_flush: &must_flush,
+                    live: live.as_deref(),
                     checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
                 };
                 drive(

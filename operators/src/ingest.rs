@@ -158,6 +158,8 @@ pub(crate) struct Feed<'a> {
     pub(crate) must_flush: &'a dyn Fn() -> bool,
     /// Whether a checkpoint is waiting for this worker (read only).
     pub(crate) checkpoint_pending: &'a dyn Fn() -> bool,
+    /// Where the newest event time and the watermark are shown.
+    pub(crate) live: Option<&'a crate::live::LiveMetrics>,
 }
 
 /// Reads `reader` to the end into `input`, counting into `stats` and calling `hook`
@@ -180,8 +182,17 @@ pub(crate) fn drive(
         late,
         allowed_lateness_ms,
         must_flush,
+        live,
         ..
     } = *feed;
+    // The probe's frontier is the first round not yet trained everywhere.
+    let show_watermark = |probe: &ProbeHandle<u64>| {
+        if let Some(live) = live {
+            if let Some(t) = probe.with_frontier(|f| f.first().copied()) {
+                live.set_watermark(clock.origin_ms + t as i64 * clock.tick_ms);
+            }
+        }
+    };
     let lateness_ticks = (allowed_lateness_ms.max(0) as u64).div_ceil(clock.tick_ms.max(1) as u64);
     let mut decoded = Vec::new();
     let mut out = Outbox {
@@ -217,6 +228,7 @@ pub(crate) fn drive(
                 out.release(u64::MAX, worker, input, probe, feed);
                 out.send(input);
             }
+            show_watermark(probe);
             hook(worker, Some(input), stats, flushed)?;
             continue;
         }
@@ -232,6 +244,10 @@ pub(crate) fn drive(
         if let Some(e) = sink_error {
             return Err(e);
         }
+        if let (Some(live), Some(newest)) = (live, decoded.iter().map(|e| e.ts).max()) {
+            live.saw_event_time(newest);
+        }
+        show_watermark(probe);
         for event in decoded.drain(..) {
             let tick = clock.tick(event.ts);
             if tick < *input.events.time() {

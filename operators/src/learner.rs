@@ -109,9 +109,18 @@ struct Variant {
     /// the per-event path touches no map while event time stays in one window.
     current: (i64, Quality),
     windows: BTreeMap<i64, Quality>,
+    /// Counters since the last [`Learner::take_live`], for the live metrics.
+    live: Quality,
 }
 
 impl Variant {
+    /// Applies `f` to the window's counters and the live ones.
+    #[inline]
+    fn record(&mut self, window: i64, f: impl Fn(&mut Quality)) {
+        f(self.window(window));
+        f(&mut self.live);
+    }
+
     #[inline]
     fn window(&mut self, window: i64) -> &mut Quality {
         if self.current.0 != window {
@@ -228,6 +237,7 @@ impl Learner {
                 )),
                 current: (0, Quality::default()),
                 windows: BTreeMap::new(),
+                live: Quality::default(),
             })
             .collect();
         Self {
@@ -571,11 +581,13 @@ impl Learner {
             } else {
                 None
             };
-            let q = v.window(window);
-            q.events += 1;
-            if let Some(rank) = rank {
-                q.record_rank(rank, self.protocol.k);
-            }
+            let k = self.protocol.k;
+            v.record(window, |q| {
+                q.events += 1;
+                if let Some(rank) = rank {
+                    q.record_rank(rank, k);
+                }
+            });
         }
 
         let item = self.catalogue.observe(event.item, event.ts);
@@ -608,11 +620,21 @@ impl Learner {
                 }
             }
             let loss = v.model.train(user, item, &self.negatives);
-            let q = v.window(window);
-            q.pairs += self.negatives.len() as u64;
-            q.loss_sum += loss;
+            let pairs = self.negatives.len() as u64;
+            v.record(window, |q| {
+                q.pairs += pairs;
+                q.loss_sum += loss;
+            });
         }
         self.users.remember(user, item);
+    }
+
+    /// Each variant's counters since the last call.
+    pub(crate) fn take_live(&mut self) -> Vec<Quality> {
+        self.variants
+            .iter_mut()
+            .map(|v| std::mem::take(&mut v.live))
+            .collect()
     }
 
     pub(crate) fn finish(self) -> WorkerResult {

@@ -21,6 +21,7 @@ mod eval;
 mod ingest;
 mod item_table;
 mod learner;
+pub mod live;
 mod model;
 mod popularity;
 pub mod serve;

@@ -25,4 +25,4 @@ pub use error::{Error, ErrorDomain, Result};
 pub use event::{BatchOrigin, Event, EventType};
 pub use memory::{BufferPool, PoolConfig, PoolStats, PooledVec};
 pub use metrics::Quality;
-pub use source::{EventReader, EventSource, SourceBatch, SourceInfo};
+pub use source::{EventReader, EventSource, SourceBatch, SourceInfo, Stoppable};

@@ -85,6 +85,19 @@ impl Quality {
         from_fixed(self.rr_fixed)
     }
 
+    /// What was added since `earlier` (counters of the same stream, taken before).
+    pub fn since(&self, earlier: &Quality) -> Quality {
+        Quality {
+            events: self.events.saturating_sub(earlier.events),
+            scored: self.scored.saturating_sub(earlier.scored),
+            hits: self.hits.saturating_sub(earlier.hits),
+            ndcg_fixed: self.ndcg_fixed.saturating_sub(earlier.ndcg_fixed),
+            rr_fixed: self.rr_fixed.saturating_sub(earlier.rr_fixed),
+            pairs: self.pairs.saturating_sub(earlier.pairs),
+            loss_sum: self.loss_sum - earlier.loss_sum,
+        }
+    }
+
     /// Share of scored events that hit (recall@K with one held-out item per event).
     pub fn recall(&self) -> f64 {
         ratio(self.hits as f64, self.scored)

@@ -68,3 +68,39 @@ pub trait EventSource: Send + Sync {
     /// when the source is sorted.
     fn open(&self, worker: usize, workers: usize) -> Result<EventReader>;
 }
+
+/// A source whose readers end early once a flag is set (SIGINT/SIGTERM): the run then
+/// drains what was read, reports it and exits normally, instead of dying mid-round.
+pub struct Stoppable {
+    inner: std::sync::Arc<dyn EventSource>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stoppable {
+    /// Wraps `inner`; readers stop before their next batch once `stop` is set.
+    pub fn new(
+        inner: std::sync::Arc<dyn EventSource>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self { inner, stop }
+    }
+}
+
+impl EventSource for Stoppable {
+    fn info(&self) -> SourceInfo {
+        self.inner.info()
+    }
+
+    fn open(&self, worker: usize, workers: usize) -> Result<EventReader> {
+        let mut reader = self.inner.open(worker, workers)?;
+        let stop = std::sync::Arc::clone(&self.stop);
+        // The flag is checked before a batch is pulled, so nothing read is dropped.
+        Ok(Box::new(std::iter::from_fn(move || {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                None
+            } else {
+                reader.next()
+            }
+        })))
+    }
+}

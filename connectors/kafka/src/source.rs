@@ -67,12 +67,48 @@ pub struct KafkaCounters {
     /// Offsets skipped because the broker no longer had them (retention deleted them
     /// before they were read): data lost upstream, counted and logged, never silent.
     pub offsets_lost: AtomicU64,
+    /// Consumer lag per partition (messages between the next offset read and the
+    /// partition's end), from librdkafka's statistics (every second).
+    pub lag: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
+/// Receives librdkafka's statistics and keeps the consumer lag of the source's topic.
+struct LagContext {
+    topic: String,
+    counters: Arc<KafkaCounters>,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut lag = self
+            .counters
+            .lag
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (&p, partition) in &topic.partitions {
+            // librdkafka's own `consumer_lag` is measured from the *committed* offset,
+            // which tidepool commits only at checkpoints; the lag of what was read is
+            // the partition's end minus the next offset handed to the application.
+            // -1 is the internal "unassigned" partition; negative offsets are unknown.
+            if p >= 0 && partition.hi_offset >= 0 && partition.app_offset >= 0 {
+                lag.insert(p, (partition.hi_offset - partition.app_offset).max(0));
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
+
 impl KafkaCounters {
-    /// A handle on the message counter (for a metrics endpoint).
-    pub fn clone_messages(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.messages)
+    /// Consumer lag per partition, as last reported.
+    pub fn lag(&self) -> BTreeMap<i32, i64> {
+        self.lag
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -183,7 +219,11 @@ impl EventSource for KafkaSource {
             .copied()
             .filter(|p| (*p as usize) % workers.max(1) == worker)
             .collect();
-        let consumer: BaseConsumer = self
+        let context = LagContext {
+            topic: self.settings.topic.clone(),
+            counters: Arc::clone(&self.counters),
+        };
+        let consumer: BaseConsumer<LagContext> = self
             .settings
             .client_config()
             .set("group.id", &self.settings.group)
@@ -191,7 +231,9 @@ impl EventSource for KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set_if_absent("queued.max.messages.kbytes", "16384")
-            .create()
+            // Statistics carry the per-partition lag the metrics endpoint shows.
+            .set_if_absent("statistics.interval.ms", "1000")
+            .create_with_context(context)
             .map_err(|e| kafka_error("creating a consumer", e))?;
         let mut tpl = TopicPartitionList::new();
         let mut next = BTreeMap::new();
@@ -250,7 +292,7 @@ impl SetIfAbsent for ClientConfig {
 }
 
 struct Reader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<LagContext>,
     topic: Arc<str>,
     mapping: JsonMapping,
     /// Next offset to read, per assigned partition.

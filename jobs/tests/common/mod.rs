@@ -1,4 +1,6 @@
 //! Helpers shared by the binary's test files.
+// Each test binary compiles this module and uses only some of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -17,4 +19,13 @@ pub(crate) fn loopback_hostfile(dir: &Path, n: usize) -> PathBuf {
     let path = dir.join("hosts");
     std::fs::write(&path, hosts).expect("hostfile");
     path
+}
+
+/// Sends SIGTERM to `child`.
+pub(crate) fn sigterm(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -TERM failed");
 }

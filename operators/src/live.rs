@@ -1,0 +1,83 @@
+//! What a running dataflow shows while it runs (the metrics endpoint reads it): quality
+//! counters per variant as they grow, the newest event time read, and the watermark
+//! (the event time before which everything is trained).
+//!
+//! Workers add a round's counters at the end of the round (one short lock per variant),
+//! so the hot per-event path touches nothing shared.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+
+use tidepool_pipeline::Quality;
+
+use crate::config::BacktestConfig;
+
+/// Live counters of one run.
+#[derive(Debug)]
+pub struct LiveMetrics {
+    names: Vec<String>,
+    k: usize,
+    quality: Vec<Mutex<Quality>>,
+    newest_ms: AtomicI64,
+    watermark_ms: AtomicI64,
+}
+
+/// No event time yet.
+const NONE: i64 = i64::MIN;
+
+impl LiveMetrics {
+    /// Counters for `config`'s variants.
+    pub fn new(config: &BacktestConfig) -> Self {
+        Self {
+            names: config.variants.iter().map(|v| v.name.clone()).collect(),
+            k: config.eval.k,
+            quality: config
+                .variants
+                .iter()
+                .map(|_| Mutex::new(Quality::default()))
+                .collect(),
+            newest_ms: AtomicI64::new(NONE),
+            watermark_ms: AtomicI64::new(NONE),
+        }
+    }
+
+    /// The cut-off K of the recall and NDCG counters.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Each variant's name and counters so far (events owned by this process's workers).
+    pub fn quality(&self) -> Vec<(String, Quality)> {
+        self.names
+            .iter()
+            .zip(&self.quality)
+            .map(|(name, q)| (name.clone(), *q.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect()
+    }
+
+    /// The newest event time read from the source (ms), once there is one.
+    pub fn newest_event_ms(&self) -> Option<i64> {
+        Some(self.newest_ms.load(Ordering::Relaxed)).filter(|&t| t != NONE)
+    }
+
+    /// The event time (ms) before which every event read has been scored and trained.
+    pub fn watermark_ms(&self) -> Option<i64> {
+        Some(self.watermark_ms.load(Ordering::Relaxed)).filter(|&t| t != NONE)
+    }
+
+    pub(crate) fn add(&self, round: &[Quality]) {
+        for (slot, q) in self.quality.iter().zip(round) {
+            if *q != Quality::default() {
+                slot.lock().unwrap_or_else(|p| p.into_inner()).merge(q);
+            }
+        }
+    }
+
+    pub(crate) fn saw_event_time(&self, ms: i64) {
+        self.newest_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_watermark(&self, ms: i64) {
+        self.watermark_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+}
