@@ -205,8 +205,13 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         cluster: args.cluster()?,
         live: Some(live),
     };
+    let throughput = std::cell::RefCell::new(crate::html::Throughput::new());
+    let started = Instant::now();
     let report = run_dataflow(source, &config, Arc::clone(&dead), options, &|done| {
         trained.store(done, std::sync::atomic::Ordering::Relaxed);
+        throughput
+            .borrow_mut()
+            .push((started.elapsed().as_secs_f64(), done));
         bar.set_position(done)
     })?;
     bar.finish_and_clear();
@@ -264,10 +269,9 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         write_metrics(&report, path, &pool)?;
     }
     if let Some(dir) = &args.report {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let svg = dir.join("heap.svg");
-        crate::plot::heap_svg(&report.gc, &svg)?;
-        eprintln!("report: {}", svg.display());
+        let page =
+            crate::html::write_report(dir, &report, &info.description, &throughput.borrow())?;
+        eprintln!("report: {}", page.display());
     }
     Ok(report)
 }

@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod html;
 pub mod job;
 pub mod plot;
 pub mod report;

@@ -283,6 +283,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         cluster: args.run.cluster()?,
         live: Some(live),
     };
+    let throughput = std::cell::RefCell::new(crate::html::Throughput::new());
+    let started = std::time::Instant::now();
     let report = run_dataflow(
         Arc::new(source),
         &config,
@@ -290,6 +292,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         options,
         &|n| {
             trained.store(n, Ordering::Relaxed);
+            throughput
+                .borrow_mut()
+                .push((started.elapsed().as_secs_f64(), n));
             bar.set_position(n)
         },
     )?;
@@ -332,6 +337,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     drop(embedded);
+    if let Some(dir) = &args.run.report {
+        let page = crate::html::write_report(dir, &report, &description, &throughput.borrow())?;
+        eprintln!("report: {}", page.display());
+    }
     Ok(report)
 }
 

@@ -106,10 +106,14 @@ fn train_follows_the_topic_and_beats_mostpop() {
                 "pop=,model=mostpop",
                 "--summary-json",
                 "s.json",
+                "--report",
+                "rep",
             ],
         ),
         Duration::from_secs(120),
     ));
+    let page = std::fs::read_to_string(dir.path().join("rep/report.html")).unwrap();
+    assert!(page.contains("<td>bpr</td>") && page.contains("<td>pop</td>"));
     let s = summary(dir.path(), "s.json");
     assert_eq!(s["events"], n, "{s}");
     assert_eq!(s["kafka"]["messages"], n, "{s}");
