@@ -208,7 +208,8 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// Removes directories left by a crash in the middle of writing a checkpoint.
+/// Removes directories left by a crash in the middle of writing or removing a checkpoint:
+/// `*.tmp`, and (from versions that removed in place) a `ckpt-N` without its manifest.
 pub fn remove_partial(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -216,7 +217,9 @@ pub fn remove_partial(dir: &Path) -> Result<usize> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("ckpt-") && name.ends_with(".tmp") {
+        let torn = name.starts_with("ckpt-") && name.ends_with(".tmp")
+            || checkpoint_id(&name).is_some() && !entry.path().join("manifest.json").exists();
+        if torn {
             std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
             removed += 1;
         }
@@ -584,8 +587,12 @@ impl Checkpointer {
         let all = list(&self.settings.dir)?;
         let keep = self.settings.keep.max(1);
         if all.len() > keep {
-            for (_, path) in &all[..all.len() - keep] {
-                std::fs::remove_dir_all(path).map_err(io(path))?;
+            for (old, path) in &all[..all.len() - keep] {
+                // Renamed first, so a crash during the removal leaves a `*.tmp` directory
+                // (cleared at the next start), never a `ckpt-N` missing some files.
+                let doomed = self.tmp_dir(*old);
+                std::fs::rename(path, &doomed).map_err(io(path))?;
+                std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
             }
         }
         let pause = lock(&self.started)
@@ -648,7 +655,7 @@ mod tests {
     #[test]
     fn listing_skips_partial_and_foreign_directories() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["ckpt-3", "ckpt-12", "ckpt-5.tmp", "other"] {
+        for name in ["ckpt-3", "ckpt-12", "ckpt-5.tmp", "ckpt-2", "other"] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
         }
         std::fs::write(dir.path().join("ckpt-3/manifest.json"), "{}").unwrap();
@@ -659,8 +666,11 @@ mod tests {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(ids, vec![3, 12]);
-        assert_eq!(remove_partial(dir.path()).unwrap(), 1);
+        // A half-removed checkpoint (no manifest) goes with the half-written one.
+        assert_eq!(remove_partial(dir.path()).unwrap(), 2);
         assert!(!dir.path().join("ckpt-5.tmp").exists());
+        assert!(!dir.path().join("ckpt-2").exists());
+        assert!(dir.path().join("other").exists());
         let err = read_manifest(&dir.path().join("ckpt-3"))
             .unwrap_err()
             .to_string();
