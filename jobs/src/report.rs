@@ -50,6 +50,9 @@ pub fn summary_json(report: &BacktestReport, source: &str) -> Value {
     top.insert("source".into(), json!(source));
     top.insert("rows".into(), json!(report.rows));
     top.insert("processes".into(), json!(report.processes));
+    if let Some(n) = report.popularity_window_events {
+        top.insert("popularity_window_events".into(), json!(n));
+    }
     top.insert("workers_per_process".into(), json!(report.config.workers));
     top.insert("dead_letters".into(), json!(report.dead_letters));
     top.insert("reordered".into(), json!(report.reordered));

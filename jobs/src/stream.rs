@@ -17,7 +17,6 @@ use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOption
 use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
-use tidepool_samplers::SamplerSpec;
 
 use crate::cli::{KafkaArgs, ProduceArgs, RecommendArgs, StopWhen, TrainArgs};
 use crate::report::{summary_json, summary_table};
@@ -133,21 +132,6 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         config.allowed_lateness_ms = STREAM_LATENESS_MS;
     }
     config.validate()?;
-    if args.checkpoint_dir.is_some() {
-        for v in &config.variants {
-            let needs =
-                SamplerSpec::parse(&v.model.sampler).is_ok_and(|s| s.build().needs_window_counts());
-            if needs {
-                bail!(
-                    "variant {}: sampler {} reads the windowed popularity, which lives in a \
-                     differential trace that checkpoints do not capture yet; use uniform, \
-                     decay, dns, inbatch or a mix of those with --checkpoint-dir",
-                    v.name,
-                    v.model.sampler
-                );
-            }
-        }
-    }
     let embedded = if args.kafka.brokers == "embedded" {
         Some(embedded_demo(args)?)
     } else {

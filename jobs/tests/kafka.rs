@@ -500,3 +500,76 @@ fn a_two_process_cluster_shares_the_partitions() {
     assert_eq!(s0["recall@10"], s1["recall@10"]);
     drop(cluster);
 }
+
+/// A popularity sampler's window survives a restart: the checkpoint carries the events
+/// still inside the window and the restored run replays them into the differential
+/// count, so after resuming, the window holds exactly what one uninterrupted run holds.
+#[test]
+fn the_popularity_window_survives_a_restart() {
+    let all = events(40_000);
+    let n = all.len() as u64;
+    // A three-minute window over a stream of about half an hour, cut at 95 %: the end
+    // of the run still counts events of the first part (read before the restart), while
+    // most of the first part's events have been retracted.
+    let args = |ckpt: &str, summary: &str| -> Vec<String> {
+        [
+            "--topic",
+            "pop",
+            "--sampler",
+            "pop",
+            "--pop-window",
+            "3min",
+            "--tick",
+            "10s",
+            "--checkpoint-dir",
+            ckpt,
+            "--summary-json",
+            summary,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |brokers: &str, dir: &Path, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(finish(
+            &mut train(brokers, dir, &args),
+            Duration::from_secs(120),
+        ))
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    let (whole, settings) = cluster("pop");
+    produce(&settings, all.clone(), None, &|_| {}).unwrap();
+    run(&settings.brokers, dir.path(), &args("one", "one.json"));
+    drop(whole);
+
+    let (parts, settings) = cluster("pop");
+    let cut = all.len() * 19 / 20;
+    produce(&settings, all[..cut].to_vec(), None, &|_| {}).unwrap();
+    run(&settings.brokers, dir.path(), &args("two", "first.json"));
+    produce(&settings, all[cut..].to_vec(), None, &|_| {}).unwrap();
+    run(&settings.brokers, dir.path(), &args("two", "second.json"));
+    drop(parts);
+
+    let (one, first, second) = (
+        summary(dir.path(), "one.json"),
+        summary(dir.path(), "first.json"),
+        summary(dir.path(), "second.json"),
+    );
+    assert_eq!(one["events"], n);
+    assert_eq!(first["events"], cut as u64);
+    assert_eq!(
+        second["events"], n,
+        "the restored run carries the first part"
+    );
+    let window = one["popularity_window_events"].as_u64().unwrap();
+    assert!(
+        window > 0 && window < n / 2,
+        "the window retracted most events: {window}"
+    );
+    assert_eq!(
+        second["popularity_window_events"], one["popularity_window_events"],
+        "the window after a restart equals the uninterrupted one"
+    );
+}

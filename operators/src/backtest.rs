@@ -99,6 +99,9 @@ pub struct VariantReport {
 pub struct BacktestReport {
     /// Processes of the cluster that ran it (`config.workers` each).
     pub processes: usize,
+    /// Events inside the popularity window as the last round saw it, when a sampler reads
+    /// popularity.
+    pub popularity_window_events: Option<u64>,
     /// The configuration that ran.
     pub config: BacktestConfig,
     /// The protocol derived from it and the source.
@@ -179,6 +182,15 @@ impl<D> Stash<D> {
             .or_insert_with(|| (None, Vec::new()))
             .1
             .append(data);
+    }
+
+    /// Stashes one item at `time`, without a capability.
+    fn push_at(&mut self, time: u64, item: D) {
+        self.by_time
+            .entry(time)
+            .or_insert_with(|| (None, Vec::new()))
+            .1
+            .push(item);
     }
 
     fn first_time(&self) -> Option<u64> {
@@ -429,6 +441,18 @@ pub fn run_dataflow(
             if let (Some(replication), Some(l)) = (replication, learner.borrow_mut().as_mut()) {
                 l.replicate(replication);
             }
+            // Worker 0 writes the shared part of checkpoints, window log included.
+            if let (true, true, Some(l)) = (
+                needs_counts && checkpoints.is_some(),
+                index == 0,
+                learner.borrow_mut().as_mut(),
+            ) {
+                l.keep_window(window_ticks, clock);
+            }
+            let mut replay_input = timely::dataflow::InputHandle::<
+                u64,
+                CapacityContainerBuilder<Vec<(u64, u64, isize)>>,
+            >::new();
             let mut input = Inputs::new();
             let probe = ProbeHandle::new();
             worker.dataflow::<u64, _, _>(|scope| {
@@ -442,7 +466,10 @@ pub fn run_dataflow(
                     .broadcast()
                     .map(Side::Cycle);
                 let (counts, mut trace): (_, Option<PopularityTrace>) = if needs_counts {
-                    let (counts, trace) = events.clone().windowed_counts_traced(window_ticks);
+                    let replay = scope.input_from(&mut replay_input);
+                    let (counts, trace) = events
+                        .clone()
+                        .windowed_counts_replayed(replay, window_ticks);
                     (counts.inner.broadcast().map(Side::Count), Some(trace))
                 } else {
                     (empty(scope), None)
@@ -487,7 +514,16 @@ pub fn run_dataflow(
                                             Side::Rows(r) => remote.push(r),
                                         }
                                     }
-                                    changes.stash_at(time, &mut counts);
+                                    // A count change is kept by its own time: differential
+                                    // sends changes of several times under the earliest
+                                    // one's capability (at the end, every pending
+                                    // retraction at once), and a change must not reach
+                                    // a round before its time.
+                                    if time.is_some() {
+                                        for change in counts.drain(..) {
+                                            changes.push_at(change.1, change);
+                                        }
+                                    }
                                     cycles.stash_at(time, &mut tickets);
                                 });
                                 let done = |t: &u64| {
@@ -522,7 +558,7 @@ pub fn run_dataflow(
                                             let mut before = changes.take_before(time);
                                             learner.apply_counts(&mut before);
                                             if let Some((cap, mut batch)) = rounds.take(time) {
-                                                let owned = learner.process_round(&mut batch);
+                                                let owned = learner.process_round(time, &mut batch);
                                                 processed.fetch_add(owned, Ordering::Relaxed);
                                                 if let Some(live) = &live {
                                                     live.add(&learner.take_live());
@@ -554,6 +590,13 @@ pub fn run_dataflow(
                 }
             });
 
+            // A restored popularity window re-enters the count before the first round.
+            if let (0, Some(loaded)) = (index, &restore) {
+                for record in Learner::window_replay(&loaded.shared, clock) {
+                    replay_input.send(record);
+                }
+            }
+            drop(replay_input);
             let mut stats = IngestStats::default();
             let mut hook = |worker: &mut timely::worker::Worker,
                             input: Option<&mut Inputs>,
@@ -692,6 +735,9 @@ pub fn run_dataflow(
     let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
     report.gc = gc.stats();
     report.processes = cluster.as_ref().map_or(1, |c| c.processes);
+    if !needs_counts {
+        report.popularity_window_events = None;
+    }
     for (v, table) in report.variants.iter_mut().zip(&tables) {
         v.item_table_norm = table.as_ref().map(|t| t.norm());
     }
@@ -814,6 +860,7 @@ fn assemble(
 ) -> BacktestReport {
     let mut report = BacktestReport {
         processes: 1,
+        popularity_window_events: None,
         config: config.clone(),
         protocol,
         tick_ms,
@@ -839,6 +886,9 @@ fn assemble(
         report.dead_letters += outcome.ingest.dead;
         report.reordered += outcome.ingest.reordered;
         report.sampler_shortfalls += outcome.learner.sampler_shortfalls;
+        // Every worker holds the same replica of the window counts.
+        let window = report.popularity_window_events.get_or_insert(0);
+        *window = (*window).max(outcome.learner.window_events);
         report.users += outcome.learner.users;
         report.users_evicted += outcome.learner.users_evicted;
         report.user_state_bytes += outcome.learner.user_bytes;

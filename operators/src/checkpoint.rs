@@ -41,7 +41,7 @@ use crate::item_table::ItemTable;
 use crate::learner::{SharedPart, WorkerPart};
 
 /// Version of the on-disk format.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a checkpoint holds besides the state files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

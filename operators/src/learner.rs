@@ -22,6 +22,7 @@ use tidepool_samplers::{AnySampler, Negative, Refresh, Sampler, SamplerSpec};
 
 use crate::cluster::{Replication, RowBatch};
 use crate::config::{EvalConfig, StateConfig, VariantConfig};
+use crate::ingest::Clock;
 use crate::item_table::ItemTable;
 use crate::model::Model;
 use crate::popularity::CountChange;
@@ -149,6 +150,9 @@ impl Variant {
 /// What a worker hands back at the end of a replay.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub(crate) struct WorkerResult {
+    /// Events inside the popularity window as the last round saw it (every worker's
+    /// replica agrees).
+    pub(crate) window_events: u64,
     /// Per variant: name, totals and per-window counters of the events this worker owned.
     pub(crate) variants: Vec<(String, Quality, BTreeMap<i64, Quality>)>,
     /// Events whose sampler could not draw all negatives (user has seen nearly everything).
@@ -183,6 +187,19 @@ pub(crate) struct SharedPart {
     pub(crate) catalogue: ItemCatalogue,
     pub(crate) window_counts: Vec<u64>,
     pub(crate) samplers: Vec<AnySampler>,
+    /// The events still inside the popularity window, by round: `(start of the round in
+    /// event time (ms), [(item id, events)])`; empty unless a sampler reads popularity.
+    pub(crate) window_log: Vec<(i64, Vec<(u64, u32)>)>,
+}
+
+/// The events of the popularity window by round, so that a checkpoint can rebuild the
+/// differential window (its pending retractions live in the dataflow, not in any state a
+/// checkpoint can read) by replaying them.
+#[derive(Debug)]
+struct WindowLog {
+    window_ticks: u64,
+    clock: Clock,
+    rounds: std::collections::VecDeque<(u64, rustc_hash::FxHashMap<u64, u32>)>,
 }
 
 /// The per-worker prequential learner.
@@ -207,6 +224,11 @@ pub(crate) struct Learner {
     now_ms: i64,
     /// Set in a cluster of several processes: item-row changes are sent to the others.
     replication: Option<Replication>,
+    /// Set when checkpoints must carry the popularity window.
+    window_log: Option<WindowLog>,
+    /// Events in the popularity window as the last round saw it (when a sampler reads
+    /// popularity; the counts are final only after the end retracts everything).
+    window_events: Option<u64>,
 }
 
 impl Learner {
@@ -255,7 +277,31 @@ impl Learner {
             retention,
             now_ms: i64::MIN,
             replication: None,
+            window_log: None,
+            window_events: None,
         }
+    }
+
+    /// Keeps the events of the last `window_ticks` rounds for checkpoints.
+    pub(crate) fn keep_window(&mut self, window_ticks: u64, clock: Clock) {
+        self.window_log = Some(WindowLog {
+            window_ticks,
+            clock,
+            rounds: Default::default(),
+        });
+    }
+
+    /// What a restored run feeds into its popularity window: `(item, round, events)` for
+    /// the rounds of `shared`'s window log, in this run's rounds.
+    pub(crate) fn window_replay(shared: &SharedPart, clock: Clock) -> Vec<(u64, u64, isize)> {
+        shared
+            .window_log
+            .iter()
+            .flat_map(|(start_ms, items)| {
+                let tick = clock.tick(*start_ms);
+                items.iter().map(move |&(item, n)| (item, tick, n as isize))
+            })
+            .collect()
     }
 
     /// Makes this learner one of a cluster's: its item-row changes are recorded for
@@ -383,6 +429,22 @@ impl Learner {
             catalogue: self.catalogue.clone(),
             window_counts: self.window_counts.clone(),
             samplers: self.variants.iter().map(|v| v.sampler.clone()).collect(),
+            window_log: self
+                .window_log
+                .as_ref()
+                .map(|log| {
+                    log.rounds
+                        .iter()
+                        .map(|(tick, items)| {
+                            let start = log.clock.origin_ms + *tick as i64 * log.clock.tick_ms;
+                            let mut items: Vec<(u64, u32)> =
+                                items.iter().map(|(&i, &n)| (i, n)).collect();
+                            items.sort_unstable();
+                            (start, items)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -393,7 +455,14 @@ impl Learner {
         self.seen = shared.seen;
         self.now_ms = shared.now_ms;
         self.catalogue = shared.catalogue.clone();
-        self.window_counts = shared.window_counts.clone();
+        // A checkpoint with a window log rebuilds the counts through the dataflow (the
+        // replay's changes arrive before the first round); counting them here as well
+        // would double them.
+        self.window_counts = if shared.window_log.is_empty() {
+            shared.window_counts.clone()
+        } else {
+            vec![0; shared.window_counts.len()]
+        };
         for (v, sampler) in self.variants.iter_mut().zip(&shared.samplers) {
             v.sampler = sampler.clone();
             // A fresh stream per restart: negatives need not repeat the lost run's.
@@ -530,10 +599,34 @@ impl Learner {
 
     /// Processes one round (all events of one timely time, from every worker). Returns
     /// how many of them this worker owned.
-    pub(crate) fn process_round(&mut self, events: &mut [Event]) -> u64 {
+    pub(crate) fn process_round(&mut self, time: u64, events: &mut [Event]) -> u64 {
         events.sort_unstable_by_key(Event::key);
+        if let Some(log) = &mut self.window_log {
+            // Rounds whose retraction has happened by now are out of the window.
+            while log
+                .rounds
+                .front()
+                .is_some_and(|(t, _)| t + log.window_ticks <= time)
+            {
+                log.rounds.pop_front();
+            }
+            if !events.is_empty() {
+                let mut items = rustc_hash::FxHashMap::default();
+                for e in events.iter() {
+                    *items.entry(e.item).or_insert(0u32) += 1;
+                }
+                log.rounds.push_back((time, items));
+            }
+        }
         if let Some(first) = events.first() {
             self.window_counts.resize(self.catalogue.len(), 0);
+            if self
+                .variants
+                .iter()
+                .any(|v| v.sampler.needs_window_counts())
+            {
+                self.window_events = Some(self.window_counts.iter().sum());
+            }
             let live = Refresh {
                 window_counts: &self.window_counts,
                 now_ms: first.ts,
@@ -639,6 +732,7 @@ impl Learner {
 
     pub(crate) fn finish(self) -> WorkerResult {
         WorkerResult {
+            window_events: self.window_events.unwrap_or(0),
             user_bytes: self.user_bytes(),
             variants: self.variants.into_iter().map(Variant::finish).collect(),
             sampler_shortfalls: self.sampler_shortfalls,
@@ -712,7 +806,7 @@ mod tests {
             ev(4, 3, 10),
             ev(5, 4, 30),
         ];
-        assert_eq!(learner.process_round(&mut events), 5);
+        assert_eq!(learner.process_round(0, &mut events), 5);
         let result = learner.finish();
         let q = result.variants[0].1;
         assert_eq!(q.scored, 5);
@@ -736,7 +830,7 @@ mod tests {
             .map(|i| ev(i, (i * 7 % 13) as u64, (i * i % 17) as u64))
             .collect();
         let mut one = Learner::new(0, 1, p, 1, &mostpop(), &[None], StateConfig::default());
-        one.process_round(&mut events.clone());
+        one.process_round(0, &mut events.clone());
         let single = one.finish().variants[0].1;
         let mut merged = Quality::default();
         for w in 0..3 {
@@ -744,8 +838,8 @@ mod tests {
             // Two rounds, shuffled inside: the learner sorts.
             let mut a: Vec<Event> = events[..90].iter().rev().copied().collect();
             let mut b: Vec<Event> = events[90..].to_vec();
-            l.process_round(&mut a);
-            l.process_round(&mut b);
+            l.process_round(0, &mut a);
+            l.process_round(1, &mut b);
             merged.merge(&l.finish().variants[0].1);
         }
         // Rank metrics are fixed-point sums: exact whatever the split.

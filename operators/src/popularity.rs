@@ -29,6 +29,7 @@ use rustc_hash::FxHashMap;
 use tidepool_pipeline::Event;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Concat;
 use timely::dataflow::Stream;
 use timely::progress::frontier::AntichainRef;
 
@@ -55,6 +56,18 @@ pub trait WindowedPopularity<'scope> {
         VecCollection<'scope, u64, (u64, isize), isize>,
         PopularityTrace,
     );
+
+    /// As [`windowed_counts_traced`](Self::windowed_counts_traced), with `replay`: events
+    /// of earlier rounds `(item, round, n)` (a restored checkpoint's window), counted from
+    /// the round they arrive in until their original round's retraction.
+    fn windowed_counts_replayed(
+        self,
+        replay: Stream<'scope, u64, Vec<(u64, u64, isize)>>,
+        window_ticks: u64,
+    ) -> (
+        VecCollection<'scope, u64, (u64, isize), isize>,
+        PopularityTrace,
+    );
 }
 
 impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
@@ -70,7 +83,45 @@ impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
         VecCollection<'scope, u64, (u64, isize), isize>,
         PopularityTrace,
     ) {
+        let scope = self.scope();
+        self.windowed_counts_replayed(
+            timely::dataflow::operators::generic::operator::empty(scope),
+            window_ticks,
+        )
+    }
+
+    fn windowed_counts_replayed(
+        self,
+        replay: Stream<'scope, u64, Vec<(u64, u64, isize)>>,
+        window_ticks: u64,
+    ) -> (
+        VecCollection<'scope, u64, (u64, isize), isize>,
+        PopularityTrace,
+    ) {
         let window = window_ticks.max(1);
+        let replayed = replay
+            .unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
+                Pipeline,
+                "WindowReplay",
+                move |_, _| {
+                    move |input, output| {
+                        input.for_each_stamp(|cap, data| {
+                            let Some(cap) = cap.retain_least(output.output_index()) else {
+                                return;
+                            };
+                            let t = *cap.time();
+                            let mut session = output.session(&cap);
+                            for (item, round, n) in data.flat_map(|d| d.drain(..)) {
+                                // Only what is still inside the window from here on.
+                                if round + window > t {
+                                    session.give((item, t, n));
+                                    session.give((item, round + window, -n));
+                                }
+                            }
+                        });
+                    }
+                },
+            );
         let updates = self
             .unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
                 Pipeline,
@@ -91,6 +142,7 @@ impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
                     }
                 },
             )
+            .concat(replayed)
             .as_collection();
         let arranged: Arranged<'scope, PopularityTrace> = updates.arrange_by_self();
         let trace = arranged.trace.clone();
