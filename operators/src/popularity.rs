@@ -29,6 +29,7 @@ use rustc_hash::FxHashMap;
 use tidepool_pipeline::Event;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Concat;
 use timely::dataflow::Stream;
 use timely::progress::frontier::AntichainRef;
@@ -38,6 +39,9 @@ pub type CountChange = ((u64, isize), u64, isize);
 
 /// The arranged window updates: `(item, ())` at round times, `isize` diffs.
 pub type PopularityTrace = TraceAgent<KeySpine<u64, u64, isize>>;
+
+/// The round of a window record that counts from the round it arrives in.
+const THIS_ROUND: u64 = u64::MAX;
 
 /// Approximate bytes of one arranged update (key, time, diff).
 pub const TRACE_UPDATE_BYTES: u64 = 24;
@@ -99,30 +103,10 @@ impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
         PopularityTrace,
     ) {
         let window = window_ticks.max(1);
-        let replayed = replay
-            .unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
-                Pipeline,
-                "WindowReplay",
-                move |_, _| {
-                    move |input, output| {
-                        input.for_each_stamp(|cap, data| {
-                            let Some(cap) = cap.retain_least(output.output_index()) else {
-                                return;
-                            };
-                            let t = *cap.time();
-                            let mut session = output.session(&cap);
-                            for (item, round, n) in data.flat_map(|d| d.drain(..)) {
-                                // Only what is still inside the window from here on.
-                                if round + window > t {
-                                    session.give((item, t, n));
-                                    session.give((item, round + window, -n));
-                                }
-                            }
-                        });
-                    }
-                },
-            );
+        // Live events count from their own round; replayed ones carry theirs.
         let updates = self
+            .map(|event| (event.item, THIS_ROUND, 1isize))
+            .concat(replay)
             .unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
                 Pipeline,
                 "WindowUpdates",
@@ -134,15 +118,18 @@ impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
                             };
                             let t = *cap.time();
                             let mut session = output.session(&cap);
-                            for event in data.flat_map(|d| d.drain(..)) {
-                                session.give((event.item, t, 1));
-                                session.give((event.item, t + window, -1));
+                            for (item, round, n) in data.flat_map(|d| d.drain(..)) {
+                                let round = if round == THIS_ROUND { t } else { round };
+                                // Only what is still inside the window from here on.
+                                if round + window > t {
+                                    session.give((item, t, n));
+                                    session.give((item, round + window, -n));
+                                }
                             }
                         });
                     }
                 },
             )
-            .concat(replayed)
             .as_collection();
         let arranged: Arranged<'scope, PopularityTrace> = updates.arrange_by_self();
         let trace = arranged.trace.clone();
