@@ -280,6 +280,39 @@ fn wait_or_kill(child: &mut Child, after: Duration) -> bool {
     true
 }
 
+/// The checkpoint lines of the trial logs next to `dir`, for a failure message.
+fn checkpoint_log(dir: &Path) -> String {
+    let mut lines = Vec::new();
+    let Some(parent) = dir.parent() else {
+        return String::new();
+    };
+    let mut logs: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    // trial-N.log, in trial order.
+    logs.sort_by_key(|p| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.rsplit('-').next())
+            .and_then(|n| n.parse::<u32>().ok())
+    });
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let interesting = |l: &&str| {
+            l.contains("checkpoint")
+                && !l.contains("events=0 read=0")
+                && !l.contains("events=0 bytes")
+        };
+        for line in text.lines().filter(interesting) {
+            lines.push(format!("{}: {line}", log.display()));
+        }
+    }
+    let start = lines.len().saturating_sub(60);
+    lines[start..].join("\n")
+}
+
 fn assert_checkpoints_complete(dir: &Path) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -303,7 +336,8 @@ fn assert_checkpoints_complete(dir: &Path) {
         assert_eq!(
             manifest["events"].as_i64().unwrap(),
             read,
-            "{name}: {manifest}"
+            "{name}: {manifest}\n{}",
+            checkpoint_log(dir)
         );
         assert!(path.join("shared.bin").exists(), "{name}");
     }

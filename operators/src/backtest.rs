@@ -810,8 +810,6 @@ fn take_checkpoint(
     }
 }
 
-/// One worker's share of compaction cycle `ticket`, run between rounds `time - 1` and
-/// `time`.
 /// Collects every worker's outcome on every worker of the cluster, through a dataflow
 /// of its own (built by all workers, in the same order, after the main one).
 fn gather(worker: &mut timely::worker::Worker, mine: Option<WorkerOutcome>) -> Vec<WorkerOutcome> {
@@ -836,6 +834,8 @@ fn gather(worker: &mut timely::worker::Worker, mine: Option<WorkerOutcome>) -> V
     collected.take()
 }
 
+/// One worker's share of compaction cycle `ticket`, run between rounds `time - 1` and
+/// `time`.
 fn run_cycle(
     learner: &mut Learner,
     trace: Option<&mut PopularityTrace>,
