@@ -227,7 +227,7 @@ fn gc_soak(args: &BenchArgs) -> anyhow::Result<Vec<serde_json::Value>> {
 /// checkpoint cost for 1 M users x 64 dims.
 fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     use tidepool_connector_kafka::{
-        produce, Embedded, JsonMapping, KafkaSettings, KafkaSource, StopAt,
+        consume_baseline, produce, Embedded, JsonMapping, KafkaSettings, KafkaSource, StopAt,
     };
     use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
     use tidepool_operators::{run_dataflow, RunOptions};
@@ -259,6 +259,16 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         produced.seconds,
         produced.messages as f64 / produced.seconds
     );
+    // The ceiling: bare consumers, two threads as the pipeline has two workers.
+    let mut baseline_settings = settings.clone();
+    baseline_settings
+        .config
+        .extend(args.kafka_config.iter().cloned());
+    let (read, secs) = consume_baseline(&baseline_settings, 2)?;
+    let baseline = read as f64 / secs;
+    eprintln!(
+        "bare consumers (2 threads, no decoding): {read} messages in {secs:.2}s = {baseline:.0}/s"
+    );
     let mut rows = Vec::new();
     for model in [ModelKind::Mostpop, ModelKind::Bpr] {
         let dir = tempfile::tempdir()?;
@@ -285,11 +295,13 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             2,
         )?);
         let dead = Arc::new(MemoryDeadLetters::new(0));
+        let mut consumer = KafkaSettings {
+            group: format!("bench-{}", model.name()),
+            ..settings.clone()
+        };
+        consumer.config.extend(args.kafka_config.iter().cloned());
         let source = KafkaSource::new(
-            KafkaSettings {
-                group: format!("bench-{}", model.name()),
-                ..settings.clone()
-            },
+            consumer,
             JsonMapping::default(),
             Arc::clone(&dead) as Arc<dyn tidepool_pipeline::DeadLetterSink>,
         )?
@@ -316,6 +328,7 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         );
         rows.push(json!({
             "model": model.name(), "events": report.events, "seconds": report.seconds,
+            "share_of_bare_consumers": report.events_per_sec() / baseline,
             "events_per_sec": report.events_per_sec(), "checkpoints": stats.written,
             "checkpoint_bytes": stats.last_bytes, "checkpoint_max_pause_ms": stats.max_pause_ms,
         }));
@@ -342,8 +355,10 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         produced.messages as f64 / produced.seconds,
         bytes as f64 / 1e6
     );
+    println!("bare consumers (the ceiling of the consume path): {baseline:.0} messages/s");
     Ok(json!({
         "produce_events_per_sec": produced.messages as f64 / produced.seconds,
+        "bare_consumers_per_sec": baseline,
         "train": rows,
         "checkpoint_1m_users_64d": { "seconds": secs, "bytes": bytes },
     }))

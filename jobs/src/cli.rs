@@ -556,6 +556,10 @@ pub struct BenchArgs {
     /// Kafka benchmark: events produced and trained.
     #[arg(long, default_value_t = 1_000_000)]
     pub kafka_events: u64,
+    /// Kafka benchmark: librdkafka setting for the consumers, KEY=VALUE (repeatable), to
+    /// measure fetch tuning.
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_config: Vec<(String, String)>,
     /// GC soak: write each run's heap plot into DIR/gc-<percent>[-limit]/heap.svg.
     #[arg(long, value_name = "DIR")]
     pub gc_report: Option<PathBuf>,

@@ -423,3 +423,65 @@ impl Iterator for Reader {
         self.next_batch()
     }
 }
+
+/// The consume path's ceiling: `threads` bare consumers (no decoding, no dataflow), each
+/// assigned every `threads`-th partition from the beginning, read `settings.topic` to its
+/// current end. Returns the messages read and the seconds taken; benchmarks compare the
+/// pipeline's rate with it.
+pub fn consume_baseline(settings: &KafkaSettings, threads: usize) -> Result<(u64, f64)> {
+    let partitions = settings.partitions()?;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads.max(1))
+        .map(|t| {
+            let mine: Vec<i32> = partitions
+                .iter()
+                .copied()
+                .filter(|p| *p as usize % threads.max(1) == t)
+                .collect();
+            let settings = settings.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                let consumer: BaseConsumer = settings
+                    .client_config()
+                    .set("group.id", format!("{}-baseline", settings.group))
+                    .set("enable.auto.commit", "false")
+                    .set_if_absent("queued.max.messages.kbytes", "16384")
+                    .create()
+                    .map_err(|e| kafka_error("creating a consumer", e))?;
+                let mut tpl = TopicPartitionList::new();
+                let mut end = 0i64;
+                for &p in &mine {
+                    tpl.add_partition_offset(&settings.topic, p, Offset::Beginning)
+                        .map_err(|e| kafka_error("assigning partitions", e))?;
+                    let (_, high) = consumer
+                        .fetch_watermarks(&settings.topic, p, METADATA_TIMEOUT)
+                        .map_err(|e| kafka_error("reading end offsets", e))?;
+                    end += high;
+                }
+                consumer
+                    .assign(&tpl)
+                    .map_err(|e| kafka_error("assigning partitions", e))?;
+                let mut read = 0i64;
+                let mut bytes = 0usize;
+                while read < end {
+                    match consumer.poll(POLL_WAIT) {
+                        Some(Ok(m)) => {
+                            read += 1;
+                            bytes += m.payload().map_or(0, <[u8]>::len);
+                        }
+                        Some(Err(e)) => return Err(kafka_error("reading", e)),
+                        None => {}
+                    }
+                }
+                std::hint::black_box(bytes);
+                Ok(read as u64)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| Error::Internal("a baseline consumer panicked".into()))??;
+    }
+    Ok((total, started.elapsed().as_secs_f64()))
+}
