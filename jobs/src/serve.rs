@@ -233,6 +233,12 @@ fn render_live(
     recent: &Recent,
     metric: &mut impl FnMut(&str, &str, &str, &[(String, f64)]),
 ) {
+    metric(
+        "tidepool_events_read_total",
+        "Rows read from the source (events and rejected records).",
+        "counter",
+        &[(String::new(), live.rows_read() as f64)],
+    );
     let k = live.k();
     let quality = live.quality();
     let label = |name: &str| format!("{{variant=\"{}\"}}", name.replace('"', "'"));

@@ -90,6 +90,7 @@ fn metrics_admin_and_graceful_shutdown() {
     wait_for("every event trained", || {
         metric(&addr, "tidepool_events_trained_total") == Some(30_000.0)
     });
+    assert_eq!(metric(&addr, "tidepool_events_read_total"), Some(30_000.0));
     let (_, body) = http(&addr, "GET", "/metrics");
     for name in [
         "tidepool_events_per_second",

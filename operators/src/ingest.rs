@@ -206,6 +206,9 @@ pub(crate) fn drive(
             break;
         }
         let batch = batch?;
+        if let Some(live) = live {
+            live.add_rows(batch.rejected + batch.records.num_rows() as u64);
+        }
         input.poll_gc(gc);
         stats.rows += batch.rejected;
         stats.dead += batch.rejected;

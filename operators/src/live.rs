@@ -5,7 +5,7 @@
 //! Workers add a round's counters at the end of the round (one short lock per variant),
 //! so the hot per-event path touches nothing shared.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tidepool_pipeline::Quality;
@@ -20,6 +20,7 @@ pub struct LiveMetrics {
     quality: Vec<Mutex<Quality>>,
     newest_ms: AtomicI64,
     watermark_ms: AtomicI64,
+    rows: AtomicU64,
 }
 
 /// No event time yet.
@@ -38,6 +39,7 @@ impl LiveMetrics {
                 .collect(),
             newest_ms: AtomicI64::new(NONE),
             watermark_ms: AtomicI64::new(NONE),
+            rows: AtomicU64::new(0),
         }
     }
 
@@ -63,6 +65,15 @@ impl LiveMetrics {
     /// The event time (ms) before which every event read has been scored and trained.
     pub fn watermark_ms(&self) -> Option<i64> {
         Some(self.watermark_ms.load(Ordering::Relaxed)).filter(|&t| t != NONE)
+    }
+
+    /// Rows read from the source by this process (events and rejected records).
+    pub fn rows_read(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_rows(&self, n: u64) {
+        self.rows.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn add(&self, round: &[Quality]) {
