@@ -234,9 +234,10 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     use tidepool_pipeline::memory::collector::GcController;
 
     let n = args.kafka_events;
-    // The mock cluster keeps a bounded log per partition (about 57 k small messages):
-    // enough partitions that nothing is dropped before it is read.
-    let partitions = (n / 40_000).clamp(4, 256) as i32;
+    // The mock cluster keeps at most 5 MiB per partition (about 50 k of these messages,
+    // fewer when producer batches are small): enough partitions that nothing is dropped
+    // before it is read.
+    let partitions = (n / 20_000).clamp(4, 256) as i32;
     let cluster = Embedded::start(1)?;
     cluster.create_topic("bench", partitions)?;
     let settings = KafkaSettings {

@@ -33,8 +33,12 @@ fn events(n: u64) -> Vec<Event> {
 }
 
 fn cluster(topic: &str) -> (Embedded, KafkaSettings) {
+    cluster_with(topic, 4)
+}
+
+fn cluster_with(topic: &str, partitions: i32) -> (Embedded, KafkaSettings) {
     let cluster = Embedded::start(1).unwrap();
-    cluster.create_topic(topic, 4).unwrap();
+    cluster.create_topic(topic, partitions).unwrap();
     let settings = KafkaSettings {
         brokers: cluster.bootstrap(),
         topic: topic.into(),
@@ -349,10 +353,16 @@ fn assert_checkpoints_complete(dir: &Path) {
 /// absent.
 #[test]
 fn kill_9_and_restart_trains_every_event_exactly_once() {
-    let (_cluster, settings) = cluster("crash");
-    // The mock cluster keeps a bounded log per partition (about 57 k of these messages);
-    // the topic stays below it (25 chunks of 7,500 over 4 partitions), and the summary
-    // shows nothing was lost to retention. Trials go on until 12 runs were killed (runs
+    let (_cluster, settings) = cluster_with("crash", 12);
+    // librdkafka's mock cluster keeps at most 5 MiB per partition and drops the oldest
+    // message sets beyond it; small producer batches (a loaded machine) carry more
+    // overhead per message. With 4 partitions the busiest one (30 % of the keys, about
+    // 56 k messages at the end) came close to that bound, and three runs on a loaded
+    // machine saw a checkpoint with a few thousand more offsets read than events: most
+    // likely a restarted run whose next offsets had been dropped (counted and warned
+    // about as lost upstream, but not what this test is about; the trial logs now keep
+    // those warnings). With 12 partitions each stays far below the bound (25 chunks of
+    // 7,500), and the summary shows nothing was lost to retention. Trials go on until 12 runs were killed (runs
     // that finish first do not count), each after a new chunk was produced.
     let max_trials = 24;
     let chunk = 7_500;
@@ -391,7 +401,10 @@ fn kill_9_and_restart_trains_every_event_exactly_once() {
         produce(&settings, chunks.next().unwrap().to_vec(), None, &|_| {}).unwrap();
         let log = std::fs::File::create(dir.path().join(format!("trial-{trial}.log"))).unwrap();
         let mut child = train(&settings.brokers, dir.path(), &args)
-            .env("RUST_LOG", "tidepool_operators=debug")
+            .env(
+                "RUST_LOG",
+                "tidepool_operators=debug,tidepool_connector_kafka=warn",
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
