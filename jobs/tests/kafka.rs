@@ -355,15 +355,12 @@ fn assert_checkpoints_complete(dir: &Path) {
 fn kill_9_and_restart_trains_every_event_exactly_once() {
     let (_cluster, settings) = cluster_with("crash", 12);
     // librdkafka's mock cluster keeps at most 5 MiB per partition and drops the oldest
-    // message sets beyond it; small producer batches (a loaded machine) carry more
-    // overhead per message. With 4 partitions the busiest one (30 % of the keys, about
-    // 56 k messages at the end) came close to that bound, and three runs on a loaded
-    // machine saw a checkpoint with a few thousand more offsets read than events: most
-    // likely a restarted run whose next offsets had been dropped (counted and warned
-    // about as lost upstream, but not what this test is about; the trial logs now keep
-    // those warnings). With 12 partitions each stays far below the bound (25 chunks of
-    // 7,500), and the summary shows nothing was lost to retention. Trials go on until 12 runs were killed (runs
-    // that finish first do not count), each after a new chunk was produced.
+    // message sets beyond it (small producer batches on a loaded machine carry more
+    // overhead per message). With 4 partitions the busiest one (30 % of the keys, about
+    // 56 k messages at the end) came close to that bound; with 12 each stays far below
+    // it (25 chunks of 7,500), and the summary shows nothing was lost to retention.
+    // Trials go on until 12 runs were killed (runs that finish first do not count), each
+    // after a new chunk was produced.
     let max_trials = 24;
     let chunk = 7_500;
     let all = events(chunk * (max_trials as u64 + 1));
