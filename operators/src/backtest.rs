@@ -598,6 +598,11 @@ pub fn run_dataflow(
             }
             drop(replay_input);
             let mut stats = IngestStats::default();
+            // The input time this worker's input had when it closed: the events it sent
+            // last are at that time, so a checkpoint cut must lie beyond it even after
+            // the input is gone (a worker that has read all its partitions can be far
+            // ahead in event time of one still reading).
+            let closed_at = std::cell::Cell::new(None::<u64>);
             let mut hook = |worker: &mut timely::worker::Worker,
                             input: Option<&mut Inputs>,
                             stats: &IngestStats,
@@ -613,6 +618,7 @@ pub fn run_dataflow(
                 take_checkpoint(
                     worker,
                     input,
+                    closed_at.get(),
                     stats,
                     cp,
                     &learner,
@@ -653,6 +659,7 @@ pub fn run_dataflow(
             // Closing the input lets the frontier run out; the dataflow must still be
             // stepped to completion so that the other workers can finish too (and join
             // a checkpoint one of them started).
+            closed_at.set(Some(*input.events.time()));
             drop(input);
             let mut drained = Ok(());
             while !probe.done() {
@@ -667,6 +674,7 @@ pub fn run_dataflow(
                     drained = take_checkpoint(
                         worker,
                         None,
+                        closed_at.get(),
                         &stats,
                         cp,
                         &learner,
@@ -757,6 +765,7 @@ pub fn run_dataflow(
 fn take_checkpoint(
     worker: &mut timely::worker::Worker,
     mut input: Option<&mut Inputs>,
+    closed_at: Option<u64>,
     stats: &IngestStats,
     cp: &Checkpointer,
     learner: &RefCell<Option<Learner>>,
@@ -771,7 +780,9 @@ fn take_checkpoint(
         worker.step_or_park(Some(Duration::from_millis(1)));
         !cancel.load(Ordering::Relaxed)
     };
-    let time = input.as_ref().map(|i| *i.events.time());
+    // Every event this worker sent is at or before its input's time (or the time its
+    // input had when it closed): the cut lies beyond all of them.
+    let time = input.as_ref().map(|i| *i.events.time()).or(closed_at);
     let cut = cp.join(time, &mut idle).ok_or_else(cancelled)?;
     if let Some(input) = input.as_mut() {
         input.advance_to(cut);
