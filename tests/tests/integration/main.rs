@@ -2,6 +2,7 @@
 
 mod backtest_determinism;
 mod backtest_parquet;
+mod checkpoint_cut;
 mod common;
 mod movielens_oracle;
 mod variants;
