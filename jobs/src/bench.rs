@@ -285,16 +285,13 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         config.eval.eval_every = 0;
         config.variants[0].model.kind = model;
         config.variants[0].name = model.name().into();
-        let cp = Arc::new(Checkpointer::new(
-            CheckpointSettings {
-                dir: dir.path().to_path_buf(),
-                interval: Some(std::time::Duration::from_secs(5)),
-                keep: 2,
-                config_hash: crate::stream::config_hash(&config)?,
-                config: Some(config.clone()),
-            },
-            2,
-        )?);
+        let cp = Arc::new(Checkpointer::new(CheckpointSettings {
+            dir: dir.path().to_path_buf(),
+            interval: Some(std::time::Duration::from_secs(5)),
+            keep: 2,
+            config_hash: crate::stream::config_hash(&config)?,
+            config: Some(config.clone()),
+        })?);
         let dead = Arc::new(MemoryDeadLetters::new(0));
         let mut consumer = KafkaSettings {
             group: format!("bench-{}", model.name()),

@@ -169,16 +169,13 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     let checkpoints = match &args.checkpoint_dir {
         Some(dir) => {
             let commit_settings = settings.clone();
-            let cp = Checkpointer::new(
-                CheckpointSettings {
-                    dir: dir.clone(),
-                    interval: Some(args.checkpoint_interval),
-                    keep: args.keep_checkpoints,
-                    config_hash: config_hash(&config)?,
-                    config: Some(config.clone()),
-                },
-                config.workers,
-            )?
+            let cp = Checkpointer::new(CheckpointSettings {
+                dir: dir.clone(),
+                interval: Some(args.checkpoint_interval),
+                keep: args.keep_checkpoints,
+                config_hash: config_hash(&config)?,
+                config: Some(config.clone()),
+            })?
             .on_commit(Box::new(move |manifest| {
                 // Committed for monitoring (consumer lag); restarts use the checkpoint.
                 if let Err(e) = commit_offsets(&commit_settings, &manifest.positions) {

@@ -617,3 +617,297 @@ fn the_popularity_window_survives_a_restart() {
         "the window after a restart equals the uninterrupted one"
     );
 }
+
+/// Checkpoints of a two-process cluster: both processes are killed (`kill -9`) at random
+/// moments, or only one of them (the other must then fail rather than hang), and
+/// restarted while the topic grows. Every checkpoint directory, written by both
+/// processes into their shared directory, is complete and consistent (events in the
+/// model equal offsets read, over the whole cluster); at the end every event was trained
+/// exactly once. A single process then resumes from the cluster's checkpoint.
+#[test]
+fn a_two_process_cluster_checkpoints_and_survives_kill_9() {
+    let (_cluster, settings) = cluster_with("cc", 8);
+    let (trials, chunk) = (8, 10_000u64);
+    let all = events(chunk * (trials as u64 + 2));
+    let n = chunk * (trials as u64 + 1);
+    let dir = tempfile::tempdir().unwrap();
+    let dir = DebugDir(dir.path().to_path_buf(), dir);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = Rng(seed);
+    let args = |p: usize| -> Vec<String> {
+        [
+            "--topic",
+            "cc",
+            "--checkpoint-dir",
+            "ckpt",
+            "--checkpoint-interval",
+            "100ms",
+            "--eval-every",
+            "1",
+            "-w",
+            "2",
+            "--processes",
+            "2",
+            "--process",
+            &p.to_string(),
+            "--hostfile",
+            "hosts",
+            "--connect-timeout",
+            "30s",
+            "--summary-json",
+            &format!("p{p}.json"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let spawn = |p: usize, log: Stdio| {
+        let args = args(p);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        train(&settings.brokers, dir.path(), &args)
+            .env("RUST_LOG", "tidepool_operators=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut chunks = all.chunks(chunk as usize);
+    let mut killed = 0;
+    for trial in 0..trials {
+        produce(&settings, chunks.next().unwrap().to_vec(), None, &|_| {}).unwrap();
+        common::loopback_hostfile(dir.path(), 2);
+        let mut children: Vec<Child> = (0..2)
+            .map(|p| {
+                let log = std::fs::File::create(dir.path().join(format!("trial-p{p}-{trial}.log")))
+                    .unwrap();
+                spawn(p, log.into())
+            })
+            .collect();
+        // Starting two processes and joining the group takes most of a second.
+        let after = Duration::from_millis(800 + rng.next() % 2_200);
+        if trial % 2 == 0 {
+            // The whole cluster crashes.
+            let first = wait_or_kill(&mut children[0], after);
+            let second = wait_or_kill(&mut children[1], Duration::ZERO);
+            killed += usize::from(first || second);
+        } else {
+            // One process crashes: its peer must notice and fail, not wait forever.
+            if wait_or_kill(&mut children[1], after) {
+                killed += 1;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let status = loop {
+                    if let Some(status) = children[0].try_wait().unwrap() {
+                        break status;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "trial {trial}: process 0 still runs 60 s after its peer was killed"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                assert!(
+                    !status.success(),
+                    "trial {trial}: process 0 exited 0 without its peer"
+                );
+            } else {
+                children[0].wait().unwrap();
+            }
+        }
+        let log = std::fs::read_to_string(dir.path().join(format!("trial-p0-{trial}.log")))
+            .unwrap_or_default();
+        eprintln!(
+            "trial {trial}: {} checkpoints committed, {} killed so far",
+            log.matches("checkpoint committed").count(),
+            killed
+        );
+        if trial == 2 {
+            eprintln!("{log}");
+            eprintln!(
+                "{}",
+                std::fs::read_to_string(dir.path().join("trial-p1-2.log")).unwrap_or_default()
+            );
+        }
+        assert_checkpoints_complete(&dir.path().join("ckpt"));
+    }
+    assert!(killed >= 4, "only {killed} of {trials} trials were killed");
+    produce(&settings, chunks.next().unwrap().to_vec(), None, &|_| {}).unwrap();
+    common::loopback_hostfile(dir.path(), 2);
+    let runs: Vec<_> = (0..2)
+        .map(|p| {
+            let args = args(p);
+            let brokers = settings.brokers.clone();
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                finish(&mut train(&brokers, &path, &args), Duration::from_secs(300))
+            })
+        })
+        .collect();
+    for run in runs {
+        ok(run.join().unwrap());
+    }
+    assert_checkpoints_complete(&dir.path().join("ckpt"));
+    for p in 0..2 {
+        let s = summary(dir.path(), &format!("p{p}.json"));
+        assert_eq!(s["events"], n, "process {p}: {s}");
+    }
+    let last = summary(dir.path(), "p0.json")["checkpoints"]["last_id"]
+        .as_u64()
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(format!("ckpt/ckpt-{last}/manifest.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["workers"], 4, "{manifest}");
+    assert_eq!(manifest["events"], n, "{manifest}");
+
+    // One process with one worker picks up where the cluster stopped.
+    produce(&settings, chunks.next().unwrap().to_vec(), None, &|_| {}).unwrap();
+    ok(finish(
+        &mut train(
+            &settings.brokers,
+            dir.path(),
+            &[
+                "--topic",
+                "cc",
+                "--checkpoint-dir",
+                "ckpt",
+                "--eval-every",
+                "1",
+                "-w",
+                "1",
+                "--summary-json",
+                "single.json",
+            ],
+        ),
+        Duration::from_secs(120),
+    ));
+    let s = summary(dir.path(), "single.json");
+    assert_eq!(s["events"], n + chunk, "{s}");
+    assert_checkpoints_complete(&dir.path().join("ckpt"));
+}
+
+/// SIGUSR2 (a checkpoint) and SIGUSR1 (a GC cycle) sent to process 1 of a cluster reach
+/// global worker 0, the only place either can start: with an hour's checkpoint interval
+/// a checkpoint appears only through the forwarded request, and process 0's controller
+/// counts a manual cycle. SIGTERM to both then drains and writes the final checkpoint.
+#[test]
+fn requests_to_any_process_of_a_cluster_take_effect() {
+    let (_cluster, settings) = cluster("ask");
+    produce(&settings, events(20_000), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::loopback_hostfile(dir.path(), 2);
+    let mut children: Vec<Child> = (0..2)
+        .map(|p| {
+            let log = std::fs::File::create(dir.path().join(format!("p{p}.log"))).unwrap();
+            train(
+                &settings.brokers,
+                dir.path(),
+                &[
+                    "--topic",
+                    "ask",
+                    "--model",
+                    "mostpop",
+                    "--stop-at",
+                    "never",
+                    "--checkpoint-dir",
+                    "ckpt",
+                    "--checkpoint-interval",
+                    "1h",
+                    "--gc-force-interval",
+                    "1h",
+                    "--gctrace",
+                    "--processes",
+                    "2",
+                    "--process",
+                    &p.to_string(),
+                    "--hostfile",
+                    "hosts",
+                    "--summary-json",
+                    &format!("p{p}.json"),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let ckpt = dir.path().join("ckpt");
+    let committed = || {
+        tidepool_operators::checkpoint::list(&ckpt)
+            .map(|l| l.len())
+            .unwrap_or(0)
+    };
+    // The handlers are installed before the cluster connects; give it time to read.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(committed(), 0, "nothing asked for a checkpoint yet");
+    let signal = |child: &Child, sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal(&children[1], "-USR2");
+    signal(&children[1], "-USR1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint 60 s after SIGUSR2 to process 1: {}",
+            std::fs::read_to_string(dir.path().join("p1.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Process 0 traces the cycle it ran (as does process 1, whose workers take part).
+    let manual = || {
+        std::fs::read_to_string(dir.path().join("p0.log"))
+            .unwrap_or_default()
+            .contains(" manual: ")
+    };
+    while !manual() {
+        assert!(
+            Instant::now() < deadline,
+            "no GC cycle 60 s after SIGUSR1 to process 1: {}",
+            std::fs::read_to_string(dir.path().join("p0.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for child in &children {
+        common::sigterm(child);
+    }
+    for (p, child) in children.iter_mut().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "process {p} ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "process {p}: {}",
+            std::fs::read_to_string(dir.path().join(format!("p{p}.log"))).unwrap_or_default()
+        );
+    }
+    let s0 = summary(dir.path(), "p0.json");
+    assert_eq!(s0["events"], 20_000, "{s0}");
+    assert!(
+        s0["gc"]["cycles"]["manual"].as_u64().unwrap_or(0) >= 1,
+        "process 0 ran the cycle process 1 was asked for: {}",
+        s0["gc"]
+    );
+    assert!(
+        s0["checkpoints"]["written"].as_u64().unwrap_or(0) >= 2,
+        "the requested and the final checkpoint: {}",
+        s0["checkpoints"]
+    );
+}

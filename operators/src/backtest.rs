@@ -57,9 +57,10 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::{Concat, ConnectLoop, Exchange, Feedback, Input, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
-use crate::checkpoint::{CheckpointStats, Checkpointer, Loaded};
+use crate::checkpoint::{part_events, CheckpointStats, Checkpointer, Deposit, Loaded};
 use crate::cluster::{Cluster, Replication, RowBatch};
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
+use crate::coord::{forward_requests, Coordinator, Handlers, Stage};
 use crate::ingest::{auto_tick, drive, Clock, Feed, IngestStats, Inputs};
 use crate::learner::{Learner, Protocol, WorkerResult};
 use crate::live::LiveMetrics;
@@ -312,14 +313,6 @@ pub fn run_dataflow(
         live,
     } = options;
     let cluster = cluster.filter(|c| c.processes > 1);
-    if let Some(c) = &cluster {
-        if checkpoints.is_some() || restore.is_some() {
-            return Err(Error::Config(format!(
-                "checkpoints are not supported in a cluster of {} processes yet: run the job in one process (any number of workers) to checkpoint it",
-                c.processes
-            )));
-        }
-    }
     let info = source.info();
     let rows = info.rows.unwrap_or(0);
     let needs_counts = config.variants.iter().any(|v| {
@@ -597,41 +590,60 @@ pub fn run_dataflow(
                 }
             }
             drop(replay_input);
+            let coord = RefCell::new(Coordinator::build(
+                worker,
+                Handlers {
+                    checkpoints: checkpoints.clone(),
+                    gc: Arc::clone(&gc),
+                    cancel: Arc::clone(&cancel),
+                },
+            ));
+            // A failing worker tells the cluster, or the others would wait for it.
+            let fail = || {
+                cancel.store(true, Ordering::Relaxed);
+                coord.borrow_mut().abort();
+            };
             let mut stats = IngestStats::default();
             // The input time this worker's input had when it closed: the events it sent
             // last are at that time, so a checkpoint cut must lie beyond it even after
             // the input is gone (a worker that has read all its partitions can be far
             // ahead in event time of one still reading).
             let closed_at = std::cell::Cell::new(None::<u64>);
+            let ctx = checkpoints.as_deref().map(|cp| CheckpointCtx {
+                cp,
+                coord: &coord,
+                learner: &learner,
+                probe: &probe,
+                tables: &tables,
+                cancel: &cancel,
+                deltas: deltas.as_deref(),
+                replicated: replication.is_some(),
+            });
             let mut hook = |worker: &mut timely::worker::Worker,
                             input: Option<&mut Inputs>,
                             stats: &IngestStats,
                             flushed: bool|
              -> Result<()> {
-                let Some(cp) = &checkpoints else {
+                let Some(ctx) = &ctx else {
                     return Ok(());
                 };
                 // A worker still holding events back joins at its next batch.
-                if !flushed || !cp.pending() {
+                if !flushed || !ctx.cp.pending() {
                     return Ok(());
                 }
-                take_checkpoint(
-                    worker,
-                    input,
-                    closed_at.get(),
-                    stats,
-                    cp,
-                    &learner,
-                    &probe,
-                    &tables,
-                    &cancel,
-                    deltas.as_deref(),
-                )
+                take_checkpoint(worker, input, closed_at.get(), stats, ctx)
             };
+            let local_first = index % config.workers == 0;
             let must_flush = || {
+                // Requests made to another process (signals, admin) go to worker 0.
+                if local_first && index != 0 {
+                    forward_requests(&mut coord.borrow_mut(), checkpoints.as_deref(), &gc);
+                }
                 checkpoints.as_ref().is_some_and(|cp| {
                     if index == 0 {
-                        cp.poll();
+                        if let Some(id) = cp.poll() {
+                            coord.borrow_mut().start(id);
+                        }
                     }
                     cp.pending()
                 })
@@ -654,7 +666,7 @@ pub fn run_dataflow(
                 )
             });
             if ingest.is_err() {
-                cancel.store(true, Ordering::Relaxed);
+                fail();
             }
             // Closing the input lets the frontier run out; the dataflow must still be
             // stepped to completion so that the other workers can finish too (and join
@@ -664,30 +676,23 @@ pub fn run_dataflow(
             let mut drained = Ok(());
             while !probe.done() {
                 worker.step_or_park(Some(Duration::from_millis(10)));
+                // Joins a checkpoint worker 0 started before its input closed. No new
+                // one starts now: every worker must see the same sequence of
+                // checkpoints, and the last is the final one below.
                 if drained.is_ok() {
                     drained = hook(worker, None, &stats, true);
                 }
             }
             // The final checkpoint: every worker is here, every event trained.
-            if let (Some(cp), true) = (&checkpoints, ingest.is_ok() && drained.is_ok()) {
+            if let (Some(ctx), true) = (&ctx, ingest.is_ok() && drained.is_ok()) {
                 if !cancel.load(Ordering::Relaxed) {
-                    drained = take_checkpoint(
-                        worker,
-                        None,
-                        closed_at.get(),
-                        &stats,
-                        cp,
-                        &learner,
-                        &probe,
-                        &tables,
-                        &cancel,
-                        deltas.as_deref(),
-                    );
+                    drained = take_checkpoint(worker, None, closed_at.get(), &stats, ctx);
                 }
             }
             if drained.is_err() {
-                cancel.store(true, Ordering::Relaxed);
+                fail();
             }
+            coord.borrow_mut().close();
             let outcome = learner
                 .borrow_mut()
                 .take()
@@ -759,66 +764,115 @@ pub fn run_dataflow(
     Ok(report)
 }
 
+/// What a worker needs to take its part in a checkpoint besides its inputs.
+struct CheckpointCtx<'a> {
+    cp: &'a Checkpointer,
+    coord: &'a RefCell<Coordinator>,
+    learner: &'a RefCell<Option<Learner>>,
+    probe: &'a ProbeHandle<u64>,
+    tables: &'a [Option<Arc<crate::item_table::ItemTable>>],
+    cancel: &'a AtomicBool,
+    deltas: Option<&'a dyn DeltaSink>,
+    /// In a cluster the cut lies one round further (see [`take_checkpoint`]).
+    replicated: bool,
+}
+
 /// This worker's part of a checkpoint (see [`crate::checkpoint`]): join, advance to the
-/// cut, wait until every round before it is trained, write.
-#[allow(clippy::too_many_arguments)]
+/// cut, wait until every round before it is trained, write, and wait for the commit.
+///
+/// In a cluster, a round's item-row changes reach the other processes one round later
+/// (see [`crate::cluster`]). The cut is therefore one round past the newest input time:
+/// that round carries no events, only the last rows, and once the probe has passed it
+/// every replica holds every change of every trained round, so process 0's replica is
+/// the whole model.
 fn take_checkpoint(
     worker: &mut timely::worker::Worker,
     mut input: Option<&mut Inputs>,
     closed_at: Option<u64>,
     stats: &IngestStats,
-    cp: &Checkpointer,
-    learner: &RefCell<Option<Learner>>,
-    probe: &ProbeHandle<u64>,
-    tables: &[Option<Arc<crate::item_table::ItemTable>>],
-    cancel: &AtomicBool,
-    deltas: Option<&dyn DeltaSink>,
+    ctx: &CheckpointCtx<'_>,
 ) -> Result<()> {
     let cancelled = || Error::Internal("checkpoint abandoned: another worker failed".into());
+    let (cp, cancel) = (ctx.cp, ctx.cancel);
     let index = worker.index();
     let mut idle = || {
         worker.step_or_park(Some(Duration::from_millis(1)));
         !cancel.load(Ordering::Relaxed)
     };
+    let mut coord = ctx.coord.borrow_mut();
+    cp.begin();
     // Every event this worker sent is at or before its input's time (or the time its
     // input had when it closed): the cut lies beyond all of them.
     let time = input.as_ref().map(|i| *i.events.time()).or(closed_at);
-    let cut = cp.join(time, &mut idle).ok_or_else(cancelled)?;
+    let joined = coord
+        .gather(
+            Stage::Join {
+                id: cp.next_id(),
+                time,
+            },
+            &mut idle,
+        )
+        .ok_or_else(cancelled)?;
+    let (mut id, mut newest) = (None, 0);
+    for stage in &joined {
+        if let Stage::Join { id: i, time } = stage {
+            id.get_or_insert(*i);
+            newest = newest.max(time.unwrap_or(0));
+        }
+    }
+    let id = id.ok_or_else(|| Error::Internal("checkpoint join without worker 0".into()))?;
+    let cut = newest + 1 + u64::from(ctx.replicated);
     if let Some(input) = input.as_mut() {
         input.advance_to(cut);
     }
-    while probe.less_than(&cut) {
+    while ctx.probe.less_than(&cut) {
         if !idle() {
             return Err(cancelled());
         }
     }
-    if !cp.quiesced(&mut idle) {
-        return Err(cancelled());
-    }
+    coord
+        .gather(Stage::Quiesced, &mut idle)
+        .ok_or_else(cancelled)?;
     let (part, shared, changed) = {
-        let mut l = learner.borrow_mut();
+        let mut l = ctx.learner.borrow_mut();
         let l = l
             .as_mut()
             .ok_or_else(|| Error::Internal("learner gone before the checkpoint".into()))?;
-        let changed = deltas.map(|_| l.take_deltas(cp.next_id(), index == 0));
+        let changed = ctx.deltas.map(|_| l.take_deltas(id, index == 0));
         (l.part(), (index == 0).then(|| l.shared()), changed)
     };
-    if let (Some(sink), Some(changed)) = (deltas, changed) {
+    if let (Some(sink), Some(changed)) = (ctx.deltas, changed) {
         sink.publish(&changed)?;
     }
-    let written = cp.write(
-        index,
-        &part,
-        shared.as_ref().map(|s| (s, tables)),
-        &stats.positions,
-        (stats.rows, stats.dead, stats.reordered),
-        &mut idle,
-    )?;
-    if written {
-        Ok(())
-    } else {
-        Err(cancelled())
+    let bytes = cp.write_part(id, index, &part)?;
+    let deposit = Deposit {
+        positions: stats.positions.clone(),
+        events: part_events(&part),
+        rows: stats.rows,
+        dead: stats.dead,
+        reordered: stats.reordered,
+        bytes,
+    };
+    let written = coord
+        .gather(Stage::Written(deposit), &mut idle)
+        .ok_or_else(cancelled)?;
+    if let Some(shared) = shared {
+        let deposits: Vec<Deposit> = written
+            .into_iter()
+            .filter_map(|s| match s {
+                Stage::Written(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        cp.commit(id, &shared, ctx.tables, &deposits)?;
     }
+    // Nobody trains on until the shared state is on disk: process 0's item tables are
+    // being read, and every process's changes would reach them.
+    coord
+        .gather(Stage::Committed, &mut idle)
+        .ok_or_else(cancelled)?;
+    cp.finished(id);
+    Ok(())
 }
 
 /// Collects every worker's outcome on every worker of the cluster, through a dataflow

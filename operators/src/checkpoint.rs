@@ -16,7 +16,11 @@
 //!    catalogue, item tables, samplers) and the manifest, then commits the directory.
 //!
 //! Workers wait for each other while stepping timely, never blocking it, so progress and
-//! data keep flowing while some are still on their way to the cut.
+//! data keep flowing while some are still on their way to the cut. The decision, the
+//! input times, the barriers and the counters travel over the coordination dataflow
+//! ([`crate::coord`]), so the same steps run across the processes of a cluster, writing
+//! into one shared directory; there the cut lies one round further (see
+//! `backtest::take_checkpoint`).
 //!
 //! ## On disk
 //!
@@ -30,7 +34,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -279,49 +283,15 @@ pub fn load(path: &Path, config_hash: &str, force: bool) -> Result<Loaded> {
     })
 }
 
-/// A barrier whose waiters keep stepping their timely worker.
-#[derive(Debug)]
-struct SteppedBarrier {
-    n: usize,
-    count: AtomicUsize,
-    generation: AtomicUsize,
-}
-
-impl SteppedBarrier {
-    fn new(n: usize) -> Self {
-        Self {
-            n,
-            count: AtomicUsize::new(0),
-            generation: AtomicUsize::new(0),
-        }
-    }
-
-    /// Waits for all `n` workers, calling `idle` meanwhile; `idle` returning false (the
-    /// run is being cancelled) gives up.
-    fn wait(&self, idle: &mut dyn FnMut() -> bool) -> bool {
-        let generation = self.generation.load(Ordering::Acquire);
-        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
-            self.count.store(0, Ordering::Release);
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            return true;
-        }
-        while self.generation.load(Ordering::Acquire) == generation {
-            if !idle() {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-#[derive(Debug, Default)]
-struct Deposits {
-    positions: BTreeMap<i32, i64>,
-    events: u64,
-    rows: u64,
-    dead: u64,
-    reordered: u64,
-    bytes: u64,
+/// What one worker adds to a checkpoint's manifest.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Deposit {
+    pub(crate) positions: BTreeMap<i32, i64>,
+    pub(crate) events: u64,
+    pub(crate) rows: u64,
+    pub(crate) dead: u64,
+    pub(crate) reordered: u64,
+    pub(crate) bytes: u64,
 }
 
 /// What was already counted before this run, from the restored checkpoint.
@@ -338,17 +308,18 @@ pub(crate) struct Carried {
 /// Called with each committed manifest (e.g. to commit offsets to the consumer group).
 pub type OnCommit = Box<dyn Fn(&Manifest) + Send + Sync>;
 
-/// The process's checkpoint coordinator, shared by its workers.
+/// The process's checkpoint coordinator, shared by its workers. The rendezvous between
+/// workers (of this process and of the others in a cluster) go through
+/// [`crate::coord`]; this holds what a process knows: settings, which checkpoint is due,
+/// what the restored one carried, and the counters.
 pub struct Checkpointer {
     settings: CheckpointSettings,
-    workers: usize,
     requested: Arc<AtomicBool>,
-    pending: AtomicBool,
+    /// The newest checkpoint id started (by worker 0's decision); pending while it is at
+    /// least `next_id`.
+    started_id: AtomicU64,
     last: Mutex<Instant>,
-    barrier: SteppedBarrier,
-    max_time: AtomicU64,
     next_id: AtomicU64,
-    deposits: Mutex<Deposits>,
     started: Mutex<Option<Instant>>,
     stats: Mutex<CheckpointStats>,
     carried: Mutex<Carried>,
@@ -368,9 +339,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Checkpointer {
-    /// A coordinator for `workers` workers; creates the directory and clears partial
-    /// checkpoints left by a crash.
-    pub fn new(settings: CheckpointSettings, workers: usize) -> Result<Self> {
+    /// A coordinator writing into `settings.dir`; creates the directory and clears
+    /// partial checkpoints left by a crash. In a cluster every process has one, on a
+    /// directory they share.
+    pub fn new(settings: CheckpointSettings) -> Result<Self> {
         std::fs::create_dir_all(&settings.dir).map_err(io(&settings.dir))?;
         let removed = remove_partial(&settings.dir)?;
         if removed > 0 {
@@ -378,14 +350,10 @@ impl Checkpointer {
         }
         let next_id = list(&settings.dir)?.last().map_or(1, |(id, _)| id + 1);
         Ok(Self {
-            workers: workers.max(1),
             requested: Arc::new(AtomicBool::new(false)),
-            pending: AtomicBool::new(false),
+            started_id: AtomicU64::new(0),
             last: Mutex::new(Instant::now()),
-            barrier: SteppedBarrier::new(workers.max(1)),
-            max_time: AtomicU64::new(0),
             next_id: AtomicU64::new(next_id),
-            deposits: Mutex::default(),
             started: Mutex::new(None),
             stats: Mutex::default(),
             carried: Mutex::default(),
@@ -442,108 +410,77 @@ impl Checkpointer {
         lock(&self.carried).clone()
     }
 
-    /// Worker 0, between batches: starts a checkpoint if one is due.
-    pub(crate) fn poll(&self) {
+    /// Global worker 0, between batches: the id of a checkpoint to start everywhere, if
+    /// one is due (interval elapsed, or asked) and none is under way. This process
+    /// starts it at once; the others learn it through [`Self::start`].
+    pub(crate) fn poll(&self) -> Option<u64> {
+        if self.pending() {
+            return None;
+        }
         let due = self
             .settings
             .interval
             .is_some_and(|i| lock(&self.last).elapsed() >= i);
         if due || self.requested.swap(false, Ordering::AcqRel) {
-            self.pending.store(true, Ordering::Release);
+            let id = self.next_id();
+            self.start(id);
+            return Some(id);
         }
+        None
+    }
+
+    /// Worker 0 has started checkpoint `id`.
+    pub(crate) fn start(&self, id: u64) {
+        self.started_id.fetch_max(id, Ordering::AcqRel);
     }
 
     /// Whether workers must join a checkpoint.
     pub(crate) fn pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
+        self.started_id.load(Ordering::Acquire) >= self.next_id()
     }
 
-    /// Phase 1: joins with this worker's input time (`None`: input closed); returns the
-    /// cut `T` every worker advances to, or `None` when cancelled.
-    pub(crate) fn join(&self, time: Option<u64>, idle: &mut dyn FnMut() -> bool) -> Option<u64> {
+    /// A worker joins a checkpoint: the pause is measured from the first one.
+    pub(crate) fn begin(&self) {
         lock(&self.started).get_or_insert_with(Instant::now);
-        if let Some(t) = time {
-            self.max_time.fetch_max(t, Ordering::AcqRel);
-        }
-        if !self.barrier.wait(idle) {
-            return None;
-        }
-        Some(self.max_time.load(Ordering::Acquire) + 1)
     }
 
-    /// Phase 2, once this worker's probe has passed the cut: waits for the others.
-    pub(crate) fn quiesced(&self, idle: &mut dyn FnMut() -> bool) -> bool {
-        self.barrier.wait(idle)
+    /// Checkpoint `id` is committed (by this process or another): the next one gets
+    /// `id + 1`, and the interval counts from now. A start for a later id that arrived
+    /// meanwhile stays pending.
+    pub(crate) fn finished(&self, id: u64) {
+        self.next_id.fetch_max(id + 1, Ordering::AcqRel);
+        *lock(&self.last) = Instant::now();
+        lock(&self.started).take();
     }
 
     fn tmp_dir(&self, id: u64) -> PathBuf {
         self.settings.dir.join(format!("ckpt-{id}.tmp"))
     }
 
-    /// Phase 3: each worker writes its part and deposits its counters; worker 0 then
-    /// writes the shared state and commits. Returns false when cancelled.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn write(
-        &self,
-        worker: usize,
-        part: &WorkerPart,
-        shared: Option<(&SharedPart, &[Option<Arc<ItemTable>>])>,
-        positions: &BTreeMap<i32, i64>,
-        ingest: (u64, u64, u64),
-        idle: &mut dyn FnMut() -> bool,
-    ) -> Result<bool> {
-        let id = self.next_id.load(Ordering::Acquire);
+    /// Writes worker `worker`'s part of checkpoint `id` into its (shared) temporary
+    /// directory; returns its size.
+    pub(crate) fn write_part(&self, id: u64, worker: usize, part: &WorkerPart) -> Result<u64> {
         let tmp = self.tmp_dir(id);
-        if worker == 0 {
-            std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        if !self.barrier.wait(idle) {
-            return Ok(false);
-        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let bytes = write_bin(&tmp.join(format!("worker-{worker}.bin")), part)?;
         tracing::debug!(
             worker,
-            events = part
-                .variants
-                .first()
-                .map_or(0, |(_, w)| w.values().map(|q| q.events).sum::<u64>()),
-            read = positions.values().sum::<i64>(),
-            ?positions,
+            events = part_events(part),
             "checkpoint part written"
         );
-        {
-            let mut d = lock(&self.deposits);
-            d.positions.extend(positions.iter().map(|(p, o)| (*p, *o)));
-            d.events += part
-                .variants
-                .first()
-                .map_or(0, |(_, w)| w.values().map(|q| q.events).sum::<u64>());
-            d.rows += ingest.0;
-            d.dead += ingest.1;
-            d.reordered += ingest.2;
-            d.bytes += bytes;
-        }
-        if !self.barrier.wait(idle) {
-            return Ok(false);
-        }
-        if worker == 0 {
-            let (shared, tables) =
-                shared.ok_or_else(|| Error::Internal("worker 0 writes the shared state".into()))?;
-            self.commit(id, &tmp, shared, tables)?;
-        }
-        if !self.barrier.wait(idle) {
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(bytes)
     }
 
-    fn commit(
+    /// Global worker 0, once every worker's part is written: writes the shared state and
+    /// the manifest from everyone's `deposits`, and commits the directory.
+    pub(crate) fn commit(
         &self,
         id: u64,
-        tmp: &Path,
         shared: &SharedPart,
         tables: &[Option<Arc<ItemTable>>],
+        deposits: &[Deposit],
     ) -> Result<()> {
+        let tmp = self.tmp_dir(id);
         let mut bytes = write_bin(&tmp.join("shared.bin"), shared)?;
         for (v, table) in tables.iter().enumerate() {
             if let Some(table) = table {
@@ -551,10 +488,17 @@ impl Checkpointer {
                 bytes += write_rows(&tmp.join(format!("items-{v}.bin")), &rows)?;
             }
         }
-        let deposits = std::mem::take(&mut *lock(&self.deposits));
         let carried = self.carried();
         let mut positions = carried.positions.clone();
-        positions.extend(deposits.positions);
+        let mut total = Deposit::default();
+        for d in deposits {
+            positions.extend(d.positions.iter().map(|(p, o)| (*p, *o)));
+            total.events += d.events;
+            total.rows += d.rows;
+            total.dead += d.dead;
+            total.reordered += d.reordered;
+            total.bytes += d.bytes;
+        }
         let manifest = Manifest {
             version: FORMAT_VERSION,
             id,
@@ -562,14 +506,14 @@ impl Checkpointer {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             config_hash: self.settings.config_hash.clone(),
-            workers: self.workers,
+            workers: deposits.len(),
             positions,
             watermark_ms: (shared.now_ms != i64::MIN).then_some(shared.now_ms),
-            events: deposits.events,
-            rows: carried.rows + deposits.rows,
-            dead_letters: carried.dead + deposits.dead,
-            reordered: carried.reordered + deposits.reordered,
-            bytes: bytes + deposits.bytes,
+            events: total.events,
+            rows: carried.rows + total.rows,
+            dead_letters: carried.dead + total.dead,
+            reordered: carried.reordered + total.reordered,
+            bytes: bytes + total.bytes,
             config: self.settings.config.clone(),
         };
         let text = serde_json::to_string_pretty(&manifest)
@@ -578,11 +522,10 @@ impl Checkpointer {
         write_file(&manifest_path, |w| {
             w.write_all(text.as_bytes()).map_err(io(&manifest_path))
         })?;
-        sync_dir(tmp)?;
+        sync_dir(&tmp)?;
         let done = self.settings.dir.join(format!("ckpt-{id}"));
-        std::fs::rename(tmp, &done).map_err(io(&done))?;
+        std::fs::rename(&tmp, &done).map_err(io(&done))?;
         sync_dir(&self.settings.dir)?;
-        self.next_id.store(id + 1, Ordering::Release);
         // Older checkpoints beyond `keep` go; the newest is never touched.
         let all = list(&self.settings.dir)?;
         let keep = self.settings.keep.max(1);
@@ -596,7 +539,7 @@ impl Checkpointer {
             }
         }
         let pause = lock(&self.started)
-            .take()
+            .as_ref()
             .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
         {
             let mut stats = lock(&self.stats);
@@ -606,9 +549,6 @@ impl Checkpointer {
             stats.last_pause_ms = pause;
             stats.max_pause_ms = stats.max_pause_ms.max(pause);
         }
-        *lock(&self.last) = Instant::now();
-        self.max_time.store(0, Ordering::Release);
-        self.pending.store(false, Ordering::Release);
         tracing::info!(
             id,
             events = manifest.events,
@@ -621,6 +561,12 @@ impl Checkpointer {
         }
         Ok(())
     }
+}
+
+pub(crate) fn part_events(part: &WorkerPart) -> u64 {
+    part.variants
+        .first()
+        .map_or(0, |(_, w)| w.values().map(|q| q.events).sum::<u64>())
 }
 
 /// Writes (and fsyncs) the user part a worker holding `users` users with `dim`-dimensional
@@ -684,28 +630,5 @@ mod tests {
         let rows = vec![1.5f32, -0.0, f32::MAX, 3.25];
         assert_eq!(write_rows(&path, &rows).unwrap(), 16);
         assert_eq!(read_rows(&path).unwrap(), rows);
-    }
-
-    #[test]
-    fn the_barrier_releases_all_together() {
-        let b = Arc::new(SteppedBarrier::new(3));
-        let passed = Arc::new(AtomicUsize::new(0));
-        std::thread::scope(|s| {
-            for _ in 0..3 {
-                let (b, passed) = (Arc::clone(&b), Arc::clone(&passed));
-                s.spawn(move || {
-                    for round in 1..=50 {
-                        assert!(b.wait(&mut || {
-                            std::thread::yield_now();
-                            true
-                        }));
-                        passed.fetch_add(1, Ordering::SeqCst);
-                        // Nobody is more than one round ahead.
-                        assert!(passed.load(Ordering::SeqCst) <= 3 * round + 3);
-                    }
-                });
-            }
-        });
-        assert_eq!(passed.load(Ordering::SeqCst), 150);
     }
 }

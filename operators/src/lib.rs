@@ -17,6 +17,7 @@ mod backtest;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
+mod coord;
 mod eval;
 mod ingest;
 mod item_table;

@@ -84,16 +84,13 @@ fn a_closed_input_still_bounds_the_cut() {
         ..BacktestConfig::default()
     };
     let cp = Arc::new(
-        Checkpointer::new(
-            CheckpointSettings {
-                dir: dir.path().to_path_buf(),
-                interval: Some(Duration::from_millis(5)),
-                keep: 10_000,
-                config_hash: "test".into(),
-                config: None,
-            },
-            2,
-        )
+        Checkpointer::new(CheckpointSettings {
+            dir: dir.path().to_path_buf(),
+            interval: Some(Duration::from_millis(5)),
+            keep: 10_000,
+            config_hash: "test".into(),
+            config: None,
+        })
         .expect("checkpointer"),
     );
     let options = RunOptions {
