@@ -851,6 +851,8 @@ fn take_checkpoint(
         rows: stats.rows,
         dead: stats.dead,
         reordered: stats.reordered,
+        skipped: stats.skipped,
+        lost: stats.lost,
         bytes,
     };
     let written = coord

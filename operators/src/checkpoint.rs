@@ -73,6 +73,14 @@ pub struct Manifest {
     pub dead_letters: u64,
     /// Events processed late, over every run.
     pub reordered: u64,
+    /// Records skipped by the event-type filter, over every run.
+    #[serde(default)]
+    pub skipped: u64,
+    /// Offsets the broker no longer had when they were due (retention), over every run.
+    /// Together: `events + dead_letters == rows` and `rows + skipped + offsets_lost` ==
+    /// every offset consumed (the sum of `positions` from the partitions' first offsets).
+    #[serde(default)]
+    pub offsets_lost: u64,
     /// Bytes of the state files.
     pub bytes: u64,
     /// The configuration that wrote it (what `tidepool recommend` rebuilds the models
@@ -291,6 +299,8 @@ pub(crate) struct Deposit {
     pub(crate) rows: u64,
     pub(crate) dead: u64,
     pub(crate) reordered: u64,
+    pub(crate) skipped: u64,
+    pub(crate) lost: u64,
     pub(crate) bytes: u64,
 }
 
@@ -300,6 +310,8 @@ pub(crate) struct Carried {
     pub(crate) rows: u64,
     pub(crate) dead: u64,
     pub(crate) reordered: u64,
+    pub(crate) skipped: u64,
+    pub(crate) lost: u64,
     /// Where the restored checkpoint left every partition: a partition this run reads
     /// nothing from keeps its position.
     pub(crate) positions: BTreeMap<i32, i64>,
@@ -397,6 +409,8 @@ impl Checkpointer {
             rows: manifest.rows,
             dead: manifest.dead_letters,
             reordered: manifest.reordered,
+            skipped: manifest.skipped,
+            lost: manifest.offsets_lost,
             positions: manifest.positions.clone(),
         };
     }
@@ -497,6 +511,8 @@ impl Checkpointer {
             total.rows += d.rows;
             total.dead += d.dead;
             total.reordered += d.reordered;
+            total.skipped += d.skipped;
+            total.lost += d.lost;
             total.bytes += d.bytes;
         }
         let manifest = Manifest {
@@ -513,6 +529,8 @@ impl Checkpointer {
             rows: carried.rows + total.rows,
             dead_letters: carried.dead + total.dead,
             reordered: carried.reordered + total.reordered,
+            skipped: carried.skipped + total.skipped,
+            offsets_lost: carried.lost + total.lost,
             bytes: bytes + total.bytes,
             config: self.settings.config.clone(),
         };

@@ -93,6 +93,10 @@ pub struct IngestStats {
     pub dead: u64,
     /// Events that arrived after a later tick and were processed late.
     pub reordered: u64,
+    /// Records the source skipped on purpose (event-type filter): read, not rows.
+    pub skipped: u64,
+    /// Positions lost upstream before they could be read (Kafka retention).
+    pub lost: u64,
     /// Next position per partition, for sources that have them (Kafka).
     pub positions: std::collections::BTreeMap<i32, i64>,
 }
@@ -212,6 +216,8 @@ pub(crate) fn drive(
         input.poll_gc(gc);
         stats.rows += batch.rejected;
         stats.dead += batch.rejected;
+        stats.skipped += batch.skipped;
+        stats.lost += batch.lost;
         stats.positions.extend(batch.positions.iter().copied());
         if batch.records.num_rows() == 0 {
             // An idle source lets the watermark catch up and closes its open round, so

@@ -37,6 +37,12 @@ pub struct SourceBatch {
     /// Records the source itself rejected (and sent to its dead-letter sink) while
     /// building this batch; they count as rows read and as dead letters.
     pub rejected: u64,
+    /// Records read and deliberately not used (an event-type filter): positions the
+    /// batch advanced past without a row.
+    pub skipped: u64,
+    /// Positions the source found gone (a Kafka retention deleted them before they were
+    /// read): data lost upstream, counted so that it is never lost silently.
+    pub lost: u64,
 }
 
 impl SourceBatch {
@@ -47,6 +53,8 @@ impl SourceBatch {
             origin,
             positions: Vec::new(),
             rejected: 0,
+            skipped: 0,
+            lost: 0,
         }
     }
 }

@@ -335,7 +335,7 @@ impl Reader {
         }
         self.events.clear();
         let mut advanced: BTreeMap<i32, i64> = BTreeMap::new();
-        let mut rejected = 0u64;
+        let (mut rejected, mut skipped, mut lost_here) = (0u64, 0u64, 0u64);
         let mut first_pos = None;
         let mut wait = POLL_WAIT;
         while self.events.len() + (rejected as usize) < MAX_BATCH {
@@ -357,6 +357,7 @@ impl Reader {
             let expected = self.next.get(&partition).copied().unwrap_or(0);
             if offset > expected {
                 let lost = (offset - expected) as u64;
+                lost_here += lost;
                 self.counters
                     .offsets_lost
                     .fetch_add(lost, Ordering::Relaxed);
@@ -378,6 +379,7 @@ impl Reader {
                     self.events.push(e);
                 }
                 Decoded::Skipped => {
+                    skipped += 1;
                     self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                 }
                 Decoded::Rejected(reason) => {
@@ -413,6 +415,8 @@ impl Reader {
             },
             positions: advanced.into_iter().collect(),
             rejected,
+            skipped,
+            lost: lost_here,
         }))
     }
 }
