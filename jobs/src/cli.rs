@@ -400,6 +400,10 @@ pub struct TrainArgs {
     /// --checkpoint-dir); key `variant/entity/id`, value JSON.
     #[arg(long, requires = "checkpoint_dir")]
     pub publish_topic: Option<String>,
+    /// Also (or instead) write changed embedding rows at every checkpoint as Parquet files
+    /// into this directory (needs --checkpoint-dir); see the README for the columns.
+    #[arg(long, requires = "checkpoint_dir")]
+    pub publish_dir: Option<PathBuf>,
     /// When to stop: never, end (the end offsets at start), idle:DURATION. Default: end
     /// with --brokers embedded, never otherwise.
     #[arg(long, value_parser = parse_stop)]

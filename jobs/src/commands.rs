@@ -285,7 +285,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// The `gc` object of the summary JSON: counters without the long timeline and samples.
-fn gc_summary(report: &BacktestReport) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn gc_summary(report: &BacktestReport) -> anyhow::Result<serde_json::Value> {
     let mut gc = serde_json::to_value(&report.gc)?;
     if let Some(obj) = gc.as_object_mut() {
         obj.remove("timeline");

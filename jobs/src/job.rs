@@ -207,6 +207,8 @@ pub struct OutputSection {
     pub dead_letter_topic: Option<String>,
     /// Model delta topic (Kafka jobs).
     pub publish_topic: Option<String>,
+    /// Model delta Parquet directory (Kafka jobs).
+    pub publish_dir: Option<String>,
     /// Report directory.
     pub report: Option<String>,
 }
@@ -419,6 +421,15 @@ fn to_command(
                 "publish_topic",
                 "publish-topic",
                 t.clone(),
+            );
+        }
+        if let Some(d) = &job.output.publish_dir {
+            flag(
+                &mut argv,
+                "output",
+                "publish_dir",
+                "publish-dir",
+                rel(base, d),
             );
         }
     }

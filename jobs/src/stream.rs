@@ -229,18 +229,26 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         }
         bar
     };
-    let deltas: Option<Arc<dyn tidepool_pipeline::delta::DeltaSink>> = match &args.publish_topic {
-        Some(topic) => {
-            if let Some(cluster) = &embedded {
-                cluster.create_topic(topic, args.kafka.partitions)?;
-            }
-            let delta_settings = KafkaSettings {
-                topic: topic.clone(),
-                ..args.kafka.settings(&brokers)
-            };
-            Some(Arc::new(KafkaDeltaSink::new(&delta_settings)?))
+    let mut sinks: Vec<Arc<dyn tidepool_pipeline::delta::DeltaSink>> = Vec::new();
+    if let Some(topic) = &args.publish_topic {
+        if let Some(cluster) = &embedded {
+            cluster.create_topic(topic, args.kafka.partitions)?;
         }
-        None => None,
+        let delta_settings = KafkaSettings {
+            topic: topic.clone(),
+            ..args.kafka.settings(&brokers)
+        };
+        sinks.push(Arc::new(KafkaDeltaSink::new(&delta_settings)?));
+    }
+    if let Some(dir) = &args.publish_dir {
+        sinks.push(Arc::new(tidepool_connector_parquet::ParquetDeltaSink::new(
+            dir,
+        )?));
+    }
+    let deltas: Option<Arc<dyn tidepool_pipeline::delta::DeltaSink>> = match sinks.len() {
+        0 => None,
+        1 => sinks.pop(),
+        _ => Some(Arc::new(tidepool_pipeline::delta::DeltaSinks(sinks))),
     };
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let live = Arc::new(tidepool_operators::live::LiveMetrics::new(&config));
@@ -309,11 +317,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
             "offsets_lost_to_retention": lost,
         });
         summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
-        summary["gc"] = serde_json::to_value(&report.gc)?;
-        if let Some(obj) = summary["gc"].as_object_mut() {
-            obj.remove("timeline");
-            obj.remove("heap_samples");
-        }
+        summary["gc"] = crate::commands::gc_summary(&report)?;
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }

@@ -60,6 +60,11 @@ fn the_kafka_example_runs_against_its_embedded_cluster() {
     assert_eq!(summary["events"], 50_000);
     assert!(summary["checkpoints"]["written"].as_u64().unwrap() >= 1);
     assert!(dir.path().join("kafka-checkpoints").is_dir());
+    let deltas = tidepool_connector_parquet::read_deltas(&dir.path().join("model-deltas")).unwrap();
+    assert!(
+        deltas.iter().any(|d| d.key().starts_with("bpr/user/")),
+        "the job's delta files hold user rows"
+    );
 }
 
 #[test]

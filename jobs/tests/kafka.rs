@@ -90,8 +90,7 @@ fn ok(out: Output) -> Output {
 }
 
 /// Produce N, train: all N trained and counted, and BPR beats most-popular on the
-/// stream's prequential recall; every trained user's row is published as a delta, and
-/// `recommend` reads the checkpoint back.
+/// stream's prequential recall.
 #[test]
 fn train_follows_the_topic_and_beats_mostpop() {
     let (cluster, settings) = cluster("events");
@@ -995,4 +994,133 @@ fn the_manifest_accounts_for_every_offset() {
     assert!(manifest["skipped"].as_u64().unwrap() > 0, "{manifest}");
     assert!(manifest["dead_letters"].as_u64().unwrap() > 0, "{manifest}");
     drop(cluster);
+}
+
+/// The last value per key of everything published, on the topic and in the Parquet
+/// files alike, is the trained model: exactly the users and items the run holds at the
+/// end. Users evicted past their TTL and items expired past theirs are tombstoned (a key
+/// without a value on the topic, `deleted` in the files), so the published model shrinks
+/// with the trained one.
+#[test]
+fn published_deltas_follow_the_model_with_tombstones() {
+    use std::collections::BTreeMap;
+    let (cluster, settings) = cluster("ttl");
+    cluster.create_topic("deltas", 2).unwrap();
+    let n = 30_000;
+    produce(&settings, events(n), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ok(finish(
+        &mut train(
+            &settings.brokers,
+            dir.path(),
+            &[
+                "--topic",
+                "ttl",
+                "-w",
+                "2",
+                "--user-ttl",
+                "2min",
+                "--item-ttl",
+                "5min",
+                "--gc-force-interval",
+                "50ms",
+                "--checkpoint-dir",
+                "ckpt",
+                "--checkpoint-interval",
+                "200ms",
+                "--publish-topic",
+                "deltas",
+                "--publish-dir",
+                "published",
+                "--summary-json",
+                "s.json",
+            ],
+        ),
+        Duration::from_secs(120),
+    ));
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["events"], n, "{s}");
+    assert!(
+        s["gc"]["users_evicted"].as_u64().unwrap() > 0,
+        "{}",
+        s["gc"]
+    );
+    assert!(
+        s["gc"]["items_expired"].as_u64().unwrap() > 0,
+        "{}",
+        s["gc"]
+    );
+
+    // From the files: last value per key.
+    let rows = tidepool_connector_parquet::read_deltas(&dir.path().join("published")).unwrap();
+    let tombstones = rows.iter().filter(|d| d.deleted).count();
+    assert!(tombstones > 0, "evictions were published");
+    let mut files: BTreeMap<String, bool> = BTreeMap::new();
+    for d in &rows {
+        assert_eq!(d.deleted, d.vector.is_empty(), "{d:?}");
+        files.insert(d.key(), d.deleted);
+    }
+    let live = |m: &BTreeMap<String, bool>, entity: &str| {
+        m.iter()
+            .filter(|(k, deleted)| !**deleted && k.split('/').nth(1) == Some(entity))
+            .count() as u64
+    };
+    assert_eq!(live(&files, "user"), s["users"].as_u64().unwrap(), "{s}");
+    assert_eq!(live(&files, "item"), s["items"].as_u64().unwrap(), "{s}");
+
+    // The topic says the same; a tombstone is a key without a value.
+    let on_topic = tidepool_connector_kafka::read_topic(&KafkaSettings {
+        topic: "deltas".into(),
+        ..settings.clone()
+    })
+    .unwrap();
+    let mut topic: BTreeMap<String, bool> = BTreeMap::new();
+    for (key, value) in &on_topic {
+        topic.insert(text(key), value.is_empty());
+    }
+    assert_eq!(on_topic.len(), rows.len(), "the same publications");
+    assert_eq!(topic, files);
+
+    // `recommend` serves from the final checkpoint with the model that was published:
+    // each score is the user row times the item row plus its bias, from the files.
+    let mut latest: BTreeMap<String, &tidepool_pipeline::delta::ModelDelta> = BTreeMap::new();
+    for d in &rows {
+        latest.insert(d.key(), d);
+    }
+    let users: Vec<u64> = latest
+        .values()
+        .filter(|d| !d.deleted && d.key().contains("/user/"))
+        .map(|d| d.id)
+        .take(3)
+        .collect();
+    assert_eq!(users.len(), 3);
+    for user in users {
+        let out = ok(Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(["recommend", "--checkpoint", "ckpt", "-k", "10", "--json"])
+            .args(["--user", &user.to_string()])
+            .current_dir(dir.path())
+            .output()
+            .unwrap());
+        let recs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(recs.len(), 10, "{}", text(&out.stdout));
+        let row = &latest[&format!("bpr/user/{user}")].vector;
+        let mut last = f64::INFINITY;
+        for r in &recs {
+            let (item, score) = (r["item"].as_u64().unwrap(), r["score"].as_f64().unwrap());
+            let published = latest[&format!("bpr/item/{item}")];
+            assert!(
+                !published.deleted,
+                "an expired item was recommended: {item}"
+            );
+            let expected: f64 = row
+                .iter()
+                .zip(&published.vector)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>()
+                + f64::from(published.bias.unwrap_or(0.0));
+            assert!((score - expected).abs() < 1e-4, "{score} vs {expected}");
+            assert!(score <= last, "ranked best first");
+            last = score;
+        }
+    }
 }

@@ -431,6 +431,11 @@ pub fn run_dataflow(
                     l.restore(&loaded.shared, loaded.parts.clone(), config.seed);
                 }
             }
+            // Removals become tombstones where rows are published: users by their
+            // owner, items by worker 0, which publishes the item tables.
+            if let (true, Some(l)) = (deltas.is_some(), learner.borrow_mut().as_mut()) {
+                l.track_removals(index == 0);
+            }
             if let (Some(replication), Some(l)) = (replication, learner.borrow_mut().as_mut()) {
                 l.replicate(replication);
             }

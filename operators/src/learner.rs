@@ -229,6 +229,17 @@ pub(crate) struct Learner {
     /// Events in the popularity window as the last round saw it (when a sampler reads
     /// popularity; the counts are final only after the end retracts everything).
     window_events: Option<u64>,
+    /// Set when deltas are published: who was removed since the last publication, to
+    /// be tombstoned.
+    removed: Option<Removed>,
+}
+
+/// Users evicted (this worker's) and items expired (tracked by the worker that publishes
+/// items) since the last publication.
+#[derive(Debug, Default)]
+struct Removed {
+    users: Vec<u64>,
+    items: Option<Vec<u64>>,
 }
 
 impl Learner {
@@ -279,7 +290,17 @@ impl Learner {
             replication: None,
             window_log: None,
             window_events: None,
+            removed: None,
         }
+    }
+
+    /// Records removals for tombstones: users always, items when this worker publishes
+    /// them.
+    pub(crate) fn track_removals(&mut self, items: bool) {
+        self.removed = Some(Removed {
+            users: Vec::new(),
+            items: items.then(Vec::new),
+        });
     }
 
     /// Keeps the events of the last `window_ticks` rounds for checkpoints.
@@ -378,7 +399,10 @@ impl Learner {
             return freed;
         }
         if let Some(ttl) = self.retention.user_ttl_ms {
-            if let Some((remap, history)) = self.users.evict_before(self.now_ms.saturating_sub(ttl))
+            let evicted = self.removed.as_mut().map(|r| &mut r.users);
+            if let Some((remap, history)) = self
+                .users
+                .evict_before(self.now_ms.saturating_sub(ttl), evicted)
             {
                 freed.history += history;
                 for v in &mut self.variants {
@@ -387,10 +411,10 @@ impl Learner {
             }
         }
         if let Some(ttl) = self.retention.item_ttl_ms {
-            if self
-                .catalogue
-                .expire_before(self.now_ms.saturating_sub(ttl))
-                > 0
+            if self.catalogue.expire_before(
+                self.now_ms.saturating_sub(ttl),
+                self.removed.as_mut().and_then(|r| r.items.as_mut()),
+            ) > 0
             {
                 for v in &mut self.variants {
                     freed.embeddings += v.model.release_items(self.catalogue.alive());
@@ -531,10 +555,30 @@ impl Learner {
     /// shared item tables, which one worker publishes for all.
     pub(crate) fn take_deltas(&mut self, checkpoint: u64, items: bool) -> Vec<ModelDelta> {
         let mut out = Vec::new();
+        let removed = self.removed.as_mut().map(|r| {
+            (
+                std::mem::take(&mut r.users),
+                r.items.as_mut().map(std::mem::take).unwrap_or_default(),
+            )
+        });
         for v in &mut self.variants {
             let Model::Bpr(m) = &mut v.model else {
                 continue;
             };
+            // Tombstones first: a user evicted and seen again since is dirty, and its
+            // new row must come after (last value wins).
+            if let Some((users, items)) = &removed {
+                out.extend(
+                    users
+                        .iter()
+                        .map(|&u| ModelDelta::tombstone(&v.name, Entity::User, u, checkpoint)),
+                );
+                out.extend(
+                    items
+                        .iter()
+                        .map(|&i| ModelDelta::tombstone(&v.name, Entity::Item, i, checkpoint)),
+                );
+            }
             for (dense, vector) in m.take_dirty_users() {
                 out.push(ModelDelta {
                     variant: v.name.clone(),
@@ -543,6 +587,7 @@ impl Learner {
                     vector,
                     bias: None,
                     checkpoint,
+                    deleted: false,
                 });
             }
             if items {
@@ -558,6 +603,7 @@ impl Learner {
                         vector,
                         bias: bias.then_some(b),
                         checkpoint,
+                        deleted: false,
                     });
                 }
             }

@@ -75,11 +75,19 @@ impl ItemCatalogue {
         self.expired
     }
 
-    /// Expires the live items last seen before `cutoff`; returns how many.
-    pub(crate) fn expire_before(&mut self, cutoff: i64) -> usize {
+    /// Expires the live items last seen before `cutoff`; returns how many, and appends
+    /// their ids to `expired` when given.
+    pub(crate) fn expire_before(
+        &mut self,
+        cutoff: i64,
+        mut expired: Option<&mut Vec<u64>>,
+    ) -> usize {
         let mut n = 0;
         for d in 0..self.ids.len() {
             if self.alive[d] && self.last_seen[d] < cutoff {
+                if let Some(out) = expired.as_mut() {
+                    out.push(self.ids[d]);
+                }
                 self.alive[d] = false;
                 self.counts[d] = 0;
                 self.index.remove(&self.ids[d]);
@@ -188,8 +196,13 @@ impl Users {
 
     /// Evicts users last seen before `cutoff`, compacting the dense indices of the rest
     /// (their order is kept). Returns `(remap, history bytes freed)`, where `remap[old]`
-    /// is the new dense index of a kept user; `None` when nobody was evicted.
-    pub(crate) fn evict_before(&mut self, cutoff: i64) -> Option<(Vec<Option<u32>>, u64)> {
+    /// is the new dense index of a kept user; `None` when nobody was evicted. The evicted
+    /// users' ids are appended to `evicted` when given.
+    pub(crate) fn evict_before(
+        &mut self,
+        cutoff: i64,
+        mut evicted: Option<&mut Vec<u64>>,
+    ) -> Option<(Vec<Option<u32>>, u64)> {
         if !self.last_seen.iter().any(|&t| t < cutoff) {
             return None;
         }
@@ -202,6 +215,9 @@ impl Users {
         let mut index = FxHashMap::default();
         for ((id, history), seen) in ids.into_iter().zip(histories).zip(last_seen) {
             if seen < cutoff {
+                if let Some(out) = evicted.as_mut() {
+                    out.push(id);
+                }
                 freed += history_bytes(&history) + USER_ENTRY_BYTES;
                 remap.push(None);
                 self.evicted += 1;
@@ -331,7 +347,7 @@ mod tests {
         c.observe(50, 10);
         c.observe(7, 20);
         c.observe(50, 30);
-        assert_eq!(c.expire_before(25), 1, "item 7 was last seen at 20");
+        assert_eq!(c.expire_before(25, None), 1, "item 7 was last seen at 20");
         assert_eq!((c.live(), c.len(), c.expired()), (1, 2, 1));
         assert_eq!(c.lookup(7), None);
         assert!(!c.is_alive(1) && c.is_alive(0));
@@ -354,9 +370,9 @@ mod tests {
             let d = u.get_or_insert(id, ts);
             u.remember(d, id as u32);
         }
-        assert_eq!(u.evict_before(0), None);
+        assert_eq!(u.evict_before(0, None), None);
         let before = u.bytes();
-        let (remap, freed) = u.evict_before(5).unwrap();
+        let (remap, freed) = u.evict_before(5, None).unwrap();
         assert_eq!(remap, vec![Some(0), None, Some(1), None]);
         assert!(freed > 0 && u.bytes() + freed == before, "{freed} {before}");
         assert_eq!((u.len(), u.evicted()), (2, 2));

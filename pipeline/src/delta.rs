@@ -2,7 +2,10 @@
 //!
 //! Deltas are published at every checkpoint, so what serving sees is always a state the
 //! model can restart from. Keys are `variant/entity/id`: on a compacted Kafka topic the
-//! last value per key wins and the topic holds the whole model.
+//! last value per key wins and the topic holds the whole model. A user evicted past its
+//! TTL or an item expired past its TTL is published as a *tombstone* (`deleted`; on Kafka
+//! a message with the key and no value, which compaction removes the key for), so the
+//! published model shrinks with the trained one.
 
 use serde::Serialize;
 
@@ -37,16 +40,32 @@ pub struct ModelDelta {
     pub entity: Entity,
     /// Raw id.
     pub id: u64,
-    /// The embedding (without optimiser state).
+    /// The embedding (without optimiser state); empty for a tombstone.
     pub vector: Vec<f32>,
     /// The item bias (items of models with a bias only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bias: Option<f32>,
     /// The checkpoint this row belongs to.
     pub checkpoint: u64,
+    /// The row is gone (user evicted, item expired): serving drops the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 impl ModelDelta {
+    /// The tombstone of `entity` `id` of `variant`.
+    pub fn tombstone(variant: &str, entity: Entity, id: u64, checkpoint: u64) -> Self {
+        Self {
+            variant: variant.to_string(),
+            entity,
+            id,
+            vector: Vec::new(),
+            bias: None,
+            checkpoint,
+            deleted: true,
+        }
+    }
+
     /// The message key: `variant/entity/id`.
     pub fn key(&self) -> String {
         format!("{}/{}/{}", self.variant, self.entity.name(), self.id)
@@ -55,6 +74,17 @@ impl ModelDelta {
 
 /// Somewhere deltas go (a Kafka topic, files). Shared by all workers.
 pub trait DeltaSink: Send + Sync + std::fmt::Debug {
-    /// Publishes deltas and returns once they are durable (acknowledged).
+    /// Publishes deltas (in order: a tombstone before a later row of the same key) and
+    /// returns once they are durable (acknowledged).
     fn publish(&self, deltas: &[ModelDelta]) -> Result<()>;
+}
+
+/// Publishes to several sinks (a topic and files), each in turn.
+#[derive(Debug)]
+pub struct DeltaSinks(pub Vec<std::sync::Arc<dyn DeltaSink>>);
+
+impl DeltaSink for DeltaSinks {
+    fn publish(&self, deltas: &[ModelDelta]) -> Result<()> {
+        self.0.iter().try_for_each(|s| s.publish(deltas))
+    }
 }

@@ -82,8 +82,21 @@ impl Producer {
 
     /// Queues one message, waiting while the local queue is full.
     pub fn send(&mut self, key: &[u8], payload: &[u8]) -> Result<()> {
+        self.send_opt(key, Some(payload))
+    }
+
+    /// Queues a tombstone: the key without a value, which log compaction removes the
+    /// key for.
+    pub fn send_tombstone(&mut self, key: &[u8]) -> Result<()> {
+        self.send_opt(key, None)
+    }
+
+    fn send_opt(&mut self, key: &[u8], payload: Option<&[u8]>) -> Result<()> {
         loop {
-            let record = BaseRecord::to(&self.topic).key(key).payload(payload);
+            let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic).key(key);
+            if let Some(payload) = payload {
+                record = record.payload(payload);
+            }
             match self.producer.send(record) {
                 Ok(()) => {
                     self.sent += 1;
@@ -191,6 +204,10 @@ impl tidepool_pipeline::delta::DeltaSink for KafkaDeltaSink {
             .lock()
             .map_err(|_| Error::Internal("delta producer lock poisoned".into()))?;
         for d in deltas {
+            if d.deleted {
+                producer.send_tombstone(d.key().as_bytes())?;
+                continue;
+            }
             let value = serde_json::to_vec(d)
                 .map_err(|e| Error::Internal(format!("encoding a delta: {e}")))?;
             producer.send(d.key().as_bytes(), &value)?;

@@ -4,6 +4,7 @@
 //! - [`ParquetSource`]: files, directories or globs replayed in event-time order, split
 //!   over workers by row group.
 //! - [`EventWriter`]: atomic Parquet output.
+//! - [`ParquetDeltaSink`]: model deltas for serving as Parquet files ([`read_deltas`]).
 //! - [`import_csv`]: CSV/TSV → Parquet sorted by event time, with presets for MovieLens.
 //!
 //! Buffers are allocated by arrow-rs and parquet themselves here (decoding pages,
@@ -12,11 +13,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod deltas;
 mod import;
 mod paths;
 mod source;
 mod writer;
 
+pub use deltas::{read_deltas, ParquetDeltaSink};
 pub use import::{import_csv, ColRef, CsvOptions, ImportReport, Preset};
 pub use paths::expand_inputs;
 pub use source::{ColumnMapping, IntTimeUnit, ParquetSource, DEFAULT_BATCH_ROWS};
