@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub(crate) mod broker;
+
 /// Writes `dir/hosts` with `n` loopback addresses on free ports, for a test cluster that
 /// must not collide with other tests (or timely's default ports).
 pub(crate) fn loopback_hostfile(dir: &Path, n: usize) -> PathBuf {
