@@ -205,7 +205,13 @@ pub(crate) fn drive(
         max_tick: None,
     };
     let mut open_round = false;
-    for batch in reader {
+    let mut time = Timings::default();
+    let mut reader = reader;
+    loop {
+        let started = std::time::Instant::now();
+        let Some(batch) = reader.next() else { break };
+        time.read += started.elapsed();
+        time.batches += 1;
         if cancel.load(Ordering::Relaxed) {
             break;
         }
@@ -231,7 +237,10 @@ pub(crate) fn drive(
                 input.advance_to(next);
                 open_round = false;
             }
+            let parked = std::time::Instant::now();
             worker.step_or_park(Some(IDLE_PARK));
+            time.idle += parked.elapsed();
+            time.empty += 1;
             let flushed = must_flush();
             if flushed {
                 out.release(u64::MAX, worker, input, probe, feed);
@@ -286,7 +295,9 @@ pub(crate) fn drive(
             out.held.entry(tick).or_default().push(event);
         }
         let watermark = out.max_tick.map_or(0, |t| t.saturating_sub(lateness_ticks));
+        let released = std::time::Instant::now();
         out.release(watermark, worker, input, probe, feed);
+        time.release += released.elapsed();
         let flushed = must_flush();
         if flushed {
             // A checkpoint's positions must match what the dataflow has: nothing held.
@@ -294,12 +305,41 @@ pub(crate) fn drive(
         }
         out.send(input);
         // Keep channels moving between batches even when no round closed.
+        let stepped = std::time::Instant::now();
         worker.step();
+        time.step += stepped.elapsed();
+        let hooked = std::time::Instant::now();
         hook(worker, Some(input), stats, flushed)?;
+        time.hook += hooked.elapsed();
     }
+    tracing::debug!(
+        worker = worker.index(),
+        batches = time.batches,
+        empty = time.empty,
+        read_s = time.read.as_secs_f64(),
+        idle_s = time.idle.as_secs_f64(),
+        release_s = time.release.as_secs_f64(),
+        step_s = time.step.as_secs_f64(),
+        hook_s = time.hook.as_secs_f64(),
+        "ingest time by phase"
+    );
     out.release(u64::MAX, worker, input, probe, feed);
     out.send(input);
     Ok(())
+}
+
+/// Where a worker's ingest loop spends its wall time (logged at debug level at the
+/// end): reading the source, parked while it is idle, releasing rounds (flow control
+/// included), stepping the dataflow, and in checkpoint hooks.
+#[derive(Default)]
+struct Timings {
+    batches: u64,
+    empty: u64,
+    read: std::time::Duration,
+    idle: std::time::Duration,
+    release: std::time::Duration,
+    step: std::time::Duration,
+    hook: std::time::Duration,
 }
 
 /// Events on their way into the input: held back by tick until the watermark passes
