@@ -206,6 +206,7 @@ pub(crate) fn drive(
     };
     let mut open_round = false;
     let mut time = Timings::default();
+    let begun = std::time::Instant::now();
     let mut reader = reader;
     loop {
         let started = std::time::Instant::now();
@@ -251,6 +252,7 @@ pub(crate) fn drive(
             continue;
         }
         open_round = true;
+        time.first_data.get_or_insert_with(|| begun.elapsed());
         stats.rows += batch.records.num_rows() as u64;
         decoded.clear();
         let mut sink_error = None;
@@ -321,6 +323,7 @@ pub(crate) fn drive(
         release_s = time.release.as_secs_f64(),
         step_s = time.step.as_secs_f64(),
         hook_s = time.hook.as_secs_f64(),
+        first_data_s = time.first_data.map_or(0.0, |d| d.as_secs_f64()),
         "ingest time by phase"
     );
     out.release(u64::MAX, worker, input, probe, feed);
@@ -340,6 +343,9 @@ struct Timings {
     release: std::time::Duration,
     step: std::time::Duration,
     hook: std::time::Duration,
+    /// From the first read to the first events (a consumer's connection and first
+    /// fetch).
+    first_data: Option<std::time::Duration>,
 }
 
 /// Events on their way into the input: held back by tick until the watermark passes
