@@ -309,6 +309,7 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             checkpoints: Some(Arc::clone(&cp)),
             restore: None,
             deltas: None,
+            publish_every: None,
             cluster: None,
             live: None,
         };

@@ -404,6 +404,10 @@ pub struct TrainArgs {
     /// into this directory (needs --checkpoint-dir); see the README for the columns.
     #[arg(long, requires = "checkpoint_dir")]
     pub publish_dir: Option<PathBuf>,
+    /// Publish changed rows this often between checkpoints too (default: at checkpoints
+    /// only); needs --publish-topic or --publish-dir.
+    #[arg(long, value_parser = parse_duration)]
+    pub publish_interval: Option<Duration>,
     /// When to stop: never, end (the end offsets at start), idle:DURATION. Default: end
     /// with --brokers embedded, never otherwise.
     #[arg(long, value_parser = parse_stop)]

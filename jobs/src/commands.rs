@@ -202,6 +202,7 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         checkpoints: None,
         restore: None,
         deltas: None,
+        publish_every: None,
         cluster: args.cluster()?,
         live: Some(live),
     };

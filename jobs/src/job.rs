@@ -209,6 +209,8 @@ pub struct OutputSection {
     pub publish_topic: Option<String>,
     /// Model delta Parquet directory (Kafka jobs).
     pub publish_dir: Option<String>,
+    /// Publish changed rows this often between checkpoints too (Kafka jobs).
+    pub publish_interval: Option<String>,
     /// Report directory.
     pub report: Option<String>,
 }
@@ -430,6 +432,15 @@ fn to_command(
                 "publish_dir",
                 "publish-dir",
                 rel(base, d),
+            );
+        }
+        if let Some(i) = &job.output.publish_interval {
+            flag(
+                &mut argv,
+                "output",
+                "publish_interval",
+                "publish-interval",
+                i.clone(),
             );
         }
     }

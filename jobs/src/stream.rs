@@ -132,6 +132,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         config.allowed_lateness_ms = STREAM_LATENESS_MS;
     }
     config.validate()?;
+    if args.publish_interval.is_some() && args.publish_topic.is_none() && args.publish_dir.is_none()
+    {
+        bail!("--publish-interval needs somewhere to publish: --publish-topic or --publish-dir");
+    }
     let embedded = if args.kafka.brokers == "embedded" {
         Some(embedded_demo(args)?)
     } else {
@@ -269,6 +273,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         checkpoints,
         restore,
         deltas,
+        publish_every: args.publish_interval,
         cluster: args.run.cluster()?,
         live: Some(live),
     };

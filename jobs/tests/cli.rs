@@ -293,6 +293,24 @@ fn invalid_flags_are_rejected_with_the_valid_choices() {
     let out = tidepool(&["backtest", "--warmup", "1.5"], dir.path());
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("must be in [0, 1)"));
+    let out = tidepool(
+        &[
+            "train",
+            "--brokers",
+            "embedded",
+            "--checkpoint-dir",
+            "ckpt",
+            "--publish-interval",
+            "1s",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--publish-topic or --publish-dir"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = tidepool(&["backtest", "missing.parquet"], dir.path());
     assert!(!out.status.success());
     assert!(

@@ -1007,8 +1007,8 @@ fn the_manifest_accounts_for_every_offset() {
     drop(cluster);
 }
 
-/// The last value per key of everything published, on the topic and in the Parquet
-/// files alike, is the trained model: exactly the users and items the run holds at the
+/// The last value per key of everything published (every 10 ms, and at the one final
+/// checkpoint), on the topic and in the Parquet files alike, is the trained model: exactly the users and items the run holds at the
 /// end. Users evicted past their TTL and items expired past theirs are tombstoned (a key
 /// without a value on the topic, `deleted` in the files), so the published model shrinks
 /// with the trained one.
@@ -1016,7 +1016,9 @@ fn the_manifest_accounts_for_every_offset() {
 fn published_deltas_follow_the_model_with_tombstones() {
     use std::collections::BTreeMap;
     let (cluster, settings) = cluster("ttl");
-    cluster.create_topic("deltas", 2);
+    // About 1 kB per delta and many publications: 8 partitions keep each far below the
+    // mock cluster's 5 MiB per partition, beyond which it drops the oldest messages.
+    cluster.create_topic("deltas", 8);
     let n = 30_000;
     produce(&settings, events(n), None, &|_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -1038,11 +1040,13 @@ fn published_deltas_follow_the_model_with_tombstones() {
                 "--checkpoint-dir",
                 "ckpt",
                 "--checkpoint-interval",
-                "200ms",
+                "1h",
                 "--publish-topic",
                 "deltas",
                 "--publish-dir",
                 "published",
+                "--publish-interval",
+                "10ms",
                 "--summary-json",
                 "s.json",
             ],
@@ -1061,6 +1065,15 @@ fn published_deltas_follow_the_model_with_tombstones() {
         "{}",
         s["gc"]
     );
+
+    // Only the final checkpoint was written: everything before it was published by
+    // the interval, every worker at least once before the end.
+    assert_eq!(s["checkpoints"]["written"], 1, "{}", s["checkpoints"]);
+    let files = std::fs::read_dir(dir.path().join("published"))
+        .unwrap()
+        .count();
+    // (The final checkpoint writes one file per worker.)
+    assert!(files > 2, "publications between checkpoints: {files} files");
 
     // From the files: last value per key.
     let rows = tidepool_connector_parquet::read_deltas(&dir.path().join("published")).unwrap();

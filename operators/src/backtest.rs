@@ -267,6 +267,7 @@ pub fn run_backtest_with(
         checkpoints: None,
         restore: None,
         deltas: None,
+        publish_every: None,
         cluster: None,
         live: None,
     };
@@ -285,6 +286,9 @@ pub struct RunOptions {
     /// Where changed embedding rows go at every checkpoint (before it commits, so a
     /// crash republishes rather than loses them).
     pub deltas: Option<Arc<dyn DeltaSink>>,
+    /// Also publish changed rows this often between checkpoints (each worker its users,
+    /// worker 0 the item tables, at its next batch boundary).
+    pub publish_every: Option<Duration>,
     /// This process's place in a multi-process cluster (`config.workers` is then the
     /// number of workers per process); `None` runs in this process alone.
     pub cluster: Option<Cluster>,
@@ -309,6 +313,7 @@ pub fn run_dataflow(
         checkpoints,
         restore,
         deltas,
+        publish_every,
         cluster,
         live,
     } = options;
@@ -624,11 +629,28 @@ pub fn run_dataflow(
                 deltas: deltas.as_deref(),
                 replicated: replication.is_some(),
             });
+            let mut last_publish = Instant::now();
             let mut hook = |worker: &mut timely::worker::Worker,
                             input: Option<&mut Inputs>,
                             stats: &IngestStats,
                             flushed: bool|
              -> Result<()> {
+                // Between checkpoints: a user's rows change only on its owner, and item
+                // rows are read as they are (Hogwild!), so no cut is needed; the
+                // checkpoint's own publication is the consistent one.
+                if let (Some(sink), Some(every), Some(ctx)) =
+                    (deltas.as_deref(), publish_every, &ctx)
+                {
+                    if last_publish.elapsed() >= every {
+                        last_publish = Instant::now();
+                        let changed = learner
+                            .borrow_mut()
+                            .as_mut()
+                            .map(|l| l.take_deltas(ctx.cp.next_id(), index == 0))
+                            .unwrap_or_default();
+                        sink.publish(&changed)?;
+                    }
+                }
                 let Some(ctx) = &ctx else {
                     return Ok(());
                 };

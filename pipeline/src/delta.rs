@@ -1,7 +1,7 @@
 //! Model deltas: embedding rows that changed, handed to serving.
 //!
-//! Deltas are published at every checkpoint, so what serving sees is always a state the
-//! model can restart from. Keys are `variant/entity/id`: on a compacted Kafka topic the
+//! Deltas are published at every checkpoint, so what serving sees includes a state the
+//! model can restart from, and optionally at an interval between checkpoints. Keys are `variant/entity/id`: on a compacted Kafka topic the
 //! last value per key wins and the topic holds the whole model. A user evicted past its
 //! TTL or an item expired past its TTL is published as a *tombstone* (`deleted`; on Kafka
 //! a message with the key and no value, which compaction removes the key for), so the

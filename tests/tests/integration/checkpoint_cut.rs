@@ -98,6 +98,7 @@ fn a_closed_input_still_bounds_the_cut() {
         checkpoints: Some(Arc::clone(&cp)),
         restore: None,
         deltas: None,
+        publish_every: None,
         cluster: None,
         live: None,
     };
