@@ -28,6 +28,14 @@
 //! differs from one process is only the order in which concurrent updates land, which is
 //! why a cluster's BPR metrics match one process's within a tolerance rather than
 //! exactly.
+//!
+//! ## Checkpoints
+//!
+//! Every process writes its workers' parts into one shared directory; the steps run
+//! across processes over the coordination dataflow ([`crate::coord`]). Because a round's
+//! changes reach the other replicas one round later, the cut lies one round past the
+//! newest input time: that round has no events, only the last changes, so at the cut
+//! every replica is whole and global worker 0 writes process 0's.
 
 use std::path::Path;
 

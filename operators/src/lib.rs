@@ -4,6 +4,8 @@
 //!   the prequential dataflow and reports quality and throughput.
 //! - [`config`]: models, the evaluation protocol, replay settings.
 //! - `ingest`: source → timely input, event-time ticks, flow control.
+//! - `coord`: coordination between every worker of every process (checkpoint start,
+//!   barriers with payloads, forwarded requests, aborts).
 //! - `learner`: score-then-train per event, per worker.
 //! - `model`: `mostpop` and `bpr` (matrix factorisation, BPR loss, SGD/Adagrad).
 //! - `item_table`: item embeddings shared by a process's workers (Hogwild!).
