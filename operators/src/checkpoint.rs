@@ -18,7 +18,7 @@
 //! Workers wait for each other while stepping timely, never blocking it, so progress and
 //! data keep flowing while some are still on their way to the cut. The decision, the
 //! input times, the barriers and the counters travel over the coordination dataflow
-//! ([`crate::coord`]), so the same steps run across the processes of a cluster, writing
+//! (`operators/src/coord.rs`), so the same steps run across the processes of a cluster, writing
 //! into one shared directory; there the cut lies one round further (see
 //! `backtest::take_checkpoint`).
 //!
@@ -322,7 +322,7 @@ pub type OnCommit = Box<dyn Fn(&Manifest) + Send + Sync>;
 
 /// The process's checkpoint coordinator, shared by its workers. The rendezvous between
 /// workers (of this process and of the others in a cluster) go through
-/// [`crate::coord`]; this holds what a process knows: settings, which checkpoint is due,
+/// `operators/src/coord.rs`; this holds what a process knows: settings, which checkpoint is due,
 /// what the restored one carried, and the counters.
 pub struct Checkpointer {
     settings: CheckpointSettings,

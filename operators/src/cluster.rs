@@ -14,7 +14,7 @@
 //! ## Item rows between processes
 //!
 //! Within a process the item table is shared memory, updated Hogwild!-style (see
-//! [`crate::item_table`]). Between processes there is no shared memory, so each process
+//! `item_table`). Between processes there is no shared memory, so each process
 //! holds a replica and the replicas exchange *changes*: every store a worker makes is
 //! also summed, per item, into a change log (the new row minus the row it replaced,
 //! Adagrad accumulators included, which are sums and therefore add up too). After each
@@ -32,7 +32,7 @@
 //! ## Checkpoints
 //!
 //! Every process writes its workers' parts into one shared directory; the steps run
-//! across processes over the coordination dataflow ([`crate::coord`]). Because a round's
+//! across processes over the coordination dataflow (`operators/src/coord.rs`). Because a round's
 //! changes reach the other replicas one round later, the cut lies one round past the
 //! newest input time: that round has no events, only the last changes, so at the cut
 //! every replica is whole and global worker 0 writes process 0's.
