@@ -709,8 +709,23 @@ fn a_two_process_cluster_checkpoints_and_survives_kill_9() {
                 spawn(p, log.into())
             })
             .collect();
-        // Starting two processes and joining the group takes most of a second.
-        let after = Duration::from_millis(800 + rng.next() % 2_200);
+        // Kill times count from the moment both processes are connected (timely retries a
+        // connection once a second, so that moment varies by more than a run's length).
+        let connected = Instant::now() + Duration::from_secs(30);
+        for p in 0..2 {
+            let log = dir.path().join(format!("trial-p{p}-{trial}.log"));
+            while !std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("connected to every process")
+            {
+                assert!(
+                    Instant::now() < connected,
+                    "trial {trial}: process {p} never connected"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let after = Duration::from_millis(100 + rng.next() % 1_500);
         if trial % 2 == 0 {
             // The whole cluster crashes.
             let first = wait_or_kill(&mut children[0], after);
@@ -731,9 +746,16 @@ fn a_two_process_cluster_checkpoints_and_survives_kill_9() {
                     );
                     std::thread::sleep(Duration::from_millis(20));
                 };
+                let log = std::fs::read_to_string(dir.path().join(format!("trial-p0-{trial}.log")))
+                    .unwrap_or_default();
+                assert_eq!(
+                    status.code(),
+                    Some(4),
+                    "trial {trial}: process 0 without its peer: {log}"
+                );
                 assert!(
-                    !status.success(),
-                    "trial {trial}: process 0 exited 0 without its peer"
+                    log.contains("lost its connection to another process"),
+                    "{log}"
                 );
             } else {
                 children[0].wait().unwrap();

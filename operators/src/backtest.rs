@@ -407,6 +407,7 @@ pub fn run_dataflow(
         let connected = Arc::new(AtomicBool::new(false));
         if let Some(c) = &cluster {
             crate::cluster::connect_watchdog(c, Arc::clone(&connected));
+            crate::cluster::exit_when_a_peer_is_lost(c.process);
         }
         let replication = cluster.as_ref().map(|c| Replication {
             process: c.process,
@@ -419,7 +420,14 @@ pub fn run_dataflow(
         );
         timely::execute(timely_config, move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
-            connected.store(true, Ordering::Release);
+            if !connected.swap(true, Ordering::AcqRel) {
+                if let Some(r) = &replication {
+                    tracing::info!(
+                        process = r.process,
+                        "connected to every process of the cluster"
+                    );
+                }
+            }
             // Buffers built or dropped on this thread use its shard of the pool.
             tidepool_pipeline::BufferPool::register_worker(index);
             let learner = Rc::new(RefCell::new(Some(Learner::new(

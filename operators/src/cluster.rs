@@ -77,6 +77,35 @@ pub(crate) fn connect_watchdog(
     });
 }
 
+/// Exit status of a process that lost a peer.
+pub const EXIT_PEER_LOST: i32 = 4;
+
+/// Ends the process with a clear message (status [`EXIT_PEER_LOST`]) when timely loses
+/// the connection to another process. Timely's network threads panic then, and its
+/// workers follow with panics of their own: the cluster cannot go on (timely has no way
+/// to re-join a peer), and a screen of backtraces would hide why. Checkpoints are
+/// complete or absent whatever moment this happens at, so restarting every process
+/// resumes from the last one.
+pub(crate) fn exit_when_a_peer_is_lost(process: usize) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if payload.contains("timely communication error") || payload.contains("MergeQueue poisoned")
+        {
+            eprintln!(
+                "error: process {process} lost its connection to another process of the cluster ({payload});                  the cluster cannot go on without it. Restart every process: a checkpointed job resumes from its last checkpoint."
+            );
+            std::process::exit(EXIT_PEER_LOST);
+        }
+        previous(info);
+    }));
+}
+
 /// This process's place in a cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {

@@ -114,8 +114,12 @@ impl KafkaCounters {
 
 /// Messages per batch at most.
 const MAX_BATCH: usize = 8192;
-/// How long a reader waits for the first message of a batch.
-const POLL_WAIT: Duration = Duration::from_millis(50);
+/// How long a reader waits for the first message of a batch. Short: a worker blocked in
+/// a poll does not step timely, and a round in flight waits for every worker's share of
+/// it. An empty batch sends the worker to `step_or_park` instead, which wakes for
+/// dataflow work at once. (The Kafka bench, whose readers always have data, runs at the
+/// same rate with 1 ms as with 50 ms.)
+const POLL_WAIT: Duration = Duration::from_millis(1);
 /// Timeout of metadata and watermark requests.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
