@@ -55,6 +55,7 @@ impl BacktestArgs {
             negatives: self.negatives,
             init_std: self.init_std,
             sampler: self.sampler.clone(),
+            ..ModelConfig::default()
         };
         let variants = if self.variants.is_empty() {
             vec![VariantConfig {

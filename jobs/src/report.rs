@@ -32,8 +32,30 @@ fn variant_json(report: &BacktestReport, v: &VariantReport) -> Map<String, Value
     if let Some(norm) = v.item_table_norm {
         m.insert("item_table_norm".into(), json!(norm));
     }
+    if let Some(weights) = weights_json(&v.components, v.weights.as_deref()) {
+        m.insert("weights".into(), weights);
+    }
     m.insert("model_config".into(), json!(v.model));
     m
+}
+
+/// An ensemble's weights as `{component: weight}`.
+fn weights_json(components: &[String], weights: Option<&[f64]>) -> Option<Value> {
+    let weights = weights?;
+    Some(Value::Object(
+        components
+            .iter()
+            .zip(weights)
+            .map(|(c, w)| (c.clone(), json!(w)))
+            .collect(),
+    ))
+}
+
+/// The `weights` cell of a window: the ensemble's mean weights as JSON, empty otherwise.
+fn weights_cell(v: &VariantReport, w: &tidepool_operators::WindowReport) -> String {
+    weights_json(&v.components, w.weights.as_deref())
+        .map(|j| j.to_string())
+        .unwrap_or_default()
 }
 
 /// The summary JSON: the first variant's metrics at the top level, every variant under
@@ -108,6 +130,19 @@ pub fn summary_table(report: &BacktestReport) -> String {
             report.events_per_sec()
         ));
     }
+    for v in report.variants.iter().filter(|v| v.weights.is_some()) {
+        let weights = v
+            .components
+            .iter()
+            .zip(v.weights.iter().flatten())
+            .map(|(c, w)| format!("{c} {w:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push_str(&format!(
+            "{} mixing weights (last window): {weights}\n",
+            v.name
+        ));
+    }
     out.push_str(&format!(
         "{} events in {:.2}s on {}{} worker(s); warm-up {} events, every {} later event scored; {} dead letters, {} reordered\n",
         report.events,
@@ -126,7 +161,7 @@ pub fn summary_table(report: &BacktestReport) -> String {
     out
 }
 
-const WINDOW_COLUMNS: [&str; 11] = [
+const WINDOW_COLUMNS: [&str; 12] = [
     "variant",
     "window_start_ms",
     "window_end_ms",
@@ -138,6 +173,7 @@ const WINDOW_COLUMNS: [&str; 11] = [
     "mrr",
     "train_pairs",
     "loss",
+    "weights",
 ];
 
 /// Writes the per-window metrics: Parquet when the path ends in `.parquet`, CSV otherwise.
@@ -146,10 +182,10 @@ pub fn write_metrics(
     path: &Path,
     pool: &BufferPool,
 ) -> anyhow::Result<()> {
-    let rows: Vec<(&str, &tidepool_operators::WindowReport)> = report
+    let rows: Vec<(&VariantReport, &tidepool_operators::WindowReport)> = report
         .variants
         .iter()
-        .flat_map(|v| v.windows.iter().map(move |w| (v.name.as_str(), w)))
+        .flat_map(|v| v.windows.iter().map(move |w| (v, w)))
         .collect();
     if path.extension().is_some_and(|e| e == "parquet") {
         // Numeric columns are built in the pool like every batch tidepool builds; the
@@ -170,7 +206,9 @@ pub fn write_metrics(
             Arc::new(Int64Array::new(v.into_scalar(), None))
         };
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|(n, _)| *n))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(v, _)| v.name.as_str()),
+            )),
             i(&|w| w.start_ms),
             i(&|w| w.end_ms),
             u(&|q| q.events),
@@ -181,6 +219,9 @@ pub fn write_metrics(
             x(&|q| q.mrr()),
             u(&|q| q.pairs),
             x(&|q| q.loss()),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(v, w)| weights_cell(v, w)),
+            )),
         ];
         let fields: Vec<Field> = WINDOW_COLUMNS
             .iter()
@@ -196,10 +237,18 @@ pub fn write_metrics(
         let mut out = String::new();
         out.push_str(&WINDOW_COLUMNS.join(","));
         out.push('\n');
-        for (name, w) in rows {
+        for (v, w) in rows {
             let q = &w.quality;
+            // The weights cell is JSON: quoted, with its quotes doubled (RFC 4180).
+            let weights = weights_cell(v, w);
+            let weights = if weights.is_empty() {
+                weights
+            } else {
+                format!("\"{}\"", weights.replace('"', "\"\""))
+            };
             out.push_str(&format!(
-                "{name},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{weights}\n",
+                v.name,
                 w.start_ms,
                 w.end_ms,
                 q.events,

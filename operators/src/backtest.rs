@@ -77,6 +77,10 @@ pub struct WindowReport {
     pub end_ms: i64,
     /// Counters of the window.
     pub quality: Quality,
+    /// Ensembles: the mean mixing weight of each component over the window's learning
+    /// steps (and over workers), in the order of [`VariantReport::components`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f64>>,
 }
 
 /// One variant's results.
@@ -93,6 +97,12 @@ pub struct VariantReport {
     /// Norm of this process's item table (embeddings and biases) at the end, for learned
     /// models: replicas of a cluster agree on it.
     pub item_table_norm: Option<f64>,
+    /// Ensembles: the variants mixed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<String>,
+    /// Ensembles: the mixing weights of the last window with learning steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f64>>,
 }
 
 /// The outcome of a backtest.
@@ -983,6 +993,8 @@ fn assemble(
     };
     let mut merged: Vec<(Quality, BTreeMap<i64, Quality>)> =
         vec![Default::default(); config.variants.len()];
+    let mut mixing: Vec<crate::learner::MixingTrace> =
+        vec![Default::default(); config.variants.len()];
     for outcome in outcomes {
         report.rows += outcome.ingest.rows;
         report.dead_letters += outcome.ingest.dead;
@@ -998,6 +1010,13 @@ fn assemble(
         report.items_expired = report.items_expired.max(outcome.learner.items_expired);
         // Every worker holds the full catalogue replica.
         report.items = report.items.max(outcome.learner.items);
+        for (slot, trace) in mixing.iter_mut().zip(outcome.learner.mixing) {
+            for (w, (steps, sums)) in trace {
+                let entry = slot.entry(w).or_insert_with(|| (0, vec![0.0; sums.len()]));
+                entry.0 += steps;
+                entry.1.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+            }
+        }
         for (slot, (_, total, windows)) in merged.iter_mut().zip(outcome.learner.variants) {
             slot.0.merge(&total);
             for (w, q) in windows {
@@ -1010,19 +1029,28 @@ fn assemble(
         .variants
         .iter()
         .zip(merged)
-        .map(|(v, (total, windows))| VariantReport {
-            name: v.name.clone(),
-            model: v.model.clone(),
-            total,
-            windows: windows
-                .into_iter()
-                .map(|(w, quality)| WindowReport {
-                    start_ms: protocol.window_start(w),
-                    end_ms: protocol.window_start(w + 1),
-                    quality,
-                })
-                .collect(),
-            item_table_norm: None,
+        .zip(mixing)
+        .map(|((v, (total, windows)), trace)| {
+            let mean = |(steps, sums): &(u64, Vec<f64>)| -> Vec<f64> {
+                sums.iter().map(|s| s / (*steps).max(1) as f64).collect()
+            };
+            VariantReport {
+                name: v.name.clone(),
+                model: v.model.clone(),
+                total,
+                windows: windows
+                    .into_iter()
+                    .map(|(w, quality)| WindowReport {
+                        start_ms: protocol.window_start(w),
+                        end_ms: protocol.window_start(w + 1),
+                        quality,
+                        weights: trace.get(&w).map(mean),
+                    })
+                    .collect(),
+                item_table_norm: None,
+                components: v.model.ensemble.components.clone(),
+                weights: trace.values().next_back().map(mean),
+            }
         })
         .collect();
     report

@@ -41,6 +41,11 @@ pub enum ModelKind {
     Bpr,
     /// Most popular items so far (counts), the baseline.
     Mostpop,
+    /// Item-to-item co-occurrence over each user's recent sequence (see [`KnnConfig`]).
+    Itemknn,
+    /// A mix of other variants' normalised scores, weights learned online (see
+    /// [`EnsembleConfig`]).
+    Ensemble,
 }
 
 impl std::str::FromStr for ModelKind {
@@ -49,8 +54,10 @@ impl std::str::FromStr for ModelKind {
         match s {
             "bpr" => Ok(ModelKind::Bpr),
             "mostpop" => Ok(ModelKind::Mostpop),
+            "itemknn" => Ok(ModelKind::Itemknn),
+            "ensemble" => Ok(ModelKind::Ensemble),
             other => Err(Error::Config(format!(
-                "unknown model {other:?}; valid: bpr, mostpop"
+                "unknown model {other:?}; valid: bpr, mostpop, itemknn, ensemble"
             ))),
         }
     }
@@ -62,6 +69,129 @@ impl ModelKind {
         match self {
             ModelKind::Bpr => "bpr",
             ModelKind::Mostpop => "mostpop",
+            ModelKind::Itemknn => "itemknn",
+            ModelKind::Ensemble => "ensemble",
+        }
+    }
+
+    /// Whether the model learns from sampled negatives.
+    pub fn takes_negatives(self) -> bool {
+        self == ModelKind::Bpr
+    }
+}
+
+/// Default value for [`KnnConfig::history`].
+pub const DEFAULT_KNN_HISTORY: usize = 20;
+/// Default value for [`KnnConfig::decay`].
+pub const DEFAULT_KNN_DECAY: f32 = 0.9;
+/// Default value for [`KnnConfig::pair_decay`].
+pub const DEFAULT_KNN_PAIR_DECAY: f32 = 0.9;
+/// Default value for [`KnnConfig::back`].
+pub const DEFAULT_KNN_BACK: f32 = 0.5;
+/// Default value for [`KnnConfig::alpha`].
+pub const DEFAULT_KNN_ALPHA: f32 = 0.5;
+/// Default value for [`KnnConfig::neighbours`].
+pub const DEFAULT_KNN_NEIGHBOURS: usize = 50;
+
+/// `itemknn`'s hyper-parameters (see the model's documentation in the README).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KnnConfig {
+    /// How many of a user's most recent items pair with a new one and score candidates.
+    pub history: usize,
+    /// Weight of the k-th most recent item when scoring: `decay^k`.
+    pub decay: f32,
+    /// Weight of a pair at sequence distance d: `pair_decay^(d-1)`.
+    pub pair_decay: f32,
+    /// Weight of the backward pair (new item -> earlier item) relative to the forward one.
+    pub back: f32,
+    /// Asymmetric cosine: `co(h, j) / (count_h^alpha * count_j^(1-alpha))`.
+    pub alpha: f32,
+    /// Neighbours kept per item (lists are pruned to the strongest).
+    pub neighbours: usize,
+    /// Half-life of co-occurrence in event time (ms); `None`: nothing fades.
+    pub half_life_ms: Option<i64>,
+}
+
+impl Default for KnnConfig {
+    fn default() -> Self {
+        Self {
+            history: DEFAULT_KNN_HISTORY,
+            decay: DEFAULT_KNN_DECAY,
+            pair_decay: DEFAULT_KNN_PAIR_DECAY,
+            back: DEFAULT_KNN_BACK,
+            alpha: DEFAULT_KNN_ALPHA,
+            neighbours: DEFAULT_KNN_NEIGHBOURS,
+            half_life_ms: None,
+        }
+    }
+}
+
+impl KnnConfig {
+    /// Checks the values once, naming the valid range.
+    pub fn validate(&self) -> Result<()> {
+        let unit = |name: &str, v: f32, zero_ok: bool| {
+            let ok = v.is_finite() && v <= 1.0 && if zero_ok { v >= 0.0 } else { v > 0.0 };
+            if ok {
+                Ok(())
+            } else {
+                let range = if zero_ok { "[0, 1]" } else { "(0, 1]" };
+                Err(Error::Config(format!("{name} must be in {range}, got {v}")))
+            }
+        };
+        unit("decay", self.decay, false)?;
+        unit("pair_decay", self.pair_decay, false)?;
+        unit("back", self.back, true)?;
+        unit("alpha", self.alpha, true)?;
+        if !(1..=1000).contains(&self.history) {
+            return Err(Error::Config(format!(
+                "history must be between 1 and 1000, got {}",
+                self.history
+            )));
+        }
+        if !(1..=100_000).contains(&self.neighbours) {
+            return Err(Error::Config(format!(
+                "neighbours must be between 1 and 100000, got {}",
+                self.neighbours
+            )));
+        }
+        if self.half_life_ms.is_some_and(|h| h <= 0) {
+            return Err(Error::Config("half_life must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Default value for [`EnsembleConfig::learn_every`].
+pub const DEFAULT_ENSEMBLE_LEARN_EVERY: u64 = 10;
+/// Default value for [`EnsembleConfig::lr`].
+pub const DEFAULT_ENSEMBLE_LR: f32 = 0.05;
+
+/// `ensemble`'s settings: which variants it mixes and how it learns the weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnsembleConfig {
+    /// Names of the variants of the same run whose scores are mixed.
+    pub components: Vec<String>,
+    /// The weights learn from every N-th event (the events at the phase of the
+    /// protocol's scored events, so with N = `eval_every` they reuse scoring's work).
+    pub learn_every: u64,
+    /// Adagrad learning rate of the mixing weights.
+    pub lr: f32,
+    /// How component scores are put on one scale: `rank` or `z`.
+    pub norm: crate::model::Norm,
+    /// What the weights minimise: `top` or `softmax`.
+    pub objective: crate::model::Objective,
+}
+
+impl Default for EnsembleConfig {
+    fn default() -> Self {
+        Self {
+            components: Vec::new(),
+            learn_every: DEFAULT_ENSEMBLE_LEARN_EVERY,
+            lr: DEFAULT_ENSEMBLE_LR,
+            norm: crate::model::Norm::default(),
+            objective: crate::model::Objective::default(),
         }
     }
 }
@@ -111,6 +241,17 @@ pub struct ModelConfig {
     pub init_std: f32,
     /// Negative sampler spec (see [`tidepool_samplers::SamplerSpec`]), e.g. `pop:0.75`.
     pub sampler: String,
+    /// `bpr`: subtract `ln(q * n)` from a negative's score, where q is the probability
+    /// its sampler drew it with and n the candidates (the sampled-softmax logQ
+    /// correction), so that non-uniform negatives do not bias the model.
+    #[serde(default)]
+    pub logq: bool,
+    /// `itemknn`'s hyper-parameters.
+    #[serde(default)]
+    pub knn: KnnConfig,
+    /// `ensemble`'s settings.
+    #[serde(default)]
+    pub ensemble: EnsembleConfig,
 }
 
 impl Default for ModelConfig {
@@ -125,6 +266,9 @@ impl Default for ModelConfig {
             negatives: DEFAULT_NEGATIVES,
             init_std: DEFAULT_INIT_STD,
             sampler: "uniform".to_string(),
+            logq: false,
+            knn: KnnConfig::default(),
+            ensemble: EnsembleConfig::default(),
         }
     }
 }
@@ -132,8 +276,29 @@ impl Default for ModelConfig {
 impl ModelConfig {
     /// Checks the values once, before a run starts.
     pub fn validate(&self) -> Result<()> {
-        if self.kind == ModelKind::Mostpop {
-            return Ok(());
+        match self.kind {
+            ModelKind::Mostpop => return Ok(()),
+            ModelKind::Itemknn => return self.knn.validate(),
+            ModelKind::Ensemble => {
+                let n = self.ensemble.components.len();
+                if !(2..=crate::model::MAX_COMPONENTS).contains(&n) {
+                    return Err(Error::Config(format!(
+                        "an ensemble mixes between 2 and {} components (components=a+b), got {n}",
+                        crate::model::MAX_COMPONENTS
+                    )));
+                }
+                if self.ensemble.learn_every == 0 {
+                    return Err(Error::Config("learn_every must be at least 1".into()));
+                }
+                if !(self.ensemble.lr.is_finite() && self.ensemble.lr > 0.0) {
+                    return Err(Error::Config(format!(
+                        "the ensemble's lr must be a positive number, got {}",
+                        self.ensemble.lr
+                    )));
+                }
+                return Ok(());
+            }
+            ModelKind::Bpr => {}
         }
         if self.dim == 0 || self.dim > 4096 {
             return Err(Error::Config(format!(
@@ -168,6 +333,38 @@ impl ModelConfig {
         tidepool_samplers::SamplerSpec::parse(&self.sampler).map_err(Error::Config)?;
         Ok(())
     }
+}
+
+/// The keys a variant spec accepts after its sampler.
+pub const VARIANT_KEYS: &[&str] = &[
+    "model",
+    "dim",
+    "lr",
+    "reg",
+    "optimizer",
+    "negatives",
+    "init_std",
+    "item_bias",
+    "logq",
+    "history",
+    "decay",
+    "pair_decay",
+    "back",
+    "alpha",
+    "neighbours",
+    "half_life",
+    "components",
+    "learn_every",
+    "mix_lr",
+    "norm",
+    "objective",
+];
+
+/// A duration as humans write it (`90s`, `7days`) in milliseconds.
+pub fn parse_duration_ms(s: &str) -> std::result::Result<i64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_millis().min(i64::MAX as u128) as i64)
+        .map_err(|e| format!("{e} (examples: 90s, 2min, 1h, 7days)"))
 }
 
 /// One model trained in a backtest, under a name.
@@ -220,9 +417,52 @@ impl VariantConfig {
                 "negatives" => model.negatives = value.parse().map_err(|_| bad("an integer"))?,
                 "init_std" => model.init_std = value.parse().map_err(|_| bad("a number"))?,
                 "item_bias" => model.item_bias = value.parse().map_err(|_| bad("true or false"))?,
+                "logq" => model.logq = value.parse().map_err(|_| bad("true or false"))?,
+                "history" => model.knn.history = value.parse().map_err(|_| bad("an integer"))?,
+                "decay" => model.knn.decay = value.parse().map_err(|_| bad("a number"))?,
+                "pair_decay" => {
+                    model.knn.pair_decay = value.parse().map_err(|_| bad("a number"))?
+                }
+                "back" => model.knn.back = value.parse().map_err(|_| bad("a number"))?,
+                "alpha" => model.knn.alpha = value.parse().map_err(|_| bad("a number"))?,
+                "neighbours" => {
+                    model.knn.neighbours = value.parse().map_err(|_| bad("an integer"))?
+                }
+                "half_life" => {
+                    model.knn.half_life_ms = match value.trim() {
+                        "off" | "none" => None,
+                        v => Some(parse_duration_ms(v).map_err(|e| {
+                            Error::Config(format!("variant {name}: half_life={v:?}: {e}"))
+                        })?),
+                    }
+                }
+                "components" => {
+                    model.ensemble.components =
+                        value.split('+').map(|c| c.trim().to_string()).collect()
+                }
+                "learn_every" => {
+                    model.ensemble.learn_every = value.parse().map_err(|_| bad("an integer"))?
+                }
+                "mix_lr" => model.ensemble.lr = value.parse().map_err(|_| bad("a number"))?,
+                "norm" => {
+                    model.ensemble.norm = match value.trim() {
+                        "rank" => crate::model::Norm::Rank,
+                        "z" => crate::model::Norm::Z,
+                        _ => return Err(bad("rank or z")),
+                    }
+                }
+                "objective" => {
+                    model.ensemble.objective = match value.trim() {
+                        "top" => crate::model::Objective::Top,
+                        "softmax" => crate::model::Objective::Softmax,
+                        "hedge" => crate::model::Objective::Hedge,
+                        _ => return Err(bad("top, softmax or hedge")),
+                    }
+                }
                 other => {
                     return Err(Error::Config(format!(
-                        "variant {name}: unknown key {other:?}; valid: model, dim, lr, reg, optimizer, negatives, init_std, item_bias"
+                        "variant {name}: unknown key {other:?}; valid: {}",
+                        VARIANT_KEYS.join(", ")
                     )))
                 }
             }
@@ -408,6 +648,34 @@ impl BacktestConfig {
             v.model
                 .validate()
                 .map_err(|e| Error::Config(format!("variant {}: {e}", v.name)))?;
+        }
+        for v in &self.variants {
+            if v.model.kind != ModelKind::Ensemble {
+                continue;
+            }
+            let mut seen = std::collections::HashSet::new();
+            for c in &v.model.ensemble.components {
+                let component = self.variants.iter().find(|o| &o.name == c);
+                let why = match component {
+                    None => Some("is not a variant of this run"),
+                    Some(o) if o.model.kind == ModelKind::Ensemble => Some("is an ensemble itself"),
+                    Some(_) if !seen.insert(c) => Some("is named twice"),
+                    Some(_) => None,
+                };
+                if let Some(why) = why {
+                    let names: Vec<&str> = self
+                        .variants
+                        .iter()
+                        .filter(|o| o.model.kind != ModelKind::Ensemble)
+                        .map(|o| o.name.as_str())
+                        .collect();
+                    return Err(Error::Config(format!(
+                        "variant {}: component {c:?} {why}; variants to mix: {}",
+                        v.name,
+                        names.join(", ")
+                    )));
+                }
+            }
         }
         self.eval.validate()?;
         if self.workers == 0 || self.workers > 1024 {

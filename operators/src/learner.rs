@@ -22,6 +22,7 @@ use tidepool_samplers::{AnySampler, Negative, Refresh, Sampler, SamplerSpec};
 
 use crate::cluster::{Replication, RowBatch};
 use crate::config::{EvalConfig, StateConfig, VariantConfig};
+use crate::eval::rank_of;
 use crate::ingest::Clock;
 use crate::item_table::ItemTable;
 use crate::model::Model;
@@ -112,6 +113,13 @@ struct Variant {
     windows: BTreeMap<i64, Quality>,
     /// Counters since the last [`Learner::take_live`], for the live metrics.
     live: Quality,
+    /// Whether an ensemble of the run mixes this variant's scores.
+    mixed_in: bool,
+    /// This event's dense scores, when an ensemble needs them.
+    dense: Vec<f32>,
+    /// Ensembles: per metrics window, learning steps and the sum of the weights after
+    /// each, so that windows merge across workers into mean weights.
+    mixing: BTreeMap<i64, (u64, Vec<f64>)>,
 }
 
 impl Variant {
@@ -145,7 +153,22 @@ impl Variant {
         self.windows.values().for_each(|q| total.merge(q));
         (self.name, total, self.windows)
     }
+
+    /// Adds the ensemble's weights after a learning step to the window's trace.
+    fn trace_weights(&mut self, window: i64, weights: &[f32]) {
+        let (steps, sums) = self
+            .mixing
+            .entry(window)
+            .or_insert_with(|| (0, vec![0.0; weights.len()]));
+        *steps += 1;
+        for (s, w) in sums.iter_mut().zip(weights) {
+            *s += *w as f64;
+        }
+    }
 }
+
+/// Per metrics window: an ensemble's learning steps and summed weights.
+pub(crate) type MixingTrace = BTreeMap<i64, (u64, Vec<f64>)>;
 
 /// What a worker hands back at the end of a replay.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
@@ -157,6 +180,10 @@ pub(crate) struct WorkerResult {
     pub(crate) variants: Vec<(String, Quality, BTreeMap<i64, Quality>)>,
     /// Events whose sampler could not draw all negatives (user has seen nearly everything).
     pub(crate) sampler_shortfalls: u64,
+    /// Per variant: an ensemble's mixing weights over time (empty for the others).
+    pub(crate) mixing: Vec<MixingTrace>,
+    /// Bytes of replicated co-occurrence state (`itemknn`) this worker holds.
+    pub(crate) knn_bytes: u64,
     /// Users this worker owned.
     pub(crate) users: u64,
     /// Live items in the catalogue at the end.
@@ -253,13 +280,34 @@ impl Learner {
         tables: &[Option<Arc<ItemTable>>],
         retention: StateConfig,
     ) -> Self {
+        let index_of = |name: &String| variants.iter().position(|o| &o.name == name);
+        let mixed_in: Vec<bool> = variants
+            .iter()
+            .map(|v| {
+                variants.iter().any(|o| {
+                    o.model.kind == crate::config::ModelKind::Ensemble
+                        && o.model.ensemble.components.contains(&v.name)
+                })
+            })
+            .collect();
         let variants = variants
             .iter()
             .zip(tables)
             .enumerate()
             .map(|(v, (cfg, table))| Variant {
                 name: cfg.name.clone(),
-                model: Model::new(&cfg.model, seed, table.clone()),
+                // Configurations are validated first: every component names a variant.
+                model: Model::new(
+                    &cfg.model,
+                    seed,
+                    table.clone(),
+                    cfg.model
+                        .ensemble
+                        .components
+                        .iter()
+                        .filter_map(index_of)
+                        .collect(),
+                ),
                 // Specs are validated with the configuration; uniform is the safe fallback.
                 sampler: SamplerSpec::parse(&cfg.model.sampler)
                     .map(|s| s.build())
@@ -271,6 +319,9 @@ impl Learner {
                 current: (0, Quality::default()),
                 windows: BTreeMap::new(),
                 live: Quality::default(),
+                mixed_in: mixed_in[v],
+                dense: Vec::new(),
+                mixing: BTreeMap::new(),
             })
             .collect();
         Self {
@@ -421,6 +472,15 @@ impl Learner {
                 }
             }
         }
+        let user_cutoff = self
+            .retention
+            .user_ttl_ms
+            .map(|ttl| self.now_ms.saturating_sub(ttl));
+        for v in &mut self.variants {
+            if let Some(knn) = v.model.knn_mut() {
+                freed.cooccurrence += knn.compact(self.catalogue.alive(), user_cutoff);
+            }
+        }
         freed
     }
 
@@ -525,11 +585,26 @@ impl Learner {
     /// expired items left out. `None` when the user is not held (never seen, or evicted).
     pub(crate) fn top_k(&mut self, variant: usize, user: u64, k: usize) -> Option<Vec<(u64, f32)>> {
         let dense = self.users.lookup(user)?;
-        let v = self.variants.get_mut(variant)?;
         let mut scores = Vec::new();
-        match &mut v.model {
-            Model::MostPop => scores.extend(self.catalogue.counts().iter().map(|&c| c as f32)),
-            Model::Bpr(m) => m.score_all(dense, self.catalogue.alive(), &mut scores),
+        let components = match &self.variants.get(variant)?.model {
+            Model::Ensemble(e) => e.components.clone(),
+            _ => vec![variant],
+        };
+        for &c in &components {
+            let v = &mut self.variants[c];
+            v.model
+                .score_all(dense, user, &self.catalogue, &mut v.dense);
+        }
+        let dense_of: Vec<Vec<f32>> = components
+            .iter()
+            .map(|&c| self.variants[c].dense.clone())
+            .collect();
+        if let Model::Ensemble(e) = &mut self.variants[variant].model {
+            let slices: Vec<&[f32]> = dense_of.iter().map(Vec::as_slice).collect();
+            e.mix(&slices, self.catalogue.alive());
+            scores.extend_from_slice(e.mixed());
+        } else {
+            scores = std::mem::take(&mut self.variants[variant].dense);
         }
         let history = self.users.history(dense);
         let mut ranked: Vec<(u32, f32)> = scores
@@ -609,6 +684,15 @@ impl Learner {
             }
         }
         out
+    }
+
+    /// Heap bytes of this worker's replicas of `itemknn` state.
+    pub(crate) fn knn_bytes(&self) -> u64 {
+        self.variants
+            .iter()
+            .filter_map(|v| v.model.knn())
+            .map(|m| m.bytes())
+            .sum()
     }
 
     /// Approximate heap bytes of this worker's user state (histories and user rows).
@@ -693,6 +777,7 @@ impl Learner {
                 let item = self.catalogue.observe(event.item, event.ts);
                 for v in &mut self.variants {
                     v.sampler.observe(item, event.ts);
+                    v.model.observe(event.user, item, event.ts);
                 }
             }
         }
@@ -705,31 +790,59 @@ impl Learner {
         let window = self.protocol.window(event.ts);
         let scored = self.protocol.scores(index);
         let target = self.catalogue.lookup(event.item);
+        let warmup = self.protocol.warmup;
+        let mixing = target.is_some()
+            && self.variants.iter().any(|v| match &v.model {
+                Model::Ensemble(e) => scored || e.learns(index, warmup),
+                _ => false,
+            });
         for v in &mut self.variants {
             v.model.ensure_user(user, event.user);
-            let rank = if scored {
-                Some(target.map(|t| {
-                    v.model.rank(
-                        user,
-                        t,
-                        &self.catalogue,
-                        self.users.history(user),
-                        &mut self.scores,
-                    )
-                }))
-            } else {
-                None
+        }
+        // Ensembles read their components' dense scores of this event, before training.
+        if let (true, Some(t)) = (mixing, target) {
+            for v in self.variants.iter_mut().filter(|v| v.mixed_in) {
+                v.model
+                    .score_all(user, event.user, &self.catalogue, &mut v.dense);
+                debug_assert!(v.dense.len() > t as usize);
+            }
+        }
+        let k = self.protocol.k;
+        for e in 0..self.variants.len() {
+            let rank = match (&self.variants[e].model, target) {
+                (Model::Ensemble(_), Some(t)) if mixing => {
+                    self.mix(e, index, window, t, user, scored)
+                }
+                (Model::Ensemble(_), _) => None,
+                (_, Some(t)) if scored => {
+                    let history = self.users.history(user);
+                    let v = &mut self.variants[e];
+                    // A factor model's dense scores for an ensemble serve its own rank.
+                    Some(if mixing && v.mixed_in && v.model.bpr_mut().is_some() {
+                        rank_of(&v.dense, t, history.iter().copied())
+                    } else {
+                        v.model.rank(
+                            user,
+                            event.user,
+                            t,
+                            &self.catalogue,
+                            history,
+                            &mut self.scores,
+                        )
+                    })
+                }
+                _ => None,
             };
-            let k = self.protocol.k;
-            v.record(window, |q| {
+            self.variants[e].record(window, |q| {
                 q.events += 1;
-                if let Some(rank) = rank {
+                if scored {
                     q.record_rank(rank, k);
                 }
             });
         }
 
         let item = self.catalogue.observe(event.item, event.ts);
+        let candidates = self.catalogue.live();
         for v in &mut self.variants {
             self.negatives.clear();
             v.sampler.observe(item, event.ts);
@@ -758,14 +871,57 @@ impl Learner {
                     self.sampler_shortfalls += 1;
                 }
             }
-            let loss = v.model.train(user, item, &self.negatives);
+            let loss = v.model.train(user, item, &self.negatives, candidates);
+            v.model.observe(event.user, item, event.ts);
             let pairs = self.negatives.len() as u64;
+            if pairs > 0 {
+                v.record(window, |q| {
+                    q.pairs += pairs;
+                    q.loss_sum += loss;
+                });
+            }
+        }
+        self.users.remember(user, item);
+    }
+
+    /// Ensemble `e` on a scoring or learning event: mixes its components' dense scores,
+    /// ranks the target when the event is scored, and learns when it is a learning event.
+    fn mix(
+        &mut self,
+        e: usize,
+        index: u64,
+        window: i64,
+        target: u32,
+        user: u32,
+        scored: bool,
+    ) -> Option<u64> {
+        let Model::Ensemble(mut ens) =
+            std::mem::replace(&mut self.variants[e].model, Model::MostPop)
+        else {
+            return None;
+        };
+        let history = self.users.history(user);
+        let scores: Vec<&[f32]> = ens
+            .components
+            .iter()
+            .map(|&c| self.variants[c].dense.as_slice())
+            .collect();
+        ens.mix(&scores, self.catalogue.alive());
+        let rank = scored.then(|| rank_of(ens.mixed(), target, history.iter().copied()));
+        let learned = ens
+            .learns(index, self.protocol.warmup)
+            .then(|| ens.learn(&scores, target, history, self.protocol.k));
+        drop(scores);
+        let v = &mut self.variants[e];
+        if let Some(loss) = learned {
+            v.trace_weights(window, ens.weights());
             v.record(window, |q| {
-                q.pairs += pairs;
+                q.pairs += 1;
                 q.loss_sum += loss;
             });
         }
-        self.users.remember(user, item);
+        v.model = Model::Ensemble(ens);
+        rank
     }
 
     /// Each variant's counters since the last call.
@@ -776,10 +932,17 @@ impl Learner {
             .collect()
     }
 
-    pub(crate) fn finish(self) -> WorkerResult {
+    pub(crate) fn finish(mut self) -> WorkerResult {
+        let mixing = self
+            .variants
+            .iter_mut()
+            .map(|v| std::mem::take(&mut v.mixing))
+            .collect();
         WorkerResult {
             window_events: self.window_events.unwrap_or(0),
             user_bytes: self.user_bytes(),
+            knn_bytes: self.knn_bytes(),
+            mixing,
             variants: self.variants.into_iter().map(Variant::finish).collect(),
             sampler_shortfalls: self.sampler_shortfalls,
             users: self.users.len() as u64,

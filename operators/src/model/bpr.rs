@@ -310,8 +310,18 @@ impl Bpr {
     }
 
     /// One BPR step per negative for the positive `pos`. Returns the summed pair loss
-    /// (before the steps, without the regulariser).
-    pub(crate) fn train(&mut self, user: u32, pos: u32, negatives: &[Negative]) -> f64 {
+    /// (before the steps, without the regulariser). With `logq`, a negative's score is
+    /// corrected by `-ln(q * candidates)`: relative to uniform sampling (q = 1/n, no
+    /// correction), a negative drawn more often than uniform pushes less, so that the
+    /// expected gradient is that of uniform negatives (the sampled-softmax logQ
+    /// correction of Bengio & Senécal 2008 and Yi et al. 2019, in pairwise form).
+    pub(crate) fn train(
+        &mut self,
+        user: u32,
+        pos: u32,
+        negatives: &[Negative],
+        candidates: usize,
+    ) -> f64 {
         if negatives.is_empty() {
             return 0.0;
         }
@@ -333,6 +343,9 @@ impl Bpr {
             let mut x = diff_dot(&p[..dim], &qi[..dim], &qj[..dim]);
             if bias {
                 x += qi[dim] - qj[dim];
+            }
+            if self.cfg.logq && neg.q > 0.0 {
+                x += (neg.q * candidates as f32).ln();
             }
             let (pair_loss, g) = loss_and_slope(x);
             loss += pair_loss as f64;
@@ -462,10 +475,10 @@ mod tests {
             let mut m = model(opt);
             m.ensure_user(0, 77);
             let negs = [Negative { item: 1, q: 0.5 }];
-            let first = m.train(0, 0, &negs);
+            let first = m.train(0, 0, &negs, 4);
             let mut last = first;
             for _ in 0..50 {
-                last = m.train(0, 0, &negs);
+                last = m.train(0, 0, &negs, 4);
             }
             assert!(last < first * 0.5, "{opt:?}: loss {first} -> {last}");
             let mut scores = Vec::new();
@@ -486,7 +499,7 @@ mod tests {
         m.items.load(0, &mut qi0);
         m.items.load(1, &mut qj0);
         let g = pair_gradient(&p0, &qi0[..8], &qj0[..8], qi0[8], qj0[8], 0.01);
-        m.train(0, 0, &[Negative { item: 1, q: 0.5 }]);
+        m.train(0, 0, &[Negative { item: 1, q: 0.5 }], 2);
         let (mut qi1, mut qj1) = (vec![0.0; stride], vec![0.0; stride]);
         m.items.load(0, &mut qi1);
         m.items.load(1, &mut qj1);

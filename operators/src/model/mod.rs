@@ -1,11 +1,18 @@
 //! The models a variant can train, behind one enum so the per-event loop stays
-//! monomorphic: `mostpop` (counts so far) and `bpr` (matrix factorisation).
+//! monomorphic: `mostpop` (counts so far), `bpr` (matrix factorisation), `itemknn`
+//! (co-occurrence over recent sequences) and `ensemble` (a learned mix of the others;
+//! the learner drives it, since it reads the other variants' scores).
 
-mod bpr;
+pub(crate) mod bpr;
+pub(crate) mod ensemble;
+mod itemknn;
 
 use std::sync::Arc;
 
 pub(crate) use bpr::Bpr;
+pub(crate) use ensemble::Ensemble;
+pub use ensemble::{Norm, Objective, MAX_COMPONENTS, RANK_DEPTH, TOP_PAIRS};
+pub(crate) use itemknn::ItemKnn;
 use rustc_hash::FxHashSet;
 use tidepool_samplers::Negative;
 
@@ -20,14 +27,28 @@ pub(crate) enum Model {
     MostPop,
     /// Matrix factorisation with BPR.
     Bpr(Box<Bpr>),
+    /// Co-occurrence over recent sequences (a full replica on every worker).
+    ItemKnn(Box<ItemKnn>),
+    /// A learned mix of other variants' scores.
+    Ensemble(Box<Ensemble>),
 }
 
 impl Model {
     /// The worker's half of a model; `table` is the process-wide item table for BPR.
-    pub(crate) fn new(cfg: &ModelConfig, seed: u64, table: Option<Arc<ItemTable>>) -> Self {
+    /// `components` are the variant indices an ensemble mixes.
+    pub(crate) fn new(
+        cfg: &ModelConfig,
+        seed: u64,
+        table: Option<Arc<ItemTable>>,
+        components: Vec<usize>,
+    ) -> Self {
         match (cfg.kind, table) {
             (ModelKind::Bpr, Some(table)) => {
                 Model::Bpr(Box::new(Bpr::new(cfg.clone(), seed, table)))
+            }
+            (ModelKind::Itemknn, _) => Model::ItemKnn(Box::new(ItemKnn::new(cfg.knn.clone()))),
+            (ModelKind::Ensemble, _) => {
+                Model::Ensemble(Box::new(Ensemble::new(&cfg.ensemble, components)))
             }
             _ => Model::MostPop,
         }
@@ -43,7 +64,32 @@ impl Model {
     pub(crate) fn bpr_mut(&mut self) -> Option<&mut Bpr> {
         match self {
             Model::Bpr(m) => Some(m),
-            Model::MostPop => None,
+            _ => None,
+        }
+    }
+
+    /// The co-occurrence state, for `itemknn`.
+    pub(crate) fn knn_mut(&mut self) -> Option<&mut ItemKnn> {
+        match self {
+            Model::ItemKnn(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The co-occurrence state, for `itemknn`.
+    pub(crate) fn knn(&self) -> Option<&ItemKnn> {
+        match self {
+            Model::ItemKnn(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Learns from an event of any user (counting models learn from every event on
+    /// every worker; the others only from their owned events, in [`Model::train`]).
+    #[inline]
+    pub(crate) fn observe(&mut self, user: u64, item: u32, ts: i64) {
+        if let Model::ItemKnn(m) = self {
+            m.observe(user, item, ts);
         }
     }
 
@@ -59,10 +105,12 @@ impl Model {
         }
     }
 
-    /// Rank of `target` for `user` among the first `catalogue.len()` items minus history.
+    /// Rank of `target` for `user` (dense `user`, raw `raw`) among the first
+    /// `catalogue.len()` items minus history. Ensembles are ranked by the learner.
     pub(crate) fn rank(
         &mut self,
         user: u32,
+        raw: u64,
         target: u32,
         catalogue: &ItemCatalogue,
         history: &FxHashSet<u32>,
@@ -74,30 +122,57 @@ impl Model {
                 m.score_all(user, catalogue.alive(), scratch);
                 rank_of(scratch, target, history.iter().copied())
             }
+            Model::ItemKnn(m) => {
+                m.rank(raw, target, catalogue.alive(), catalogue.expired(), history)
+            }
+            Model::Ensemble(_) => catalogue.len() as u64,
+        }
+    }
+
+    /// Dense scores of every item for a user (expired items: negative infinity, or 0 for
+    /// `mostpop`, which the callers mask). Not for ensembles.
+    pub(crate) fn score_all(
+        &mut self,
+        user: u32,
+        raw: u64,
+        catalogue: &ItemCatalogue,
+        out: &mut Vec<f32>,
+    ) {
+        match self {
+            Model::MostPop => {
+                out.clear();
+                out.extend(catalogue.counts().iter().map(|&c| c as f32));
+            }
+            Model::Bpr(m) => m.score_all(user, catalogue.alive(), out),
+            Model::ItemKnn(m) => m.score_all(raw, catalogue.alive(), out),
+            Model::Ensemble(_) => {
+                out.clear();
+                out.resize(catalogue.len(), 0.0);
+            }
         }
     }
 
     /// Moves user state after an eviction; returns the bytes freed.
     pub(crate) fn remap_users(&mut self, remap: &[Option<u32>]) -> u64 {
         match self {
-            Model::MostPop => 0,
             Model::Bpr(m) => m.remap_users(remap),
+            _ => 0,
         }
     }
 
     /// Releases the rows of expired items; returns the bytes taken out of the table.
     pub(crate) fn release_items(&mut self, alive: &[bool]) -> u64 {
         match self {
-            Model::MostPop => 0,
             Model::Bpr(m) => m.release_items(alive),
+            _ => 0,
         }
     }
 
     /// The user rows (empty for models without user state).
     pub(crate) fn user_rows(&self) -> &[f32] {
         match self {
-            Model::MostPop => &[],
             Model::Bpr(m) => m.user_rows(),
+            _ => &[],
         }
     }
 
@@ -111,8 +186,8 @@ impl Model {
     /// Heap bytes of the user state this worker holds for the model.
     pub(crate) fn user_bytes(&self) -> u64 {
         match self {
-            Model::MostPop => 0,
             Model::Bpr(m) => m.user_bytes(),
+            _ => 0,
         }
     }
 
@@ -120,18 +195,25 @@ impl Model {
     #[inline]
     pub(crate) fn score(&mut self, user: u32, item: u32) -> f32 {
         match self {
-            // Mostpop trains no negatives; a constant keeps samplers well defined.
-            Model::MostPop => 0.0,
             Model::Bpr(m) => m.score(user, item),
+            // The others train no negatives; a constant keeps samplers well defined.
+            _ => 0.0,
         }
     }
 
-    /// Learns from one positive; returns the summed pair loss.
+    /// Learns from one positive; returns the summed pair loss. `candidates` is the
+    /// number of items negatives were drawn from (for the logQ correction).
     #[inline]
-    pub(crate) fn train(&mut self, user: u32, item: u32, negatives: &[Negative]) -> f64 {
+    pub(crate) fn train(
+        &mut self,
+        user: u32,
+        item: u32,
+        negatives: &[Negative],
+        candidates: usize,
+    ) -> f64 {
         match self {
-            Model::MostPop => 0.0,
-            Model::Bpr(m) => m.train(user, item, negatives),
+            Model::Bpr(m) => m.train(user, item, negatives, candidates),
+            _ => 0.0,
         }
     }
 }

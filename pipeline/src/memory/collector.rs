@@ -34,6 +34,9 @@ pub struct Freed {
     pub traces: u64,
     /// Buffer-pool blocks freed by the victim rotation.
     pub pool: u64,
+    /// `itemknn` co-occurrence state: faded entries, expired items' lists, idle users'
+    /// recent sequences, surplus capacity.
+    pub cooccurrence: u64,
 }
 
 impl Freed {
@@ -43,11 +46,12 @@ impl Freed {
         self.embeddings += other.embeddings;
         self.traces += other.traces;
         self.pool += other.pool;
+        self.cooccurrence += other.cooccurrence;
     }
 
     /// Sum over owners.
     pub fn total(&self) -> u64 {
-        self.history + self.embeddings + self.traces + self.pool
+        self.history + self.embeddings + self.traces + self.pool + self.cooccurrence
     }
 }
 
@@ -393,7 +397,7 @@ pub fn trace_line(r: &CycleRecord) -> String {
         mb(r.goal)
     };
     format!(
-        "gc {} @{:.1}s {}: {} -> {} (goal {}), {:.0}ms; history -{}, embeddings -{}, traces -{}, pool -{}",
+        "gc {} @{:.1}s {}: {} -> {} (goal {}), {:.0}ms; history -{}, embeddings -{}, traces -{}, pool -{}, cooccurrence -{}",
         r.cycle,
         r.at_s,
         r.trigger,
@@ -405,6 +409,7 @@ pub fn trace_line(r: &CycleRecord) -> String {
         mb(r.freed.embeddings),
         mb(r.freed.traces),
         mb(r.freed.pool),
+        mb(r.freed.cooccurrence),
     )
 }
 
@@ -491,12 +496,13 @@ mod tests {
                 embeddings: 180_000_000,
                 traces: 12_000_000,
                 pool: 7_000_000,
+                cooccurrence: 0,
             },
         };
         assert_eq!(
             trace_line(&r),
             "gc 7 @41.2s ratio: 812MB -> 403MB (goal 806MB), 38ms; history -210MB, \
-             embeddings -180MB, traces -12MB, pool -7MB"
+             embeddings -180MB, traces -12MB, pool -7MB, cooccurrence -0MB"
         );
     }
 }
