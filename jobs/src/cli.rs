@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use tidepool_connector_generator::GeneratorConfig;
 use tidepool_connector_parquet::{ColRef, IntTimeUnit, Preset};
 use tidepool_operators::config::{
-    DEFAULT_DIM, DEFAULT_EVAL_EVERY, DEFAULT_INIT_STD, DEFAULT_K, DEFAULT_LR, DEFAULT_NEGATIVES,
-    DEFAULT_REG, DEFAULT_ROUNDS_IN_FLIGHT, DEFAULT_SEED, DEFAULT_WARMUP,
+    DEFAULT_DIM, DEFAULT_EVAL_EVERY, DEFAULT_INIT_STD, DEFAULT_K, DEFAULT_KNN_ALPHA,
+    DEFAULT_KNN_BACK, DEFAULT_KNN_DECAY, DEFAULT_KNN_HISTORY, DEFAULT_KNN_NEIGHBOURS,
+    DEFAULT_KNN_PAIR_DECAY, DEFAULT_LR, DEFAULT_NEGATIVES, DEFAULT_REG, DEFAULT_ROUNDS_IN_FLIGHT,
+    DEFAULT_SEED, DEFAULT_WARMUP,
 };
 use tidepool_operators::{LatePolicy, ModelKind, Optimizer};
 
@@ -74,6 +76,17 @@ pub struct RecommendArgs {
     pub json: bool,
 }
 
+/// A half-life: a duration, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HalfLife(pub Option<Duration>);
+
+fn parse_half_life(s: &str) -> Result<HalfLife, String> {
+    match s {
+        "off" | "none" => Ok(HalfLife(None)),
+        s => parse_duration(s).map(|d| HalfLife(Some(d))),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 2min, 1h, 7days)"))
 }
@@ -124,9 +137,11 @@ pub struct BacktestArgs {
     /// Parquet files, directories or globs. Without any, a synthetic stream is generated
     /// in memory (see --events, --users, --items).
     pub inputs: Vec<String>,
-    /// Model: bpr or mostpop.
-    #[arg(long, default_value = "bpr", value_parser = parse_lib::<ModelKind>)]
-    pub model: ModelKind,
+    /// Model: bpr, mostpop, itemknn or ensemble. Without --model and --variant (or with
+    /// --model ensemble) the recommended configuration runs: an ensemble over itemknn,
+    /// bpr with dns:32 negatives and mostpop, each also reported on its own.
+    #[arg(long, value_parser = parse_lib::<ModelKind>)]
+    pub model: Option<ModelKind>,
     /// Timely worker threads (per process in a cluster).
     #[arg(long, short = 'w', default_value_t = 1)]
     pub workers: usize,
@@ -167,10 +182,36 @@ pub struct BacktestArgs {
     #[arg(long, default_value = "uniform")]
     pub sampler: String,
     /// Train several models side by side in one pass: NAME=SAMPLER[,key=value...]
-    /// (keys: model, dim, lr, reg, optimizer, negatives, init_std, item_bias); repeatable.
-    /// The other flags are each variant's defaults.
+    /// (keys: model, dim, lr, reg, optimizer, negatives, init_std, item_bias, logq,
+    /// history, decay, pair_decay, back, alpha, neighbours, half_life, components,
+    /// learn_every, mix_lr, norm, objective); repeatable. The other flags are each
+    /// variant's defaults.
     #[arg(long = "variant", value_name = "NAME=SPEC")]
     pub variants: Vec<String>,
+    /// bpr: correct negatives' scores by their sampling probability (logQ).
+    #[arg(long)]
+    pub logq: bool,
+    /// itemknn: how many of a user's most recent items pair with a new one and score.
+    #[arg(long, default_value_t = DEFAULT_KNN_HISTORY)]
+    pub history: usize,
+    /// itemknn: weight of the k-th most recent item when scoring, decay^k, in (0, 1].
+    #[arg(long, default_value_t = DEFAULT_KNN_DECAY)]
+    pub decay: f32,
+    /// itemknn: weight of a pair at sequence distance d, pair_decay^(d-1), in (0, 1].
+    #[arg(long, default_value_t = DEFAULT_KNN_PAIR_DECAY)]
+    pub pair_decay: f32,
+    /// itemknn: weight of the backward pair relative to the forward one, in [0, 1].
+    #[arg(long, default_value_t = DEFAULT_KNN_BACK)]
+    pub back: f32,
+    /// itemknn: asymmetric cosine exponent, in [0, 1].
+    #[arg(long, default_value_t = DEFAULT_KNN_ALPHA)]
+    pub alpha: f32,
+    /// itemknn: neighbours kept per item.
+    #[arg(long, default_value_t = DEFAULT_KNN_NEIGHBOURS)]
+    pub neighbours: usize,
+    /// itemknn: half-life of co-occurrence in event time, or `off` (default: 1000days).
+    #[arg(long, value_parser = parse_half_life)]
+    pub half_life: Option<HalfLife>,
     /// Width of the sliding event-time window over which popularity samplers count.
     #[arg(long, default_value = "30days", value_parser = parse_duration)]
     pub pop_window: Duration,

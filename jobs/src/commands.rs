@@ -14,8 +14,9 @@ use tidepool_connector_parquet::{
 use tidepool_operators::cluster::Cluster;
 use tidepool_operators::live::LiveMetrics;
 use tidepool_operators::{
-    run_dataflow, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, RunOptions, StateConfig,
-    VariantConfig,
+    config::{recommended_variants, KnnConfig},
+    run_dataflow, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, ModelKind, RunOptions,
+    StateConfig, VariantConfig,
 };
 use tidepool_pipeline::event::event_schema;
 use tidepool_pipeline::memory::collector::GcController;
@@ -25,7 +26,7 @@ use tidepool_pipeline::{
     Stoppable,
 };
 
-use crate::cli::{BacktestArgs, GenerateArgs, ImportArgs};
+use crate::cli::{BacktestArgs, GenerateArgs, HalfLife, ImportArgs};
 use crate::report::{summary_json, summary_table, write_metrics};
 
 fn millis(d: std::time::Duration) -> i64 {
@@ -45,8 +46,9 @@ impl BacktestArgs {
 
     /// The library configuration these arguments describe.
     pub fn config(&self) -> anyhow::Result<BacktestConfig> {
-        let model = ModelConfig {
-            kind: self.model,
+        let kind = self.model.unwrap_or(ModelKind::Ensemble);
+        let mut model = ModelConfig {
+            kind,
             dim: self.dim,
             lr: self.lr,
             reg: self.reg,
@@ -55,11 +57,26 @@ impl BacktestArgs {
             negatives: self.negatives,
             init_std: self.init_std,
             sampler: self.sampler.clone(),
+            logq: self.logq,
             ..ModelConfig::default()
         };
-        let variants = if self.variants.is_empty() {
+        model.knn = KnnConfig {
+            history: self.history,
+            decay: self.decay,
+            pair_decay: self.pair_decay,
+            back: self.back,
+            alpha: self.alpha,
+            neighbours: self.neighbours,
+            half_life_ms: match self.half_life {
+                Some(HalfLife(d)) => d.map(millis),
+                None => KnnConfig::default().half_life_ms,
+            },
+        };
+        let variants = if self.variants.is_empty() && kind == ModelKind::Ensemble {
+            recommended_variants(&model)
+        } else if self.variants.is_empty() {
             vec![VariantConfig {
-                name: self.model.name().into(),
+                name: kind.name().into(),
                 model,
             }]
         } else {

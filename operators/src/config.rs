@@ -81,17 +81,19 @@ impl ModelKind {
 }
 
 /// Default value for [`KnnConfig::history`].
-pub const DEFAULT_KNN_HISTORY: usize = 20;
+pub const DEFAULT_KNN_HISTORY: usize = 30;
 /// Default value for [`KnnConfig::decay`].
-pub const DEFAULT_KNN_DECAY: f32 = 0.9;
+pub const DEFAULT_KNN_DECAY: f32 = 0.85;
 /// Default value for [`KnnConfig::pair_decay`].
 pub const DEFAULT_KNN_PAIR_DECAY: f32 = 0.9;
 /// Default value for [`KnnConfig::back`].
 pub const DEFAULT_KNN_BACK: f32 = 0.5;
 /// Default value for [`KnnConfig::alpha`].
-pub const DEFAULT_KNN_ALPHA: f32 = 0.5;
+pub const DEFAULT_KNN_ALPHA: f32 = 0.75;
 /// Default value for [`KnnConfig::neighbours`].
-pub const DEFAULT_KNN_NEIGHBOURS: usize = 50;
+pub const DEFAULT_KNN_NEIGHBOURS: usize = 500;
+/// Default value for [`KnnConfig::half_life_ms`]: 1000 days.
+pub const DEFAULT_KNN_HALF_LIFE_MS: Option<i64> = Some(1000 * 86_400_000);
 
 /// `itemknn`'s hyper-parameters (see the model's documentation in the README).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,7 +124,7 @@ impl Default for KnnConfig {
             back: DEFAULT_KNN_BACK,
             alpha: DEFAULT_KNN_ALPHA,
             neighbours: DEFAULT_KNN_NEIGHBOURS,
-            half_life_ms: None,
+            half_life_ms: DEFAULT_KNN_HALF_LIFE_MS,
         }
     }
 }
@@ -521,6 +523,46 @@ impl EvalConfig {
         }
         Ok(())
     }
+}
+
+/// The sampler of the recommended configuration's `bpr`: hard negatives.
+pub const RECOMMENDED_BPR_SAMPLER: &str = "dns:32";
+
+/// The recommended configuration (what runs without model flags): an `ensemble` that
+/// mixes `itemknn`, `bpr` with hard negatives and `mostpop` by Hedge, listed first so
+/// that it is the run's headline, then its components, each reported on its own.
+/// `base` supplies every parameter not named here. Chosen on ml-latest-small only (the
+/// README's "Models" section has the grid).
+pub fn recommended_variants(base: &ModelConfig) -> Vec<VariantConfig> {
+    let with = |kind: ModelKind| ModelConfig {
+        kind,
+        ..base.clone()
+    };
+    let mut bpr = with(ModelKind::Bpr);
+    if bpr.sampler == "uniform" {
+        bpr.sampler = RECOMMENDED_BPR_SAMPLER.into();
+    }
+    let mut ensemble = with(ModelKind::Ensemble);
+    ensemble.ensemble.components = vec!["itemknn".into(), "bpr".into(), "mostpop".into()];
+    ensemble.ensemble.objective = crate::model::Objective::Hedge;
+    vec![
+        VariantConfig {
+            name: "ensemble".into(),
+            model: ensemble,
+        },
+        VariantConfig {
+            name: "itemknn".into(),
+            model: with(ModelKind::Itemknn),
+        },
+        VariantConfig {
+            name: "bpr".into(),
+            model: bpr,
+        },
+        VariantConfig {
+            name: "mostpop".into(),
+            model: with(ModelKind::Mostpop),
+        },
+    ]
 }
 
 /// A whole backtest: what to train, how to score, how to run.

@@ -63,7 +63,7 @@ pub const RANK_DEPTH: usize = 200;
 /// The smallest weight a component keeps. Small enough not to reorder the leader's
 /// distinct ranks (rank features differ by at least log2(201/200) = 0.007 within the
 /// depth, and a trailing component moves an item by at most 1e-4 * 7.7).
-pub const WEIGHT_FLOOR: f32 = 1e-4;
+pub(crate) const WEIGHT_FLOOR: f32 = 1e-4;
 
 /// Competitors of the held-out item in one `top` learning step.
 pub const TOP_PAIRS: usize = 20;
