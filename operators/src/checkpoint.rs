@@ -45,7 +45,7 @@ use crate::item_table::ItemTable;
 use crate::learner::{SharedPart, WorkerPart};
 
 /// Version of the on-disk format.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// What a checkpoint holds besides the state files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -605,6 +605,7 @@ pub fn bench_user_part(dir: &Path, users: usize, dim: usize) -> Result<(f64, u64
         users: part_users,
         variants: vec![(rows, BTreeMap::new())],
         sampler_shortfalls: 0,
+        ensembles: vec![Default::default()],
     };
     let started = Instant::now();
     let bytes = write_bin(&dir.join("worker-0.bin"), &part)?;

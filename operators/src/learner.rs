@@ -204,6 +204,9 @@ pub(crate) struct WorkerPart {
     /// Per variant: user rows (`stride` values per user, in `users` order) and windows.
     pub(crate) variants: Vec<(Vec<f32>, BTreeMap<i64, Quality>)>,
     pub(crate) sampler_shortfalls: u64,
+    /// Per variant: an ensemble's weights and accumulators on this worker, and its
+    /// mixing trace (empty for other models).
+    pub(crate) ensembles: Vec<(Vec<f32>, Vec<f32>, MixingTrace)>,
 }
 
 /// The state every worker shares (the replicated catalogue and samplers), taken from one.
@@ -217,6 +220,8 @@ pub(crate) struct SharedPart {
     /// The events still inside the popularity window, by round: `(start of the round in
     /// event time (ms), [(item id, events)])`; empty unless a sampler reads popularity.
     pub(crate) window_log: Vec<(i64, Vec<(u64, u32)>)>,
+    /// Per variant: the `itemknn` state, which every worker holds whole.
+    pub(crate) knn: Vec<Option<crate::model::ItemKnn>>,
 }
 
 /// The events of the popularity window by round, so that a checkpoint can rebuild the
@@ -352,6 +357,13 @@ impl Learner {
             users: Vec::new(),
             items: items.then(Vec::new),
         });
+        if items {
+            for v in &mut self.variants {
+                if let Some(knn) = v.model.knn_mut() {
+                    knn.track_changes();
+                }
+            }
+        }
     }
 
     /// Keeps the events of the last `window_ticks` rounds for checkpoints.
@@ -502,6 +514,18 @@ impl Learner {
                 })
                 .collect(),
             sampler_shortfalls: self.sampler_shortfalls,
+            ensembles: self
+                .variants
+                .iter()
+                .map(|v| match &v.model {
+                    Model::Ensemble(e) => (
+                        e.weights().to_vec(),
+                        e.accumulators().to_vec(),
+                        v.mixing.clone(),
+                    ),
+                    _ => Default::default(),
+                })
+                .collect(),
         }
     }
 
@@ -529,6 +553,11 @@ impl Learner {
                         .collect()
                 })
                 .unwrap_or_default(),
+            knn: self
+                .variants
+                .iter()
+                .map(|v| v.model.knn().cloned())
+                .collect(),
         }
     }
 
@@ -547,6 +576,28 @@ impl Learner {
         } else {
             vec![0; shared.window_counts.len()]
         };
+        for (v, knn) in self.variants.iter_mut().zip(&shared.knn) {
+            if let (Some(mine), Some(saved)) = (v.model.knn_mut(), knn) {
+                let tracking = mine.tracks_changes();
+                *mine = saved.clone();
+                if tracking {
+                    mine.track_changes();
+                }
+            }
+        }
+        // Each worker takes the weights its namesake had (or worker 0's when the cluster
+        // grew): weights are per worker, and any of them is a trained mix.
+        if let Some(part) = parts
+            .iter()
+            .find(|p| p.worker == self.worker)
+            .or_else(|| parts.iter().find(|p| p.worker == 0))
+        {
+            for (v, (weights, acc, _)) in self.variants.iter_mut().zip(&part.ensembles) {
+                if let Model::Ensemble(e) = &mut v.model {
+                    e.set_weights(weights, acc);
+                }
+            }
+        }
         for (v, sampler) in self.variants.iter_mut().zip(&shared.samplers) {
             v.sampler = sampler.clone();
             // A fresh stream per restart: negatives need not repeat the lost run's.
@@ -569,6 +620,18 @@ impl Learner {
                 if mine_metrics {
                     for (w, q) in windows {
                         v.windows.entry(*w).or_default().merge(q);
+                    }
+                }
+            }
+            if mine_metrics {
+                for (v, (_, _, trace)) in self.variants.iter_mut().zip(&part.ensembles) {
+                    for (w, (steps, sums)) in trace {
+                        let entry = v
+                            .mixing
+                            .entry(*w)
+                            .or_insert_with(|| (0, vec![0.0; sums.len()]));
+                        entry.0 += steps;
+                        entry.1.iter_mut().zip(sums).for_each(|(a, b)| *a += b);
                     }
                 }
             }
@@ -637,6 +700,32 @@ impl Learner {
             )
         });
         for v in &mut self.variants {
+            if let (Some(knn), true) = (v.model.knn_mut(), items) {
+                // The lists are replicated: the worker that publishes items publishes them.
+                for (item, entries) in knn.take_dirty() {
+                    if !self.catalogue.is_alive(item) {
+                        continue;
+                    }
+                    out.push(ModelDelta {
+                        variant: v.name.clone(),
+                        entity: Entity::Item,
+                        id: self.catalogue.id(item),
+                        neighbours: entries.iter().map(|&(j, _)| self.catalogue.id(j)).collect(),
+                        vector: entries.iter().map(|&(_, w)| w).collect(),
+                        bias: None,
+                        checkpoint,
+                        deleted: false,
+                    });
+                }
+                if let Some((_, items)) = &removed {
+                    out.extend(
+                        items
+                            .iter()
+                            .map(|&i| ModelDelta::tombstone(&v.name, Entity::Item, i, checkpoint)),
+                    );
+                }
+                continue;
+            }
             let Model::Bpr(m) = &mut v.model else {
                 continue;
             };
@@ -660,6 +749,7 @@ impl Learner {
                     entity: Entity::User,
                     id: self.users.id(dense),
                     vector,
+                    neighbours: Vec::new(),
                     bias: None,
                     checkpoint,
                     deleted: false,
@@ -676,6 +766,7 @@ impl Learner {
                         entity: Entity::Item,
                         id: self.catalogue.id(dense),
                         vector,
+                        neighbours: Vec::new(),
                         bias: bias.then_some(b),
                         checkpoint,
                         deleted: false,

@@ -6,6 +6,10 @@
 //! TTL or an item expired past its TTL is published as a *tombstone* (`deleted`; on Kafka
 //! a message with the key and no value, which compaction removes the key for), so the
 //! published model shrinks with the trained one.
+//!
+//! `itemknn` publishes its changed neighbour lists as `item` rows whose `neighbours` are
+//! the neighbour item ids and whose `vector` holds the weights co(item -> neighbour); a
+//! serving side scores a user's candidates with them as the model does (see the README).
 
 use serde::Serialize;
 
@@ -40,8 +44,13 @@ pub struct ModelDelta {
     pub entity: Entity,
     /// Raw id.
     pub id: u64,
-    /// The embedding (without optimiser state); empty for a tombstone.
+    /// The embedding (without optimiser state); empty for a tombstone. For an `itemknn`
+    /// neighbour list: the weights, parallel to `neighbours`.
     pub vector: Vec<f32>,
+    /// `itemknn` items: the neighbours' item ids (`vector` holds their co-occurrence
+    /// weights, in units of one fresh adjacent pair); empty for embeddings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub neighbours: Vec<u64>,
     /// The item bias (items of models with a bias only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bias: Option<f32>,
@@ -60,6 +69,7 @@ impl ModelDelta {
             entity,
             id,
             vector: Vec::new(),
+            neighbours: Vec::new(),
             bias: None,
             checkpoint,
             deleted: true,

@@ -11,7 +11,8 @@
 //!
 //! Columns: `variant` (utf8), `entity` (utf8, `user` or `item`), `id` (uint64), `vector`
 //! (list of float32, null for tombstones), `bias` (float32, null unless the model has item
-//! biases), `checkpoint` (uint64), `deleted` (bool).
+//! biases), `checkpoint` (uint64), `deleted` (bool), `neighbours` (list of uint64:
+//! `itemknn` neighbour item ids parallel to `vector`; empty for embeddings).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use arrow_array::builder::{Float32Builder, ListBuilder};
+use arrow_array::builder::{Float32Builder, ListBuilder, UInt64Builder};
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float32Array, ListArray, RecordBatch, StringArray, UInt64Array,
 };
@@ -56,7 +57,10 @@ impl ParquetDeltaSink {
 
 fn to_batch(deltas: &[ModelDelta]) -> Result<RecordBatch> {
     let mut vectors = ListBuilder::new(Float32Builder::new());
+    let mut neighbours = ListBuilder::new(UInt64Builder::new());
     for d in deltas {
+        neighbours.values().append_slice(&d.neighbours);
+        neighbours.append(true);
         if d.deleted {
             vectors.append(false);
         } else {
@@ -98,6 +102,7 @@ fn to_batch(deltas: &[ModelDelta]) -> Result<RecordBatch> {
                 deltas.iter().map(|d| Some(d.deleted)),
             )),
         ),
+        ("neighbours", Arc::new(neighbours.finish())),
     ];
     let schema = Schema::new(
         columns
@@ -186,6 +191,7 @@ fn read_batch(batch: &RecordBatch, out: &mut Vec<ModelDelta>) -> std::result::Re
     let bias = column::<Float32Array>(batch, "bias")?;
     let checkpoint = column::<UInt64Array>(batch, "checkpoint")?;
     let deleted = column::<BooleanArray>(batch, "deleted")?;
+    let neighbours = column::<ListArray>(batch, "neighbours")?;
     for r in 0..batch.num_rows() {
         let entity = match entity.value(r) {
             "user" => Entity::User,
@@ -202,11 +208,17 @@ fn read_batch(batch: &RecordBatch, out: &mut Vec<ModelDelta>) -> std::result::Re
                 .ok_or_else(|| format!("row {r}: vector is not float32"))?;
             floats.values().to_vec()
         };
+        let row = neighbours.value(r);
+        let ids = row
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .ok_or_else(|| format!("row {r}: neighbours are not uint64"))?;
         out.push(ModelDelta {
             variant: variant.value(r).to_string(),
             entity,
             id: id.value(r),
             vector: values,
+            neighbours: ids.values().to_vec(),
             bias: (!bias.is_null(r)).then(|| bias.value(r)),
             checkpoint: checkpoint.value(r),
             deleted: deleted.value(r),
@@ -225,6 +237,7 @@ mod tests {
             entity: Entity::Item,
             id,
             vector: vec![v, -v],
+            neighbours: Vec::new(),
             bias: Some(v / 2.0),
             checkpoint,
             deleted: false,

@@ -167,6 +167,11 @@ impl ItemKnn {
         self.dirty = Some(vec![false; self.lists.len()]);
     }
 
+    /// Whether changes are recorded.
+    pub(crate) fn tracks_changes(&self) -> bool {
+        self.dirty.is_some()
+    }
+
     /// Learns from user `user`'s event on dense item `item` at event time `ts`. Called for
     /// every event of the replay on every worker, after the event was scored.
     pub(crate) fn observe(&mut self, user: u64, item: u32, ts: i64) {
@@ -558,5 +563,253 @@ impl Sequences {
             + self.head.capacity() * 2
             + self.len.capacity() * 2
             + self.last_seen.capacity() * 8) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::Xoshiro256PlusPlus;
+    use rand::{RngExt, SeedableRng};
+
+    /// A seeded stream of `(user, item, ts)` with repeats and bursts.
+    fn stream(n: usize, users: u64, items: u32, seed: u64) -> Vec<(u64, u32, i64)> {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let mut ts = 0i64;
+        (0..n)
+            .map(|_| {
+                ts += rng.random_range(0..3_600_000i64);
+                (rng.random_range(0..users), rng.random_range(0..items), ts)
+            })
+            .collect()
+    }
+
+    fn config(history: usize, half_life_ms: Option<i64>, neighbours: usize) -> KnnConfig {
+        KnnConfig {
+            history,
+            decay: 0.8,
+            pair_decay: 0.7,
+            back: 0.4,
+            alpha: 0.6,
+            neighbours,
+            half_life_ms,
+        }
+    }
+
+    /// The model's definition, computed from scratch in f64 over the events so far: every
+    /// pair's increments in order, each weighted `2^(t / half_life)`, a sum that faded
+    /// below the floor restarting from the next increment (the documented semantics).
+    struct Oracle {
+        co: FxHashMap<(u32, u32), f64>,
+        counts: FxHashMap<u32, f64>,
+        recent: FxHashMap<u64, Vec<u32>>,
+    }
+
+    fn oracle(cfg: &KnnConfig, events: &[(u64, u32, i64)]) -> Oracle {
+        let now = events.last().map_or(0, |e| e.2);
+        // Faded from event time `from` to `to`.
+        let fade = |from: i64, to: i64| {
+            cfg.half_life_ms
+                .map_or(1.0, |hl| (-((to - from) as f64) / hl as f64).exp2())
+        };
+        let mut increments: FxHashMap<(u32, u32), Vec<(i64, f64)>> = FxHashMap::default();
+        let mut o = Oracle {
+            co: FxHashMap::default(),
+            counts: FxHashMap::default(),
+            recent: FxHashMap::default(),
+        };
+        for &(u, i, t) in events {
+            let seq = o.recent.entry(u).or_default();
+            for (d, &h) in seq.iter().rev().enumerate() {
+                if h == i {
+                    continue;
+                }
+                let w = (cfg.pair_decay as f64).powi(d as i32);
+                increments.entry((h, i)).or_default().push((t, w));
+                increments
+                    .entry((i, h))
+                    .or_default()
+                    .push((t, cfg.back as f64 * w));
+            }
+            *o.counts.entry(i).or_default() += fade(t, now);
+            seq.push(i);
+            if seq.len() > cfg.history {
+                seq.remove(0);
+            }
+        }
+        for (pair, incs) in increments {
+            let (mut value, mut at) = (0.0f64, i64::MIN);
+            for (t, w) in incs {
+                let faded = if at == i64::MIN {
+                    0.0
+                } else {
+                    value * fade(at, t)
+                };
+                value = if faded < FLOOR as f64 { w } else { faded + w };
+                at = t;
+            }
+            o.co.insert(pair, value * fade(at, now));
+        }
+        o
+    }
+
+    impl Oracle {
+        fn score(&self, cfg: &KnnConfig, user: u64, j: u32) -> f64 {
+            let Some(seq) = self.recent.get(&user) else {
+                return 0.0;
+            };
+            let alpha = cfg.alpha as f64;
+            seq.iter()
+                .rev()
+                .enumerate()
+                .map(|(k, &h)| {
+                    let co = self.co.get(&(h, j)).copied().unwrap_or(0.0);
+                    if co < FLOOR as f64 {
+                        return 0.0;
+                    }
+                    (cfg.decay as f64).powi(k as i32) * co
+                        / (self.counts[&h].powf(alpha) * self.counts[&j].powf(1.0 - alpha))
+                })
+                .sum()
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-3 * a.abs().max(b.abs()).max(1e-3)
+    }
+
+    #[test]
+    fn oracle_incremental_state_equals_a_recomputation() {
+        for half_life in [None, Some(20 * 3_600_000)] {
+            let cfg = config(6, half_life, 1_000_000);
+            let events = stream(3_000, 40, 60, 7);
+            let mut knn = ItemKnn::new(cfg.clone());
+            for (n, &(u, i, t)) in events.iter().enumerate() {
+                knn.observe(u, i, t);
+                if n % 250 != 249 {
+                    continue;
+                }
+                let o = oracle(&cfg, &events[..=n]);
+                for (&(h, j), &want) in &o.co {
+                    let want = if want < FLOOR as f64 { 0.0 } else { want };
+                    assert!(
+                        close(knn.co(h, j) as f64, want),
+                        "{half_life:?} after {n}: co({h},{j}) = {} want {want}",
+                        knn.co(h, j)
+                    );
+                }
+                for (&i, &want) in &o.counts {
+                    assert!(close(knn.count(i) as f64, want), "count({i})");
+                }
+                let alive = vec![true; 60];
+                for u in 0..40 {
+                    let mut got = Vec::new();
+                    knn.score_all(u, &alive, &mut got);
+                    for (j, &s) in got.iter().enumerate() {
+                        let want = o.score(&cfg, u, j as u32);
+                        assert!(close(s as f64, want), "score({u},{j}) = {s} want {want}");
+                    }
+                    let seq = o.recent.get(&u).cloned().unwrap_or_default();
+                    assert_eq!(knn.recent(u), seq);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_rank_equals_the_dense_rank() {
+        let cfg = config(5, None, 8);
+        let events = stream(4_000, 30, 200, 3);
+        let mut knn = ItemKnn::new(cfg);
+        let mut seen = vec![false; 200];
+        let mut alive = Vec::new();
+        let mut dense_index: FxHashMap<u32, u32> = FxHashMap::default();
+        for (n, &(u, i, t)) in events.iter().enumerate() {
+            // Dense indices in order of first appearance, as the catalogue assigns them.
+            let next = dense_index.len() as u32;
+            let d = *dense_index.entry(i).or_insert(next);
+            if n % 7 == 0 && seen[i as usize] {
+                let history: rustc_hash::FxHashSet<u32> = knn
+                    .recent(u)
+                    .into_iter()
+                    .filter(|&h| h != d)
+                    .take(2)
+                    .collect();
+                let mut scores = Vec::new();
+                knn.score_all(u, &alive, &mut scores);
+                let want = crate::eval::rank_of(&scores, d, history.iter().copied());
+                assert_eq!(knn.rank(u, d, &alive, 0, &history), want, "event {n}");
+            }
+            seen[i as usize] = true;
+            if alive.len() <= d as usize {
+                alive.push(true);
+            }
+            knn.observe(u, d, t);
+        }
+    }
+
+    #[test]
+    fn lists_stay_bounded_and_keep_the_strongest() {
+        let cfg = config(10, None, 10);
+        let mut knn = ItemKnn::new(cfg);
+        // Item 0 follows every other item once, and item 1 many times.
+        for rep in 0..50u64 {
+            knn.observe(1000 + rep, 1, rep as i64);
+            knn.observe(1000 + rep, 0, rep as i64);
+        }
+        for j in 2..200u32 {
+            knn.observe(j as u64, j, 0);
+            knn.observe(j as u64, 0, 0);
+            assert!(knn.list_len(j) <= 15);
+        }
+        for i in 0..200 {
+            assert!(knn.list_len(i) <= 15, "item {i}: {}", knn.list_len(i));
+        }
+        // Item 1 -> 0 is the strongest pair of 1's list and survives every pruning.
+        assert!((knn.co(1, 0) - 50.0).abs() < 1e-3);
+        assert!(knn.co(0, 1) > 0.0, "0's strongest backward pair is kept");
+    }
+
+    #[test]
+    fn compaction_never_changes_a_score() {
+        let cfg = config(8, Some(3 * 3_600_000), 12);
+        let events = stream(6_000, 50, 120, 11);
+        let mut plain = ItemKnn::new(cfg.clone());
+        let mut compacted = ItemKnn::new(cfg);
+        let alive = vec![true; 120];
+        let mut freed = 0;
+        for (n, &(u, i, t)) in events.iter().enumerate() {
+            plain.observe(u, i, t);
+            compacted.observe(u, i, t);
+            if n % 97 == 0 {
+                freed += compacted.compact(&alive, None);
+            }
+            if n % 500 == 0 {
+                for user in 0..50 {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    plain.score_all(user, &alive, &mut a);
+                    compacted.score_all(user, &alive, &mut b);
+                    assert_eq!(a, b, "event {n}, user {user}");
+                }
+            }
+        }
+        assert!(freed > 0, "faded entries were dropped");
+        assert!(compacted.bytes() < plain.bytes());
+    }
+
+    #[test]
+    fn idle_users_are_evicted_and_expired_items_emptied() {
+        let mut knn = ItemKnn::new(config(4, None, 100));
+        knn.observe(1, 0, 0);
+        knn.observe(1, 1, 0);
+        knn.observe(2, 2, 100);
+        knn.observe(2, 1, 100);
+        assert_eq!(knn.users(), 2);
+        let alive = [true, false, true];
+        assert!(knn.compact(&alive, Some(50)) > 0);
+        assert_eq!(knn.users(), 1);
+        assert!(!knn.knows(1) && knn.knows(2));
+        assert_eq!(knn.list_len(1), 0, "the expired item's list is gone");
+        assert_eq!(knn.co(2, 1), 0.0, "entries pointing at it too");
     }
 }
