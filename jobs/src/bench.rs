@@ -11,7 +11,8 @@ use std::time::Instant;
 use serde_json::json;
 use tidepool_connector_generator::GeneratorConfig;
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource, Preset};
-use tidepool_operators::{run_backtest, BacktestConfig, ModelKind, VariantConfig};
+use tidepool_operators::config::recommended_variants;
+use tidepool_operators::{run_backtest, BacktestConfig, ModelConfig, ModelKind, VariantConfig};
 use tidepool_pipeline::MemoryDeadLetters;
 
 use crate::cli::BenchArgs;
@@ -28,6 +29,7 @@ fn sampler_specs(decay: &str) -> Vec<String> {
     vec![
         "uniform".into(),
         "pop:0.75".into(),
+        "pop:0.75,logq=true".into(),
         format!("decay:{decay}"),
         "dns:32".into(),
         "inbatch".into(),
@@ -71,7 +73,7 @@ fn samplers(
     for (spec, v) in specs.iter().zip(&quality.variants) {
         let mut speed = BacktestConfig::default();
         speed.eval.eval_every = 0;
-        speed.variants[0].model.sampler = spec.clone();
+        speed.variants[0] = v_config(&config, &v.name)?;
         let run = run_backtest(
             open()?,
             &speed,
@@ -86,6 +88,164 @@ fn samplers(
         results.push(json!({
             "data": data, "sampler": spec, "recall@10": v.total.recall(),
             "ndcg@10": v.total.ndcg(), "events_per_sec": run.events_per_sec(),
+        }));
+    }
+    Ok(())
+}
+
+/// The configuration of the variant named `name` in `config`.
+fn v_config(config: &BacktestConfig, name: &str) -> anyhow::Result<VariantConfig> {
+    config
+        .variants
+        .iter()
+        .find(|v| v.name == name)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no variant {name}"))
+}
+
+/// The models compared by `bench --models`: `(row label, variant specs)`; the last is
+/// the recommended configuration, whose components run with it.
+fn model_rows() -> anyhow::Result<Vec<(&'static str, Vec<VariantConfig>)>> {
+    let base = ModelConfig::default();
+    let one = |label: &'static str, spec: &str| -> anyhow::Result<_> {
+        Ok((
+            label,
+            vec![VariantConfig::parse(&format!("m={spec}"), &base)?],
+        ))
+    };
+    let recommended_base = ModelConfig {
+        kind: ModelKind::Ensemble,
+        ..ModelConfig::default()
+    };
+    Ok(vec![
+        one("mostpop", ",model=mostpop")?,
+        one("bpr (uniform)", "uniform")?,
+        one("bpr (dns:32)", "dns:32")?,
+        one("bpr (pop:0.75)", "pop:0.75")?,
+        one("bpr (pop:0.75, logq)", "pop:0.75,logq=true")?,
+        one("itemknn", ",model=itemknn")?,
+        (
+            "default (ensemble)",
+            recommended_variants(&recommended_base),
+        ),
+    ])
+}
+
+/// `bench --models`: quality and speed of every model alone, and of the default, on
+/// each data set; then itemknn's training speed and scoring cost and the ensemble's
+/// overhead over its components.
+fn models(
+    inputs: &[(&str, PathBuf)],
+    big: &std::path::Path,
+    results: &mut Vec<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let open = |input: &std::path::Path| -> anyhow::Result<Arc<ParquetSource>> {
+        Ok(Arc::new(ParquetSource::open(
+            &[input.display().to_string()],
+            ColumnMapping::default(),
+        )?))
+    };
+    let run = |input: &std::path::Path, config: &BacktestConfig| {
+        run_backtest(
+            open(input)?,
+            config,
+            Arc::new(MemoryDeadLetters::new(0)),
+            &|_| {},
+        )
+        .map_err(anyhow::Error::from)
+    };
+    println!(
+        "{:<16} {:<22} {:>10} {:>10} {:>12}",
+        "data", "model", "recall@10", "ndcg@10", "events/s"
+    );
+    for (data, input) in inputs {
+        for (label, variants) in model_rows()? {
+            let config = BacktestConfig {
+                variants,
+                ..BacktestConfig::default()
+            };
+            let report = run(input, &config)?;
+            let q = report.variants[0].total;
+            println!(
+                "{data:<16} {label:<22} {:>10.6} {:>10.6} {:>12.0}",
+                q.recall(),
+                q.ndcg(),
+                report.events_per_sec()
+            );
+            results.push(json!({
+                "data": data, "model": label, "recall@10": q.recall(), "ndcg@10": q.ndcg(),
+                "events_per_sec": report.events_per_sec(),
+            }));
+        }
+    }
+    // itemknn training at history 20, evaluation off, on 1 and 2 workers: the state is
+    // replicated, so each worker does all of the counting.
+    let knn = |history: usize, neighbours: usize| -> anyhow::Result<VariantConfig> {
+        Ok(VariantConfig::parse(
+            &format!("itemknn=,model=itemknn,history={history},neighbours={neighbours}"),
+            &ModelConfig::default(),
+        )?)
+    };
+    for workers in [1, 2] {
+        let mut config = BacktestConfig {
+            workers,
+            variants: vec![knn(20, 50)?],
+            ..BacktestConfig::default()
+        };
+        config.eval.eval_every = 0;
+        let report = run(big, &config)?;
+        println!(
+            "itemknn training (history 20, 50 neighbours, eval off), {workers} worker(s): {} events in {:.2}s = {:.0} events/s per worker",
+            report.events,
+            report.seconds,
+            report.events_per_sec()
+        );
+        results.push(json!({
+            "bench": "itemknn_train", "workers": workers, "events": report.events,
+            "events_per_sec_per_worker": report.events_per_sec(),
+        }));
+    }
+    // Scoring cost: the same run with every event scored, minus the run without scoring.
+    let mut timed = |eval_every: u64| -> anyhow::Result<(f64, u64)> {
+        let mut config = BacktestConfig {
+            variants: vec![knn(20, 50)?],
+            ..BacktestConfig::default()
+        };
+        config.eval.eval_every = eval_every;
+        let r = run(big, &config)?;
+        Ok((r.seconds, r.variants[0].total.scored))
+    };
+    let (plain, _) = timed(0)?;
+    let (scoring, scored) = timed(1)?;
+    let per = (scoring - plain).max(0.0) / scored.max(1) as f64 * 1e6;
+    println!(
+        "itemknn scoring (history 20, 50 neighbours): {scored} held-out items, {per:.2} us each"
+    );
+    results.push(json!({ "bench": "itemknn_score", "scored": scored, "us_per_scored_event": per }));
+    // The ensemble's overhead: the default's components alone against them plus the mix.
+    for (data, input) in inputs {
+        let recommended = recommended_variants(&ModelConfig {
+            kind: ModelKind::Ensemble,
+            ..ModelConfig::default()
+        });
+        let components = BacktestConfig {
+            variants: recommended[1..].to_vec(),
+            ..BacktestConfig::default()
+        };
+        let with = BacktestConfig {
+            variants: recommended,
+            ..BacktestConfig::default()
+        };
+        let (a, b) = (run(input, &components)?, run(input, &with)?);
+        println!(
+            "{data}: ensemble overhead over its components: {:.2}s vs {:.2}s ({:+.0} %)",
+            b.seconds,
+            a.seconds,
+            (b.seconds / a.seconds - 1.0) * 100.0
+        );
+        results.push(json!({
+            "bench": "ensemble_overhead", "data": data, "components_seconds": a.seconds,
+            "with_ensemble_seconds": b.seconds,
         }));
     }
     Ok(())
@@ -401,6 +561,35 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             "warning: {} not found; MovieLens figures skipped",
             ratings.display()
         );
+    }
+
+    if args.models {
+        let small = dir.path().join("synthetic-100k.parquet");
+        generate_to(&small, GeneratorConfig::default(), 1 << 20)?;
+        let big = dir.path().join("synthetic-knn.parquet");
+        generate_to(
+            &big,
+            GeneratorConfig {
+                events: 2_000_000,
+                users: 100_000,
+                items: 20_000,
+                ..GeneratorConfig::default()
+            },
+            1 << 20,
+        )?;
+        let mut inputs = vec![("synthetic-100k", small)];
+        if ml.exists() {
+            inputs.push(("ml-latest-small", ml.clone()));
+        }
+        let mut model_results = Vec::new();
+        models(&inputs, &big, &mut model_results)?;
+        if let Some(path) = &args.json {
+            std::fs::write(
+                path,
+                serde_json::to_string_pretty(&json!({ "models": model_results }))?,
+            )?;
+        }
+        return Ok(());
     }
 
     if args.samplers {

@@ -581,6 +581,10 @@ pub struct BenchArgs {
     /// Also compare the negative samplers (quality in one pass, speed one by one).
     #[arg(long)]
     pub samplers: bool,
+    /// Compare the models instead: quality and speed of each alone and of the default,
+    /// itemknn's training speed and scoring cost, the ensemble's overhead.
+    #[arg(long)]
+    pub models: bool,
     /// Skip the 10 M-event throughput runs.
     #[arg(long)]
     pub no_throughput: bool,

@@ -46,7 +46,13 @@ impl BacktestArgs {
 
     /// The library configuration these arguments describe.
     pub fn config(&self) -> anyhow::Result<BacktestConfig> {
-        let kind = self.model.unwrap_or(ModelKind::Ensemble);
+        // No model flags: the recommended ensemble. Variants without --model are bpr's by
+        // default, as before.
+        let kind = self.model.unwrap_or(if self.variants.is_empty() {
+            ModelKind::Ensemble
+        } else {
+            ModelKind::Bpr
+        });
         let mut model = ModelConfig {
             kind,
             dim: self.dim,

@@ -69,7 +69,7 @@ pub struct SourceSection {
 pub struct ModelSection {
     /// Variant name (variants only).
     pub name: Option<String>,
-    /// `bpr` or `mostpop`.
+    /// `bpr`, `mostpop`, `itemknn` or `ensemble`.
     pub kind: Option<String>,
     /// Embedding dimension.
     pub dim: Option<usize>,
@@ -87,6 +87,32 @@ pub struct ModelSection {
     pub item_bias: Option<bool>,
     /// Negative sampler spec.
     pub sampler: Option<String>,
+    /// bpr: logQ correction of non-uniform negatives.
+    pub logq: Option<bool>,
+    /// itemknn: recent items per user.
+    pub history: Option<usize>,
+    /// itemknn: recency weight when scoring.
+    pub decay: Option<f32>,
+    /// itemknn: weight by sequence distance.
+    pub pair_decay: Option<f32>,
+    /// itemknn: backward pair weight.
+    pub back: Option<f32>,
+    /// itemknn: asymmetric cosine exponent.
+    pub alpha: Option<f32>,
+    /// itemknn: neighbours per item.
+    pub neighbours: Option<usize>,
+    /// itemknn: half-life in event time, or "off".
+    pub half_life: Option<String>,
+    /// ensemble (variants only): the variants mixed.
+    pub components: Option<Vec<String>>,
+    /// ensemble (variants only): learn from every N-th event.
+    pub learn_every: Option<u64>,
+    /// ensemble (variants only): the weights' learning rate.
+    pub mix_lr: Option<f32>,
+    /// ensemble (variants only): `rank` or `z`.
+    pub norm: Option<String>,
+    /// ensemble (variants only): `hedge`, `top` or `softmax`.
+    pub objective: Option<String>,
 }
 
 /// `[eval]`.
@@ -475,12 +501,44 @@ fn to_command(
             flag(&mut argv, "model", key, name, v.clone());
         }
     }
+    for (key, set) in [
+        ("components", m.components.is_some()),
+        ("learn_every", m.learn_every.is_some()),
+        ("mix_lr", m.mix_lr.is_some()),
+        ("norm", m.norm.is_some()),
+        ("objective", m.objective.is_some()),
+    ] {
+        if set {
+            bail!(
+                "{}: {key} describes one ensemble and belongs in a [[variants]] entry with kind = \"ensemble\" ([model] with kind = \"ensemble\" runs the recommended ensemble)",
+                at("model", key)
+            );
+        }
+    }
+    if m.logq == Some(true) {
+        argv.push("--logq".into());
+    }
     let numbers = [
         ("dim", "dim", m.dim.map(|v| v.to_string())),
         ("lr", "lr", m.lr.map(|v| v.to_string())),
         ("reg", "reg", m.reg.map(|v| v.to_string())),
         ("negatives", "negatives", m.negatives.map(|v| v.to_string())),
         ("init_std", "init-std", m.init_std.map(|v| v.to_string())),
+        ("history", "history", m.history.map(|v| v.to_string())),
+        ("decay", "decay", m.decay.map(|v| v.to_string())),
+        (
+            "pair_decay",
+            "pair-decay",
+            m.pair_decay.map(|v| v.to_string()),
+        ),
+        ("back", "back", m.back.map(|v| v.to_string())),
+        ("alpha", "alpha", m.alpha.map(|v| v.to_string())),
+        (
+            "neighbours",
+            "neighbours",
+            m.neighbours.map(|v| v.to_string()),
+        ),
+        ("half_life", "half-life", m.half_life.clone()),
     ];
     for (key, name, v) in numbers {
         if let Some(v) = v {
@@ -504,6 +562,19 @@ fn to_command(
             ("negatives", v.negatives.map(|x| x.to_string())),
             ("init_std", v.init_std.map(|x| x.to_string())),
             ("item_bias", v.item_bias.map(|x| x.to_string())),
+            ("logq", v.logq.map(|x| x.to_string())),
+            ("history", v.history.map(|x| x.to_string())),
+            ("decay", v.decay.map(|x| x.to_string())),
+            ("pair_decay", v.pair_decay.map(|x| x.to_string())),
+            ("back", v.back.map(|x| x.to_string())),
+            ("alpha", v.alpha.map(|x| x.to_string())),
+            ("neighbours", v.neighbours.map(|x| x.to_string())),
+            ("half_life", v.half_life.clone()),
+            ("components", v.components.as_ref().map(|c| c.join("+"))),
+            ("learn_every", v.learn_every.map(|x| x.to_string())),
+            ("mix_lr", v.mix_lr.map(|x| x.to_string())),
+            ("norm", v.norm.clone()),
+            ("objective", v.objective.clone()),
         ] {
             if let Some(val) = val {
                 spec.push_str(&format!(",{k}={val}"));

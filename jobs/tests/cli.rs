@@ -51,7 +51,23 @@ fn default_backtest_writes_summary_and_metrics() {
     ] {
         assert!(summary.get(key).is_some(), "summary lacks {key}: {summary}");
     }
-    assert_eq!(summary["model"], "bpr");
+    // Without model flags the recommended configuration runs: the ensemble (the
+    // headline, at the top level) and its components, each reported.
+    assert_eq!(summary["model"], "ensemble");
+    let names: Vec<&str> = summary["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ensemble", "itemknn", "bpr", "mostpop"]);
+    assert_eq!(summary["variants"][2]["model_config"]["sampler"], "dns:32");
+    let weights = summary["weights"]
+        .as_object()
+        .expect("the ensemble's weights");
+    let total: f64 = weights.values().map(|w| w.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-3, "{weights:?}");
+    assert!(stdout.contains("ensemble mixing weights"), "{stdout}");
     let pool = &summary["pool"];
     for key in ["hit_rate", "gets", "misses", "bytes_held"] {
         assert!(pool.get(key).is_some(), "pool stats lack {key}: {pool}");
@@ -65,11 +81,28 @@ fn default_backtest_writes_summary_and_metrics() {
     assert_eq!(summary["events_scored"], 1800);
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
     let mut lines = csv.lines();
-    assert!(lines.next().unwrap().starts_with("variant,window_start_ms"));
-    let events: u64 = lines
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("variant,window_start_ms"), "{header}");
+    assert!(header.ends_with(",weights"), "{header}");
+    let rows: Vec<&str> = lines.collect();
+    let events: u64 = rows
+        .iter()
+        .filter(|l| l.starts_with("ensemble,"))
         .map(|l| l.split(',').nth(3).unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(events, 20000, "windows cover every event");
+    // The ensemble's windows carry its weights over time, as JSON in a quoted cell.
+    let with_weights = rows
+        .iter()
+        .filter(|l| l.starts_with("ensemble,") && l.contains("\"\"itemknn\"\":"))
+        .count();
+    assert!(with_weights > 0, "{csv}");
+    assert!(
+        rows.iter()
+            .filter(|l| l.starts_with("bpr,"))
+            .all(|l| l.ends_with(',')),
+        "other variants have an empty weights cell"
+    );
 }
 
 /// GC settings from flags and the environment: a manual-free run with a tiny floor

@@ -544,7 +544,6 @@ pub fn recommended_variants(base: &ModelConfig) -> Vec<VariantConfig> {
     }
     let mut ensemble = with(ModelKind::Ensemble);
     ensemble.ensemble.components = vec!["itemknn".into(), "bpr".into(), "mostpop".into()];
-    ensemble.ensemble.objective = crate::model::Objective::Hedge;
     vec![
         VariantConfig {
             name: "ensemble".into(),
@@ -783,6 +782,78 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("valid: uniform | pop"));
+    }
+
+    #[test]
+    fn model_hyper_parameters_are_checked_with_their_ranges() {
+        let base = ModelConfig::default();
+        for (spec, reason) in [
+            (
+                "k=,model=itemknn,decay=-0.5",
+                "decay must be in (0, 1], got -0.5",
+            ),
+            (
+                "k=,model=itemknn,alpha=1.5",
+                "alpha must be in [0, 1], got 1.5",
+            ),
+            ("k=,model=itemknn,back=-1", "back must be in [0, 1]"),
+            (
+                "k=,model=itemknn,pair_decay=0",
+                "pair_decay must be in (0, 1]",
+            ),
+            (
+                "k=,model=itemknn,history=0",
+                "history must be between 1 and 1000",
+            ),
+            (
+                "k=,model=itemknn,neighbours=0",
+                "neighbours must be between 1",
+            ),
+            ("k=,model=itemknn,half_life=soon", "half_life=\"soon\""),
+            (
+                "k=,model=itemknn,radius=3",
+                "unknown key \"radius\"; valid: model,",
+            ),
+            (
+                "e=,model=ensemble,components=a",
+                "between 2 and 16 components",
+            ),
+            (
+                "e=,model=ensemble,components=a+b,norm=max",
+                "is not rank or z",
+            ),
+            (
+                "e=,model=ensemble,components=a+b,objective=x",
+                "top, softmax or hedge",
+            ),
+        ] {
+            let err = VariantConfig::parse(spec, &base).unwrap_err().to_string();
+            assert!(err.contains(reason), "{spec}: {err}");
+        }
+        let v = VariantConfig::parse("k=,model=itemknn,half_life=off,history=7", &base).unwrap();
+        assert_eq!((v.model.knn.half_life_ms, v.model.knn.history), (None, 7));
+        // Components must be other, non-ensemble variants of the same run.
+        let mut cfg = BacktestConfig {
+            variants: ["k=,model=itemknn", "e=,model=ensemble,components=k+nope"]
+                .iter()
+                .map(|s| VariantConfig::parse(s, &base).unwrap())
+                .collect(),
+            ..BacktestConfig::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("component \"nope\" is not a variant of this run; variants to mix: k"),
+            "{err}"
+        );
+        cfg.variants[1].model.ensemble.components = vec!["k".into(), "e".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("is an ensemble itself"), "{err}");
+        cfg.variants[1].model.ensemble.components = vec!["k".into(), "k".into()];
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("named twice"));
     }
 
     #[test]

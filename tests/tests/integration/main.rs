@@ -4,5 +4,6 @@ mod backtest_determinism;
 mod backtest_parquet;
 mod checkpoint_cut;
 mod common;
+mod models;
 mod movielens_oracle;
 mod variants;
