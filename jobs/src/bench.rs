@@ -206,7 +206,7 @@ fn models(
         }));
     }
     // Scoring cost: the same run with every event scored, minus the run without scoring.
-    let mut timed = |eval_every: u64| -> anyhow::Result<(f64, u64)> {
+    let timed = |eval_every: u64| -> anyhow::Result<(f64, u64)> {
         let mut config = BacktestConfig {
             variants: vec![knn(20, 50)?],
             ..BacktestConfig::default()
@@ -311,6 +311,24 @@ fn gc_run(
         "--gc",
         percent,
     ]);
+    if args.gc_knn {
+        // A catalogue of a million items, each keeping 50 neighbours, under a half-life
+        // so that faded entries are there for the cycles to drop.
+        cmd.args([
+            "--model",
+            "itemknn",
+            "--items",
+            "1000000",
+            "--neighbours",
+            "50",
+            "--history",
+            "20",
+            "--half-life",
+            "10min",
+        ]);
+    } else {
+        cmd.args(["--model", "bpr"]);
+    }
     cmd.arg("--summary-json").arg(&summary);
     if let Some(limit) = limit {
         cmd.args(["--memory-limit", &limit.to_string()]);
@@ -346,6 +364,8 @@ fn gc_run(
         "pause_mean_ms": if cycles > 0 { pause_total / cycles as f64 } else { 0.0 },
         "pause_max_ms": gc["pause_max_ms"],
         "users_evicted": gc["users_evicted"],
+        "cooccurrence_bytes": s["cooccurrence_bytes"],
+        "cooccurrence_freed_bytes": gc["freed"]["cooccurrence"],
         "recall@10": s["recall@10"],
     }))
 }
@@ -363,12 +383,12 @@ fn gc_soak(args: &BenchArgs) -> anyhow::Result<Vec<serde_json::Value>> {
     }
     let mb = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / 1e6;
     println!(
-        "{:<16} {:>10} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9}",
-        "run", "events/s", "RSS MB", "heap MB", "cycles", "mean ms", "max ms", "recall"
+        "{:<16} {:>10} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "run", "events/s", "RSS MB", "heap MB", "cycles", "mean ms", "max ms", "recall", "knn MB"
     );
     for r in &runs {
         println!(
-            "{:<16} {:>10.0} {:>9.1} {:>9.1} {:>7} {:>9.2} {:>9.2} {:>9.6}",
+            "{:<16} {:>10.0} {:>9.1} {:>9.1} {:>7} {:>9.2} {:>9.2} {:>9.6} {:>9.1}",
             r["run"].as_str().unwrap_or(""),
             r["events_per_sec"].as_f64().unwrap_or(0.0),
             mb(&r["rss_peak_bytes"]),
@@ -377,6 +397,7 @@ fn gc_soak(args: &BenchArgs) -> anyhow::Result<Vec<serde_json::Value>> {
             r["pause_mean_ms"].as_f64().unwrap_or(0.0),
             r["pause_max_ms"].as_f64().unwrap_or(0.0),
             r["recall@10"].as_f64().unwrap_or(0.0),
+            mb(&r["cooccurrence_bytes"]),
         );
     }
     Ok(runs)

@@ -599,6 +599,10 @@ pub struct BenchArgs {
     /// GC soak: the soft memory limit of the limited runs.
     #[arg(long, default_value = "96MiB", value_parser = parse_size)]
     pub gc_limit: usize,
+    /// GC soak: run itemknn over a million items with 50 neighbours each (instead of
+    /// bpr over ever-new users), to show its co-occurrence state bounded.
+    #[arg(long)]
+    pub gc_knn: bool,
     /// GC soak: workers per run.
     #[arg(long, default_value_t = 2)]
     pub gc_workers: usize,

@@ -1,6 +1,7 @@
 //! The `--report DIR` page: one self-contained HTML file (charts inlined as SVG, no
 //! scripts or styles fetched from anywhere) with quality over event time per variant,
-//! training loss, throughput over wall time, and the live heap with its GC cycles.
+//! training loss, ensembles' mixing weights, throughput over wall time, and the live heap
+//! with its GC cycles.
 //!
 //! A small inline script checks, once the page has loaded, that every chart was laid
 //! out with a size and drawn marks, and writes the count into `#render-check`; the
@@ -71,6 +72,36 @@ pub fn write_report(
         "loss",
         &per_window(&|q| (q.pairs > 0).then(|| q.loss())),
     )?;
+    // Ensembles: each component's mixing weight over event time.
+    let weight_lines: Vec<(String, Vec<(f64, f64)>)> = report
+        .variants
+        .iter()
+        .filter(|v| v.weights.is_some())
+        .flat_map(|v| {
+            v.components.iter().enumerate().map(move |(c, name)| {
+                let points = v
+                    .windows
+                    .iter()
+                    .filter_map(|w| {
+                        let mid = (w.start_ms + w.end_ms) as f64 / 2.0;
+                        let y = *w.weights.as_ref()?.get(c)?;
+                        Some(((mid - origin as f64) / day, y))
+                    })
+                    .collect();
+                (format!("{}: {name}", v.name), points)
+            })
+        })
+        .collect();
+    let weights = if weight_lines.is_empty() {
+        None
+    } else {
+        Some(line_chart(
+            "ensemble mixing weights per metrics window",
+            &x_desc,
+            "weight",
+            &weight_lines,
+        )?)
+    };
     let rate = throughput_points(throughput);
     let speed = line_chart(
         "throughput",
@@ -118,15 +149,26 @@ pub fn write_report(
         );
     }
     html.push_str("</table>\n");
-    for (caption, svg) in [
-        ("Prequential quality over event time, one line per variant.", &recall),
+    let mut figures = vec![
+        (
+            "Prequential quality over event time, one line per variant.",
+            &recall,
+        ),
         ("Training loss over event time.", &loss),
+    ];
+    if let Some(w) = &weights {
+        figures.push((
+            "Each ensemble's mean weight per component over event time (learned online).",
+            w,
+        ));
+    }
+    for (caption, svg) in figures.into_iter().chain([
         ("Events trained per second over wall time.", &speed),
         (
             "Live heap over wall time; each GC cycle is a drop from the heap before to the heap after, coloured by trigger.",
             &heap,
         ),
-    ] {
+    ]) {
         let _ = writeln!(
             html,
             "<figure>{}<figcaption>{caption}</figcaption></figure>",

@@ -84,6 +84,12 @@ pub fn summary_json(report: &BacktestReport, source: &str) -> Value {
     );
     top.insert("users".into(), json!(report.users));
     top.insert("items".into(), json!(report.items));
+    if report.cooccurrence_bytes > 0 {
+        top.insert(
+            "cooccurrence_bytes".into(),
+            json!(report.cooccurrence_bytes),
+        );
+    }
     top.insert("warmup_events".into(), json!(report.protocol.warmup));
     top.insert("tick_ms".into(), json!(report.tick_ms));
     top.insert("window_ms".into(), json!(report.protocol.window_ms));

@@ -257,6 +257,38 @@ fn render_live(
         "counter",
         &each(&|q| q.hits as f64),
     );
+    let weights: Vec<(String, f64)> = live
+        .weights()
+        .into_iter()
+        .flat_map(|(name, components, w)| {
+            components.into_iter().zip(w).map(move |(c, w)| {
+                (
+                    format!(
+                        "{{variant=\"{}\",component=\"{}\"}}",
+                        name.replace('"', "'"),
+                        c.replace('"', "'")
+                    ),
+                    w as f64,
+                )
+            })
+        })
+        .collect();
+    if !weights.is_empty() {
+        metric(
+            "tidepool_ensemble_weight",
+            "An ensemble's current mixing weight of each component (one worker's).",
+            "gauge",
+            &weights,
+        );
+    }
+    if live.cooccurrence_bytes() > 0 {
+        metric(
+            "tidepool_cooccurrence_bytes",
+            "Bytes of one worker's replica of the itemknn co-occurrence state.",
+            "gauge",
+            &[(String::new(), live.cooccurrence_bytes() as f64)],
+        );
+    }
     if let Some((window, span)) = recent.window() {
         let names = quality.iter().map(|(n, _)| label(n));
         let recall: Vec<_> = names

@@ -61,6 +61,8 @@ fn the_report_page_renders_every_chart_in_chromium() {
             "hard=dns:16",
             "--variant",
             "popular=,model=mostpop",
+            "--variant",
+            "mix=,model=ensemble,components=plain+popular",
             "--report",
             "rep",
         ])
@@ -79,7 +81,7 @@ fn the_report_page_renders_every_chart_in_chromium() {
     for reference in ["src=", "href=", "url(", "@import"] {
         assert!(!html.contains(reference), "the page references {reference}");
     }
-    for name in ["plain", "hard", "popular"] {
+    for name in ["plain", "hard", "popular", "mix"] {
         assert!(
             html.contains(&format!("<td>{name}</td>")),
             "{name} in the table"
@@ -90,10 +92,18 @@ fn the_report_page_renders_every_chart_in_chromium() {
         );
     }
     assert!(dir.path().join("rep/heap.svg").is_file());
+    assert!(
+        html.contains("ensemble mixing weights"),
+        "the weights chart"
+    );
+    assert!(
+        html.contains("\nmix: popular\n</text>"),
+        "a weight line per component"
+    );
 
     let dom = rendered_dom(&page);
     assert!(
-        dom.contains("data-ok=\"4\" data-total=\"4\""),
+        dom.contains("data-ok=\"5\" data-total=\"5\""),
         "not every chart rendered: {}",
         dom.lines()
             .find(|l| l.contains("render-check"))

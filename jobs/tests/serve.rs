@@ -127,6 +127,19 @@ fn metrics_admin_and_graceful_shutdown() {
     assert!(recall > 0.0 && recall <= 1.0, "recent recall {recall}");
     let loss = metric(&addr, "tidepool_loss_recent{variant=\"bpr\"}").unwrap();
     assert!(loss > 0.05 && loss < 1.0, "recent loss {loss}");
+    // The default configuration's ensemble reports its weights, itemknn its state.
+    let weights: f64 = ["itemknn", "bpr", "mostpop"]
+        .iter()
+        .map(|c| {
+            metric(
+                &addr,
+                &format!("tidepool_ensemble_weight{{variant=\"ensemble\",component=\"{c}\"}}"),
+            )
+            .unwrap_or_else(|| panic!("no weight for {c}"))
+        })
+        .sum();
+    assert!((weights - 1.0).abs() < 1e-3, "weights sum to {weights}");
+    assert!(metric(&addr, "tidepool_cooccurrence_bytes").unwrap() > 0.0);
     // Everything read is trained: the watermark has reached the newest event's round.
     let newest = metric(&addr, "tidepool_event_time_newest_seconds").unwrap();
     let mark = metric(&addr, "tidepool_watermark_seconds").unwrap();

@@ -139,6 +139,9 @@ pub struct BacktestReport {
     pub items_expired: u64,
     /// Approximate bytes of user state (histories and user embedding rows) at the end.
     pub user_state_bytes: u64,
+    /// Bytes of one worker's replica of the `itemknn` co-occurrence state at the end
+    /// (every worker holds one).
+    pub cooccurrence_bytes: u64,
     /// Compaction cycles, pauses, bytes freed, heap.
     pub gc: GcStats,
     /// Checkpoints written (when checkpointing).
@@ -583,6 +586,12 @@ pub fn run_dataflow(
                                                 processed.fetch_add(owned, Ordering::Relaxed);
                                                 if let Some(live) = &live {
                                                     live.add(&learner.take_live());
+                                                    for (v, w) in learner.weights() {
+                                                        live.set_weights(v, w);
+                                                    }
+                                                    live.set_cooccurrence_bytes(
+                                                        learner.knn_bytes(),
+                                                    );
                                                 }
                                                 let changes = learner.take_row_changes();
                                                 if !changes.is_empty() {
@@ -986,6 +995,7 @@ fn assemble(
         users_evicted: 0,
         items_expired: 0,
         user_state_bytes: 0,
+        cooccurrence_bytes: 0,
         gc: GcStats::default(),
         checkpoints: None,
         seconds,
@@ -1006,6 +1016,7 @@ fn assemble(
         report.users += outcome.learner.users;
         report.users_evicted += outcome.learner.users_evicted;
         report.user_state_bytes += outcome.learner.user_bytes;
+        report.cooccurrence_bytes = report.cooccurrence_bytes.max(outcome.learner.knn_bytes);
         // Every worker expires the same items.
         report.items_expired = report.items_expired.max(outcome.learner.items_expired);
         // Every worker holds the full catalogue replica.

@@ -1015,6 +1015,18 @@ impl Learner {
         rank
     }
 
+    /// Each ensemble's current weights, by variant index.
+    pub(crate) fn weights(&self) -> Vec<(usize, &[f32])> {
+        self.variants
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match &v.model {
+                Model::Ensemble(e) => Some((i, e.weights())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Each variant's counters since the last call.
     pub(crate) fn take_live(&mut self) -> Vec<Quality> {
         self.variants

@@ -21,6 +21,12 @@ pub struct LiveMetrics {
     newest_ms: AtomicI64,
     watermark_ms: AtomicI64,
     rows: AtomicU64,
+    /// Per variant: an ensemble's component names (empty for other models).
+    components: Vec<Vec<String>>,
+    /// Per variant: the latest mixing weights some worker reported.
+    weights: Vec<Mutex<Option<Vec<f32>>>>,
+    /// Bytes of one worker's replica of the `itemknn` state.
+    cooccurrence_bytes: AtomicU64,
 }
 
 /// No event time yet.
@@ -40,7 +46,46 @@ impl LiveMetrics {
             newest_ms: AtomicI64::new(NONE),
             watermark_ms: AtomicI64::new(NONE),
             rows: AtomicU64::new(0),
+            components: config
+                .variants
+                .iter()
+                .map(|v| match v.model.kind {
+                    crate::config::ModelKind::Ensemble => v.model.ensemble.components.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+            weights: config.variants.iter().map(|_| Mutex::new(None)).collect(),
+            cooccurrence_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Each ensemble's name, component names and latest weights (those of the worker
+    /// that reported last; workers learn their own).
+    pub fn weights(&self) -> Vec<(String, Vec<String>, Vec<f32>)> {
+        self.names
+            .iter()
+            .zip(&self.components)
+            .zip(&self.weights)
+            .filter_map(|((name, components), w)| {
+                let w = w.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+                Some((name.clone(), components.clone(), w))
+            })
+            .collect()
+    }
+
+    /// Bytes of one worker's replica of the `itemknn` co-occurrence state.
+    pub fn cooccurrence_bytes(&self) -> u64 {
+        self.cooccurrence_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_weights(&self, variant: usize, weights: &[f32]) {
+        if let Some(slot) = self.weights.get(variant) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(weights.to_vec());
+        }
+    }
+
+    pub(crate) fn set_cooccurrence_bytes(&self, bytes: u64) {
+        self.cooccurrence_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The cut-off K of the recall and NDCG counters.

@@ -57,11 +57,84 @@ const MAX_INFLATION: f64 = 1e15;
 struct Neighbours {
     items: Vec<u32>,
     weights: Vec<f32>,
+    /// Positions by hash of the item, for lists longer than [`LINEAR`].
+    #[serde(skip)]
+    index: Vec<u32>,
 }
+
+/// Lists up to this long are searched linearly; longer ones get a hash index.
+const LINEAR: usize = 16;
+/// An empty slot of the index.
+const EMPTY: u32 = u32::MAX;
 
 impl Neighbours {
     fn bytes(&self) -> u64 {
-        (self.items.capacity() * 4 + self.weights.capacity() * 4) as u64
+        ((self.items.capacity() + self.weights.capacity() + self.index.capacity()) * 4) as u64
+    }
+
+    #[inline]
+    fn slot_of(j: u32, mask: usize) -> usize {
+        ((j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & mask
+    }
+
+    /// The position of neighbour `j`, if present. Long lists keep an open-addressing
+    /// index of positions (at most half full), so an update costs O(1) rather than a
+    /// scan of hundreds of entries; it is derived state, rebuilt after a cut.
+    #[inline]
+    fn find(&mut self, j: u32) -> Option<usize> {
+        if self.items.len() <= LINEAR {
+            return self.items.iter().position(|&x| x == j);
+        }
+        if self.index.len() < 2 * self.items.len() {
+            self.rebuild_index();
+        }
+        let mask = self.index.len() - 1;
+        let mut s = Self::slot_of(j, mask);
+        loop {
+            match self.index[s] {
+                EMPTY => return None,
+                p if self.items[p as usize] == j => return Some(p as usize),
+                _ => s = (s + 1) & mask,
+            }
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, j: u32, w: f32) {
+        self.items.push(j);
+        self.weights.push(w);
+        if self.items.len() <= LINEAR || self.index.len() < 2 * self.items.len() {
+            // Rebuilt (larger) on the next search.
+            return;
+        }
+        let mask = self.index.len() - 1;
+        let mut s = Self::slot_of(j, mask);
+        while self.index[s] != EMPTY {
+            s = (s + 1) & mask;
+        }
+        self.index[s] = (self.items.len() - 1) as u32;
+    }
+
+    fn rebuild_index(&mut self) {
+        let size = (2 * self.items.len()).next_power_of_two().max(2 * LINEAR);
+        self.index.clear();
+        self.index.resize(size, EMPTY);
+        let mask = size - 1;
+        for (p, &j) in self.items.iter().enumerate() {
+            let mut s = Self::slot_of(j, mask);
+            while self.index[s] != EMPTY {
+                s = (s + 1) & mask;
+            }
+            self.index[s] = p as u32;
+        }
+    }
+
+    /// Drops the index after entries moved (it is rebuilt when next needed).
+    fn moved(&mut self) {
+        self.index.clear();
+        if self.items.len() <= LINEAR {
+            self.index.shrink_to_fit();
+        }
     }
 }
 
@@ -89,6 +162,9 @@ pub(crate) struct ItemKnn {
     lists: Vec<Neighbours>,
     /// Inflated interaction counts by dense item.
     counts: Vec<f32>,
+    /// `counts^(1 - alpha)` by dense item, kept with the counts: scoring divides by it
+    /// once per neighbour entry, and a power per entry would dominate the cost.
+    norms: Vec<f32>,
     seqs: Sequences,
     /// Event time the inflation factor is measured from (ms).
     origin_ms: i64,
@@ -123,6 +199,7 @@ impl ItemKnn {
             cfg,
             lists: Vec::new(),
             counts: Vec::new(),
+            norms: Vec::new(),
             seqs: Sequences::default(),
             origin_ms: i64::MIN,
             now_ms: i64::MIN,
@@ -158,6 +235,10 @@ impl ItemKnn {
                 list.weights.iter_mut().for_each(|w| *w *= shrink);
             }
             self.counts.iter_mut().for_each(|c| *c *= shrink);
+            let one_minus = 1.0 - self.cfg.alpha;
+            for (n, &c) in self.norms.iter_mut().zip(&self.counts) {
+                *n = c.powf(one_minus);
+            }
             self.origin_ms = self.now_ms;
         }
     }
@@ -181,6 +262,7 @@ impl ItemKnn {
         if self.lists.len() < n {
             self.lists.resize_with(n, Neighbours::default);
             self.counts.resize(n, 0.0);
+            self.norms.resize(n, 0.0);
         }
         let slot = self.seqs.slot(user, ts, self.cfg.history);
         let h = self.cfg.history;
@@ -200,6 +282,7 @@ impl ItemKnn {
             }
         }
         self.counts[item as usize] += g;
+        self.norms[item as usize] = self.counts[item as usize].powf(1.0 - self.cfg.alpha);
         self.seqs.push(slot, item, h);
     }
 
@@ -208,7 +291,7 @@ impl ItemKnn {
     fn add(&mut self, from: u32, to: u32, w: f32, g: f32) {
         let list = &mut self.lists[from as usize];
         let floor = FLOOR * g;
-        match list.items.iter().position(|&j| j == to) {
+        match list.find(to) {
             Some(p) => {
                 let old = list.weights[p];
                 list.weights[p] = if old < floor { w } else { old + w };
@@ -221,8 +304,7 @@ impl ItemKnn {
                     list.items.reserve_exact(want);
                     list.weights.reserve_exact(want);
                 }
-                list.items.push(to);
-                list.weights.push(w);
+                list.push(to, w);
                 if list.items.len() > cap {
                     self.prune(from, g);
                 }
@@ -266,6 +348,7 @@ impl ItemKnn {
         }
         list.items.truncate(keep);
         list.weights.truncate(keep);
+        list.moved();
     }
 
     /// Accumulates the scores of every item with a positive score for `user` into the
@@ -285,7 +368,7 @@ impl ItemKnn {
         let h = self.cfg.history;
         let (head, len) = (self.seqs.head[slot] as usize, self.seqs.len[slot] as usize);
         let floor = FLOOR * self.inflation();
-        let (alpha, one_minus) = (self.cfg.alpha, 1.0 - self.cfg.alpha);
+        let alpha = self.cfg.alpha;
         for k in 0..len {
             let prev = self.seqs.ring[slot * h + (head + len - 1 - k) % h] as usize;
             let Some(list) = self.lists.get(prev) else {
@@ -301,7 +384,7 @@ impl ItemKnn {
                 if j >= catalogue_len {
                     continue;
                 }
-                let s = wk * w / self.counts[j].powf(one_minus);
+                let s = wk * w / self.norms[j];
                 if self.acc[j] == 0.0 {
                     self.touched.push(j as u32);
                 }
@@ -375,7 +458,8 @@ impl ItemKnn {
         }
     }
 
-    /// The user's recent items, oldest first (for `recommend` and tests).
+    /// The user's recent items, oldest first (tests).
+    #[cfg(test)]
     pub(crate) fn recent(&self, user: u64) -> Vec<u32> {
         let Some(&slot) = self.seqs.index.get(&user) else {
             return Vec::new();
@@ -388,6 +472,7 @@ impl ItemKnn {
     }
 
     /// Whether the user has a recent sequence here.
+    #[cfg(test)]
     pub(crate) fn knows(&self, user: u64) -> bool {
         self.seqs.index.contains_key(&user)
     }
@@ -441,9 +526,10 @@ impl ItemKnn {
                 list.weights.shrink_to_fit();
             }
         }
-        for (i, c) in self.counts.iter_mut().enumerate() {
+        for (i, (c, n)) in self.counts.iter_mut().zip(&mut self.norms).enumerate() {
             if !alive.get(i).copied().unwrap_or(true) {
                 *c = 0.0;
+                *n = 0.0;
             }
         }
         if let Some(cutoff) = user_cutoff {
@@ -456,7 +542,7 @@ impl ItemKnn {
     pub(crate) fn bytes(&self) -> u64 {
         let lists: u64 = self.lists.iter().map(Neighbours::bytes).sum::<u64>()
             + (self.lists.capacity() * std::mem::size_of::<Neighbours>()) as u64;
-        lists + (self.counts.capacity() * 4) as u64 + self.seqs.bytes()
+        lists + ((self.counts.capacity() + self.norms.capacity()) * 4) as u64 + self.seqs.bytes()
     }
 
     /// Neighbour lists changed since the last call, as `(item, [(neighbour, weight)])`
@@ -486,6 +572,7 @@ impl ItemKnn {
     }
 
     /// Users held (with a recent sequence).
+    #[cfg(test)]
     pub(crate) fn users(&self) -> usize {
         self.seqs.ids.len()
     }
@@ -502,8 +589,12 @@ fn retain_pairs(list: &mut Neighbours, keep: impl Fn(u32, f32) -> bool) {
             k += 1;
         }
     }
+    let cut = k < list.items.len();
     list.items.truncate(k);
     list.weights.truncate(k);
+    if cut {
+        list.moved();
+    }
 }
 
 impl Sequences {
@@ -721,7 +812,7 @@ mod tests {
         let cfg = config(5, None, 8);
         let events = stream(4_000, 30, 200, 3);
         let mut knn = ItemKnn::new(cfg);
-        let mut seen = vec![false; 200];
+        let mut seen = [false; 200];
         let mut alive = Vec::new();
         let mut dense_index: FxHashMap<u32, u32> = FxHashMap::default();
         for (n, &(u, i, t)) in events.iter().enumerate() {
