@@ -77,6 +77,19 @@ impl Neighbours {
         ((j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & mask
     }
 
+    /// Reads the cache lines a search for `j` would (without building an index).
+    #[inline]
+    fn peek(&self, j: u32) -> u32 {
+        let Some(mask) = self.index.len().checked_sub(1) else {
+            return self.items.first().copied().unwrap_or(0);
+        };
+        let p = self.index[Self::slot_of(j, mask)];
+        match self.items.get(p as usize) {
+            Some(&x) => x ^ self.weights[p as usize].to_bits(),
+            None => p,
+        }
+    }
+
     /// The position of neighbour `j`, if present. Long lists keep an open-addressing
     /// index of positions (at most half full), so an update costs O(1) rather than a
     /// scan of hundreds of entries; it is derived state, rebuilt after a cut.
@@ -269,6 +282,17 @@ impl ItemKnn {
         let (head, len) = (self.seqs.head[slot] as usize, self.seqs.len[slot] as usize);
         let base = slot * h;
         let back = self.cfg.back;
+        // The updates below walk a chain of dependent loads per list (header, index slot,
+        // entry), each likely a cache miss; touching every list's chain first, in
+        // independent loads, lets the core overlap those misses.
+        let mut touched = 0u32;
+        for d in 0..len {
+            let prev = self.seqs.ring[base + (head + len - 1 - d) % h] as usize;
+            if let Some(list) = self.lists.get(prev) {
+                touched ^= list.peek(item);
+            }
+        }
+        std::hint::black_box(touched);
         for d in 0..len {
             // Newest first: distance d + 1.
             let prev = self.seqs.ring[base + (head + len - 1 - d) % h];
