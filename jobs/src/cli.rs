@@ -195,16 +195,16 @@ pub struct BacktestArgs {
     #[arg(long, default_value_t = DEFAULT_KNN_HISTORY)]
     pub history: usize,
     /// itemknn: weight of the k-th most recent item when scoring, decay^k, in (0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_DECAY)]
+    #[arg(long, default_value_t = DEFAULT_KNN_DECAY, allow_negative_numbers = true)]
     pub decay: f32,
     /// itemknn: weight of a pair at sequence distance d, pair_decay^(d-1), in (0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_PAIR_DECAY)]
+    #[arg(long, default_value_t = DEFAULT_KNN_PAIR_DECAY, allow_negative_numbers = true)]
     pub pair_decay: f32,
     /// itemknn: weight of the backward pair relative to the forward one, in [0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_BACK)]
+    #[arg(long, default_value_t = DEFAULT_KNN_BACK, allow_negative_numbers = true)]
     pub back: f32,
     /// itemknn: asymmetric cosine exponent, in [0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_ALPHA)]
+    #[arg(long, default_value_t = DEFAULT_KNN_ALPHA, allow_negative_numbers = true)]
     pub alpha: f32,
     /// itemknn: neighbours kept per item.
     #[arg(long, default_value_t = DEFAULT_KNN_NEIGHBOURS)]

@@ -326,9 +326,90 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Command> {
         anyhow::anyhow!("{at}: {}", e.message().trim())
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    to_command(&job, base, overrides, &|section: &str, key: &str| {
+    let command = to_command(&job, base, overrides, &|section: &str, key: &str| {
         locate(path, &text, section, key)
-    })
+    })?;
+    // The models' values are checked by the library; point its message at the line.
+    let config = match &command {
+        Command::Backtest(args) => Some(args.config()),
+        Command::Train(args) => Some(args.run.config()),
+        _ => None,
+    };
+    if let Some(config) = config {
+        let checked = config.and_then(|c| c.validate().map_err(anyhow::Error::from));
+        if let Err(e) = checked {
+            let msg = e.to_string();
+            let msg = msg.strip_prefix("invalid configuration: ").unwrap_or(&msg);
+            return Err(anyhow::anyhow!(
+                "{}: {msg}",
+                place_model_error(path, &text, &job, msg)
+            ));
+        }
+    }
+    Ok(command)
+}
+
+/// `file:line:column` of the key a model configuration error names: in the `[[variants]]`
+/// entry of the variant it names, or in `[model]`.
+fn place_model_error(path: &Path, text: &str, job: &Job, msg: &str) -> String {
+    let (variant, rest) = match msg
+        .strip_prefix("variant ")
+        .and_then(|r| r.split_once(": "))
+    {
+        Some((name, rest)) => (Some(name), rest),
+        None => (None, msg),
+    };
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let key = if word == "component" || rest.starts_with("an ensemble") {
+        "components".to_string()
+    } else {
+        word
+    };
+    if let Some(n) = variant.and_then(|name| {
+        job.variants
+            .iter()
+            .position(|v| v.name.as_deref() == Some(name))
+    }) {
+        return locate_nth(path, text, "variants", n, &key);
+    }
+    locate(path, text, "model", &key)
+}
+
+/// Like [`locate`], in the `n`-th (0-based) `[[section]]` table.
+fn locate_nth(path: &Path, text: &str, section: &str, n: usize, key: &str) -> String {
+    let header = format!("[[{section}]]");
+    let mut seen = 0;
+    let mut inside = false;
+    let mut offset = 0;
+    let mut table_at = None;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == header && {
+                seen += 1;
+                seen == n + 1
+            };
+            if inside {
+                table_at = Some(offset);
+            }
+        } else if inside && t.split('=').next().is_some_and(|k| k.trim() == key) && t.contains('=')
+        {
+            let col = line.find(key).unwrap_or(0);
+            let (l, c) = line_col(text, offset + col);
+            return format!("{}:{l}:{c}", path.display());
+        }
+        offset += line.len();
+    }
+    match table_at {
+        Some(at) => {
+            let (l, c) = line_col(text, at);
+            format!("{}:{l}:{c}", path.display())
+        }
+        None => path.display().to_string(),
+    }
 }
 
 fn rel(base: &Path, p: &str) -> String {

@@ -108,6 +108,35 @@ fn the_cluster_example_runs_as_two_processes_with_flags_over_the_file() {
     assert!(!dir.path().join("cluster-summary.json").exists());
 }
 
+/// A job with the sequence model and an ensemble over it, from `[[variants]]` keys.
+#[test]
+fn a_job_mixes_itemknn_and_mostpop() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("knn.toml"),
+        "[source]\nkind = \"generator\"\nevents = 20000\n\n\
+         [[variants]]\nname = \"knn\"\nkind = \"itemknn\"\nhistory = 12\ndecay = 0.8\nneighbours = 40\nhalf_life = \"off\"\n\n\
+         [[variants]]\nname = \"pop\"\nkind = \"mostpop\"\n\n\
+         [[variants]]\nname = \"mix\"\nkind = \"ensemble\"\ncomponents = [\"knn\", \"pop\"]\nmix_lr = 0.1\n\n\
+         [run]\nquiet = true\n[output]\nsummary_json = \"s.json\"\n",
+    )
+    .unwrap();
+    let out = tidepool(&["run", "knn.toml"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
+    let knn = &s["variants"][0]["model_config"]["knn"];
+    assert_eq!(knn["history"], 12);
+    assert_eq!(knn["neighbours"], 40);
+    assert_eq!(knn["half_life_ms"], serde_json::Value::Null);
+    let mix = &s["variants"][2];
+    assert_eq!(
+        mix["model_config"]["ensemble"]["components"],
+        serde_json::json!(["knn", "pop"])
+    );
+    assert!(mix["weights"]["knn"].as_f64().unwrap() > 0.5, "{mix}");
+}
+
 #[test]
 fn bad_job_files_get_golden_messages() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +168,22 @@ fn bad_job_files_get_golden_messages() {
         (
             "[source]\nkind = \"parquet\"\n",
             "error: bad.toml:2:1: a parquet source needs inputs",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[model]\nkind = \"itemknn\"\ndecay = -0.5\n",
+            "error: bad.toml:6:1: variant itemknn: decay must be in (0, 1], got -0.5",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[[variants]]\nname = \"a\"\nkind = \"mostpop\"\n\n[[variants]]\nname = \"knn\"\nkind = \"itemknn\"\nalpha = 1.5\n",
+            "error: bad.toml:11:1: variant knn: alpha must be in [0, 1], got 1.5",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[[variants]]\nname = \"knn\"\nkind = \"itemknn\"\n\n[[variants]]\nname = \"mix\"\nkind = \"ensemble\"\ncomponents = [\"knn\", \"pop\"]\n",
+            "error: bad.toml:11:1: variant mix: component \"pop\" is not a variant of this run; variants to mix: knn",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[model]\ncomponents = [\"a\", \"b\"]\n",
+            "error: bad.toml:5:1: components describes one ensemble and belongs in a [[variants]] entry",
         ),
         (
             "[sauce]\nkind = 1\n",

@@ -337,6 +337,15 @@ impl ModelConfig {
     }
 }
 
+/// A configuration error's message without the "invalid configuration" prefix, for
+/// wrapping in another.
+fn message(e: Error) -> String {
+    match e {
+        Error::Config(m) => m,
+        other => other.to_string(),
+    }
+}
+
 /// The keys a variant spec accepts after its sampler.
 pub const VARIANT_KEYS: &[&str] = &[
     "model",
@@ -476,7 +485,7 @@ impl VariantConfig {
         variant
             .model
             .validate()
-            .map_err(|e| Error::Config(format!("variant {name}: {e}")))?;
+            .map_err(|e| Error::Config(format!("variant {name}: {}", message(e))))?;
         Ok(variant)
     }
 }
@@ -688,7 +697,7 @@ impl BacktestConfig {
             }
             v.model
                 .validate()
-                .map_err(|e| Error::Config(format!("variant {}: {e}", v.name)))?;
+                .map_err(|e| Error::Config(format!("variant {}: {}", v.name, message(e))))?;
         }
         for v in &self.variants {
             if v.model.kind != ModelKind::Ensemble {
