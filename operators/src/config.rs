@@ -773,7 +773,7 @@ mod tests {
         cfg.variants[0].model.dim = 0;
         let err = cfg.validate().unwrap_err().to_string();
         assert!(
-            err.contains("variant bpr: invalid configuration: dim"),
+            err.contains("invalid configuration: variant bpr: dim must be between 1 and 4096"),
             "{err}"
         );
         let mut cfg = BacktestConfig::default();
