@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub(crate) mod broker;
+pub(crate) mod kafka_broker;
 
 /// Writes `dir/hosts` with `n` loopback addresses on free ports, for a test cluster that
 /// must not collide with other tests (or timely's default ports).
