@@ -5,7 +5,7 @@
 //! Kafka's own harnesses start one. It can be killed (`kill -9`) and restarted on the
 //! same log directory, and it is stopped and its directory removed when dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn java(jars: &PathBuf) -> Command {
+fn java(jars: &Path) -> Command {
     let mut cmd = Command::new("java");
     cmd.arg("-cp").arg(format!("{}/*", jars.display()));
     cmd
