@@ -203,6 +203,7 @@ pub(crate) fn drive(
         pending: Vec::with_capacity(SEND_BATCH),
         held: BTreeMap::new(),
         max_tick: None,
+        low_watermark_ms: None,
     };
     let mut open_round = false;
     let mut time = Timings::default();
@@ -224,6 +225,9 @@ pub(crate) fn drive(
         stats.rows += batch.rejected;
         stats.dead += batch.rejected;
         stats.skipped += batch.skipped;
+        if batch.low_watermark_ms.is_some() {
+            out.low_watermark_ms = batch.low_watermark_ms;
+        }
         stats.lost += batch.lost;
         stats.positions.extend(batch.positions.iter().copied());
         if batch.records.num_rows() == 0 {
@@ -296,7 +300,14 @@ pub(crate) fn drive(
             out.max_tick = out.max_tick.max(Some(tick));
             out.held.entry(tick).or_default().push(event);
         }
-        let watermark = out.max_tick.map_or(0, |t| t.saturating_sub(lateness_ticks));
+        // The newest tick seen, or (for sources that merge lanes) the tick of the lane
+        // furthest behind, whichever is earlier, minus the allowed lateness.
+        let newest = match (out.max_tick, out.low_watermark_ms) {
+            (Some(t), Some(low)) if low == i64::MIN => Some(0),
+            (Some(t), Some(low)) => Some(t.min(clock.tick(low))),
+            (t, _) => t,
+        };
+        let watermark = newest.map_or(0, |t| t.saturating_sub(lateness_ticks));
         let released = std::time::Instant::now();
         out.release(watermark, worker, input, probe, feed);
         time.release += released.elapsed();
@@ -354,6 +365,8 @@ struct Outbox {
     pending: Vec<Event>,
     held: BTreeMap<u64, Vec<Event>>,
     max_tick: Option<u64>,
+    /// The source's low watermark, when it merges lanes (see [`SourceBatch`]).
+    low_watermark_ms: Option<i64>,
 }
 
 impl Outbox {

@@ -34,6 +34,10 @@ pub const EVENT_TYPE: &str = "event_type";
 pub const TS: &str = "ts";
 /// Column name of the optional weight (f32, e.g. a rating).
 pub const WEIGHT: &str = "weight";
+/// Column name of the optional replay position (u64), for sources whose records are not
+/// numbered by their row (Kafka: partition and offset). Without it, row r of a batch has
+/// position `first_pos + r`.
+pub const POS: &str = "_tidepool_pos";
 
 /// What the user did. Stored as a `u8` code in Arrow and Parquet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -162,6 +166,29 @@ pub fn events_batch(events: &[Event], pool: &crate::BufferPool) -> Result<Record
         ],
     )
     .map_err(|e| Error::Internal(format!("building an event batch: {e}")))
+}
+
+/// Like [`events_batch`], with each event's own `pos` in a [`POS`] column: for sources
+/// whose positions are not consecutive rows (Kafka's partition and offset), so that the
+/// replay order `(ts, pos)` survives the trip through Arrow.
+pub fn events_batch_with_positions(
+    events: &[Event],
+    pool: &crate::BufferPool,
+) -> Result<RecordBatch> {
+    let batch = events_batch(events, pool)?;
+    let mut positions = pool.vec::<u64>(events.len());
+    events.iter().for_each(|e| positions.push(e.pos));
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(POS, DataType::UInt64, false));
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(UInt64Array::new(positions.into_scalar(), None)));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::Internal(format!("building an event batch: {e}")))
 }
 
 /// Where a batch came from, so dead letters can name the row.
@@ -421,6 +448,15 @@ pub fn decode_events(
         },
     };
 
+    let positions = match column(POS) {
+        None => None,
+        Some(a) => Some(a.as_primitive_opt::<UInt64Type>().ok_or_else(|| {
+            Error::Config(format!(
+                "column {POS} has type {}; expected u64",
+                a.data_type()
+            ))
+        })?),
+    };
     out.reserve(batch.num_rows());
     let mut bad = 0;
     for row in 0..batch.num_rows() {
@@ -431,7 +467,11 @@ pub fn decode_events(
                 ts: ts.get(row).map_err(|r| format!("{TS} {r}"))?,
                 kind: kinds.get(row).map_err(|r| format!("{EVENT_TYPE} {r}"))?,
                 weight: weights.get(row).map_err(|r| format!("{WEIGHT} {r}"))?,
-                pos: origin.first_pos + row as u64,
+                pos: match positions {
+                    Some(p) if p.is_valid(row) => p.value(row),
+                    Some(_) => return Err(format!("{POS} is null")),
+                    None => origin.first_pos + row as u64,
+                },
             })
         })();
         match decoded {

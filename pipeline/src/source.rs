@@ -43,6 +43,13 @@ pub struct SourceBatch {
     /// Positions the source found gone (a Kafka retention deleted them before they were
     /// read): data lost upstream, counted so that it is never lost silently.
     pub lost: u64,
+    /// For sources that merge several ordered lanes (Kafka partitions): the newest event
+    /// time read from the lane that is furthest behind, among the lanes still delivering
+    /// (`i64::MIN` while one has delivered nothing yet). The ingest holds events back
+    /// until every lane has passed them, so lanes read one after another still replay in
+    /// event-time order. `None`: the source does not say (files and generators are read
+    /// in order).
+    pub low_watermark_ms: Option<i64>,
 }
 
 impl SourceBatch {
@@ -55,6 +62,7 @@ impl SourceBatch {
             rejected: 0,
             skipped: 0,
             lost: 0,
+            low_watermark_ms: None,
         }
     }
 }

@@ -34,7 +34,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tidepool_pipeline::dead_letter::DeadLetterSink;
-use tidepool_pipeline::event::events_batch;
+use tidepool_pipeline::event::events_batch_with_positions;
 use tidepool_pipeline::{
     BatchOrigin, BufferPool, DeadLetter, Error, Event, EventReader, EventSource, Result,
     SourceBatch, SourceInfo,
@@ -70,6 +70,8 @@ pub struct KafkaCounters {
     /// Consumer lag per partition (messages between the next offset read and the
     /// partition's end), from librdkafka's statistics (every second).
     pub lag: std::sync::Mutex<BTreeMap<i32, i64>>,
+    /// Each partition's end (high watermark) as librdkafka last reported it.
+    pub high: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
 /// Receives librdkafka's statistics and keeps the consumer lag of the source's topic.
@@ -88,7 +90,15 @@ impl rdkafka::ClientContext for LagContext {
             .lag
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut high = self
+            .counters
+            .high
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for (&p, partition) in &topic.partitions {
+            if p >= 0 && partition.hi_offset >= 0 {
+                high.insert(p, partition.hi_offset);
+            }
             // librdkafka's own `consumer_lag` is measured from the *committed* offset,
             // which tidepool commits only at checkpoints; the lag of what was read is
             // the partition's end minus the next offset handed to the application.
@@ -291,6 +301,7 @@ impl EventSource for KafkaSource {
             last_message: Instant::now(),
             events: Vec::with_capacity(MAX_BATCH),
             done: mine.is_empty() && self.stop_at != StopAt::Never,
+            newest: BTreeMap::new(),
         }))
     }
 }
@@ -324,11 +335,16 @@ struct Reader {
     last_message: Instant,
     events: Vec<Event>,
     done: bool,
+    /// The newest event time read from each partition.
+    newest: BTreeMap<i32, i64>,
 }
 
-/// A replay position unique per record: offset and partition (up to 1024 partitions).
+/// A replay position unique per record, ordered by partition, then offset (up to 1024
+/// partitions and 2^54 offsets each): with the event time in front, `(ts, pos)` is the
+/// total replay order every worker and process agrees on, whoever read the record and
+/// when it arrived.
 fn position(partition: i32, offset: i64) -> u64 {
-    ((offset.max(0) as u64) << 10) | (partition as u64 & 0x3ff)
+    ((partition as u64 & 0x3ff) << 54) | (offset.max(0) as u64 & ((1 << 54) - 1))
 }
 
 impl Reader {
@@ -393,6 +409,8 @@ impl Reader {
             {
                 Decoded::Event(mut e) => {
                     e.pos = pos;
+                    let newest = self.newest.entry(partition).or_insert(i64::MIN);
+                    *newest = (*newest).max(e.ts);
                     self.events.push(e);
                 }
                 Decoded::Skipped => {
@@ -418,7 +436,7 @@ impl Reader {
         if !advanced.is_empty() {
             self.last_message = Instant::now();
         }
-        let records = match events_batch(&self.events, &self.pool) {
+        let records = match events_batch_with_positions(&self.events, &self.pool) {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),
         };
@@ -434,7 +452,36 @@ impl Reader {
             rejected,
             skipped,
             lost: lost_here,
+            low_watermark_ms: self.low_watermark(),
         }))
+    }
+
+    /// The newest event time of the partition furthest behind, among those that still
+    /// have records to deliver: a partition caught up with its high watermark (as
+    /// librdkafka last saw it) or past its end does not hold the others back.
+    fn low_watermark(&self) -> Option<i64> {
+        // Followed partitions: caught up by the ends of librdkafka's latest statistics
+        // (a second old at most; a partition wrongly taken as caught up only lets its
+        // next events arrive late, which the allowed lateness absorbs).
+        let high = self
+            .counters
+            .high
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let mut low = None::<i64>;
+        for (&p, &next) in &self.next {
+            let finished = match &self.end {
+                Some(end) => end.get(&p).is_none_or(|&e| next >= e),
+                None => high.get(&p).is_some_and(|&h| next >= h),
+            };
+            if finished {
+                continue;
+            }
+            let newest = self.newest.get(&p).copied().unwrap_or(i64::MIN);
+            low = Some(low.map_or(newest, |l| l.min(newest)));
+        }
+        low
     }
 }
 

@@ -97,7 +97,10 @@ impl KafkaBroker {
             })
             .collect();
         let out = java(&jars)
-            .args(["kafka.tools.StorageTool", "format", "-t", &id, "-c"])
+            // `=`: an id may start with '-', which would read as an option.
+            .args(["kafka.tools.StorageTool", "format"])
+            .arg(format!("--cluster-id={id}"))
+            .arg("-c")
             .arg(dir.path().join("server.properties"))
             .output()
             .expect("java runs kafka.tools.StorageTool");
