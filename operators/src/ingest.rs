@@ -303,7 +303,7 @@ pub(crate) fn drive(
         // The newest tick seen, or (for sources that merge lanes) the tick of the lane
         // furthest behind, whichever is earlier, minus the allowed lateness.
         let newest = match (out.max_tick, out.low_watermark_ms) {
-            (Some(t), Some(low)) if low == i64::MIN => Some(0),
+            (Some(_), Some(low)) if low == i64::MIN => Some(0),
             (Some(t), Some(low)) => Some(t.min(clock.tick(low))),
             (t, _) => t,
         };
