@@ -98,9 +98,9 @@ impl KafkaSettings {
             .client_config()
             .create()
             .map_err(|e| source::kafka_error("creating a metadata client", e))?;
-        let metadata = consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
-            .map_err(|e| source::kafka_error(&format!("reading metadata of {}", self.topic), e))?;
+        let metadata = source::patiently(&format!("reading metadata of {}", self.topic), || {
+            consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+        })?;
         let topic = metadata
             .topics()
             .iter()

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tidepool_pipeline::dead_letter::DeadLetterSink;
@@ -132,6 +132,41 @@ const MAX_BATCH: usize = 8192;
 const POLL_WAIT: Duration = Duration::from_millis(1);
 /// Timeout of metadata and watermark requests.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long start-up waits, retrying, for brokers that do not answer: a broker restarting
+/// (or a rolling restart) must not fail a job that is starting, while a wrong address
+/// still fails within a minute.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs a start-up request, retrying while the brokers are unreachable or time out.
+pub(crate) fn patiently<T>(what: &str, mut request: impl FnMut() -> KafkaResult<T>) -> Result<T> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let deadline = Instant::now() + STARTUP_PATIENCE;
+    loop {
+        match request() {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let transient = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        Code::OperationTimedOut
+                            | Code::AllBrokersDown
+                            | Code::BrokerTransportFailure
+                            | Code::BrokerNotAvailable
+                            | Code::LeaderNotAvailable
+                            | Code::NotLeaderForPartition
+                            | Code::RequestTimedOut
+                            | Code::NetworkException
+                    )
+                );
+                if !transient || Instant::now() >= deadline {
+                    return Err(kafka_error(what, e));
+                }
+                tracing::warn!(error = %e, "{what}: the brokers do not answer yet; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
 
 /// The event source over one topic.
 pub struct KafkaSource {
@@ -268,9 +303,9 @@ impl EventSource for KafkaSource {
         // Partition leaders known before the assignment: otherwise librdkafka finds no
         // leader for the first offset lookup and retries it on a 500 ms timer, which
         // was a fifth of the Kafka bench's run.
-        consumer
-            .fetch_metadata(Some(&self.settings.topic), METADATA_TIMEOUT)
-            .map_err(|e| kafka_error("reading topic metadata", e))?;
+        patiently("reading topic metadata", || {
+            consumer.fetch_metadata(Some(&self.settings.topic), METADATA_TIMEOUT)
+        })?;
         consumer
             .assign(&tpl)
             .map_err(|e| kafka_error("assigning partitions", e))?;
@@ -278,9 +313,9 @@ impl EventSource for KafkaSource {
             StopAt::End => {
                 let mut end = BTreeMap::new();
                 for &p in &mine {
-                    let (_, high) = consumer
-                        .fetch_watermarks(&self.settings.topic, p, METADATA_TIMEOUT)
-                        .map_err(|e| kafka_error("reading end offsets", e))?;
+                    let (_, high) = patiently("reading end offsets", || {
+                        consumer.fetch_watermarks(&self.settings.topic, p, METADATA_TIMEOUT)
+                    })?;
                     end.insert(p, high);
                 }
                 Some(end)
