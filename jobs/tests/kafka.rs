@@ -1410,3 +1410,104 @@ fn replays_of_a_topic_agree_on_any_cluster_shape() {
         }
     }
 }
+
+/// Dead letters are durable before the checkpoint that covers their offsets commits, and
+/// the file sink appends: after `kill -9` the letters of every malformed offset up to the
+/// newest checkpoint are in the file, and after the restart finishes every malformed
+/// offset of the topic is there (at least once: offsets after the checkpoint are read
+/// again).
+#[test]
+fn dead_letters_are_durable_before_their_checkpoint() {
+    let (_cluster, settings) = cluster_with("dlq", 1);
+    let good = events(60_000);
+    let mut p = Producer::new(&settings).unwrap();
+    let mut malformed = Vec::new();
+    let mut offset = 0i64;
+    for (i, e) in good.iter().enumerate() {
+        p.send_event(e).unwrap();
+        offset += 1;
+        if i % 250 == 0 {
+            p.send(b"bad", b"{\"user_id\": 1, \"item_id\"").unwrap();
+            malformed.push(offset);
+            offset += 1;
+        }
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--topic",
+        "dlq",
+        "--model",
+        "mostpop",
+        "--tick",
+        "5s",
+        "--checkpoint-dir",
+        "ckpt",
+        "--checkpoint-interval",
+        "20ms",
+        "--dead-letters",
+        "dead.jsonl",
+    ];
+    let letters = |dir: &Path| -> std::collections::BTreeMap<i64, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        let text = std::fs::read_to_string(dir.join("dead.jsonl")).unwrap_or_default();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let location = v["location"].as_str().unwrap();
+            let offset: i64 = location.rsplit('@').next().unwrap().parse().unwrap();
+            *seen.entry(offset).or_insert(0) += 1;
+        }
+        seen
+    };
+    let newest_checkpoint = |dir: &Path| -> Option<i64> {
+        std::fs::read_dir(dir.join("ckpt"))
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".tmp"))
+            .filter_map(|e| std::fs::read_to_string(e.path().join("manifest.json")).ok())
+            .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
+            .filter_map(|m| m["positions"]["0"].as_i64())
+            .max()
+    };
+    // Kill once a checkpoint well into the topic exists.
+    let mut child = train(&settings.brokers, dir.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while newest_checkpoint(dir.path()).unwrap_or(0) < 5_000 {
+        assert!(Instant::now() < deadline, "no checkpoint past offset 5000");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let covered = newest_checkpoint(dir.path()).expect("a checkpoint");
+    let seen = letters(dir.path());
+    let due: Vec<i64> = malformed.iter().copied().filter(|&o| o < covered).collect();
+    assert!(!due.is_empty());
+    for o in &due {
+        assert!(
+            seen.contains_key(o),
+            "offset {o} is behind checkpoint {covered} but its letter is gone"
+        );
+    }
+    // The restart appends: the earlier letters stay, and the topic's every one is there.
+    ok(finish(
+        &mut train(&settings.brokers, dir.path(), &args),
+        Duration::from_secs(120),
+    ));
+    let seen = letters(dir.path());
+    for o in &malformed {
+        assert!(seen.contains_key(o), "offset {o} has no dead letter");
+    }
+    for o in &due {
+        assert_eq!(
+            seen[o], 1,
+            "offset {o}, behind the checkpoint, is not read again"
+        );
+    }
+}

@@ -654,6 +654,7 @@ pub fn run_dataflow(
                 tables: &tables,
                 cancel: &cancel,
                 deltas: deltas.as_deref(),
+                dead: dead.as_ref(),
                 replicated: replication.is_some(),
             });
             let mut last_publish = Instant::now();
@@ -827,6 +828,10 @@ struct CheckpointCtx<'a> {
     tables: &'a [Option<Arc<crate::item_table::ItemTable>>],
     cancel: &'a AtomicBool,
     deltas: Option<&'a dyn DeltaSink>,
+    /// Flushed (file: fsync; Kafka: every letter acknowledged) before this worker's part
+    /// is written, so a committed checkpoint never covers offsets whose dead letters
+    /// could still be lost in a crash.
+    dead: &'a dyn DeadLetterSink,
     /// In a cluster the cut lies one round further (see [`take_checkpoint`]).
     replicated: bool,
 }
@@ -898,6 +903,7 @@ fn take_checkpoint(
     if let (Some(sink), Some(changed)) = (ctx.deltas, changed) {
         sink.publish(&changed)?;
     }
+    ctx.dead.flush()?;
     let bytes = cp.write_part(id, index, &part)?;
     let deposit = Deposit {
         positions: stats.positions.clone(),

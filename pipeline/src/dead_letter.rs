@@ -121,7 +121,13 @@ impl DeadLetterSink for JsonlDeadLetters {
             .lock()
             .map_err(|_| Error::Internal("dead letter writer poisoned".into()))?;
         if writer.is_none() {
-            let file = File::create(&self.path).map_err(|e| Error::io(&self.path, e))?;
+            // Appended, never truncated: a restarted job keeps the letters of the runs
+            // before it (their offsets are behind its checkpoint and not read again).
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| Error::io(&self.path, e))?;
             *writer = Some(BufWriter::new(file));
         }
         if let Some(w) = writer.as_mut() {
