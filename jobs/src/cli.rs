@@ -352,6 +352,10 @@ pub struct KafkaArgs {
     /// Partitions of the topic created in an embedded cluster.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// When a partition's offsets go backwards (topic recreated, offsets reset): `fail`
+    /// (stop with an error, the default) or `continue` (warn, count, train on).
+    #[arg(long, default_value = "fail")]
+    pub on_rewind: tidepool_connector_kafka::Rewind,
     /// librdkafka setting passed through, KEY=VALUE (repeatable): SASL, SSL, timeouts.
     #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_config: Vec<(String, String)>,

@@ -49,6 +49,8 @@ pub struct SourceSection {
     pub partitions: Option<i32>,
     /// Kafka: `never`, `end`, `idle:DURATION`.
     pub stop_at: Option<String>,
+    /// Kafka: `fail` or `continue` when a partition's offsets go backwards.
+    pub on_rewind: Option<String>,
     /// Kafka: JSON field names.
     pub user_field: Option<String>,
     /// Kafka.
@@ -456,6 +458,7 @@ fn to_command(
             ("topic", "topic", &s.topic),
             ("group", "group", &s.group),
             ("stop_at", "stop-at", &s.stop_at),
+            ("on_rewind", "on-rewind", &s.on_rewind),
             ("user_field", "user-field", &s.user_field),
             ("item_field", "item-field", &s.item_field),
             ("time_field", "time-field", &s.time_field),

@@ -119,6 +119,12 @@ fn render(served: &Served) -> String {
             "counter",
             &[(String::new(), k.messages.load(Ordering::Relaxed) as f64)],
         );
+        metric(
+            "tidepool_kafka_offsets_rewound_total",
+            "Times a partition handed back an offset below the next one expected (topic recreated, offsets reset).",
+            "counter",
+            &[(String::new(), k.offsets_rewound.load(Ordering::Relaxed) as f64)],
+        );
         let lag: Vec<(String, f64)> = k
             .lag()
             .into_iter()

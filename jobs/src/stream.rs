@@ -207,6 +207,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     let source = KafkaSource::new(settings, args.kafka.mapping(), Arc::clone(&dead))?
         .starting_at(start)
         .stop_at(stop)
+        .on_rewind(args.kafka.on_rewind)
         .with_pool(pool.clone());
     let counters = source.counters();
     #[cfg(unix)]
@@ -320,6 +321,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         summary["kafka"] = serde_json::json!({
             "messages": messages, "skipped": skipped, "dead_letters": rejected,
             "offsets_lost_to_retention": lost,
+            "offsets_rewound": counters.offsets_rewound.load(Ordering::Relaxed),
         });
         summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
         summary["gc"] = crate::commands::gc_summary(&report)?;

@@ -1511,3 +1511,69 @@ fn dead_letters_are_durable_before_their_checkpoint() {
         );
     }
 }
+
+/// A topic recreated under a job's checkpoints hands back offsets below the ones the
+/// checkpoint resumes from: the job stops with an error naming the partition and both
+/// offsets instead of retraining silently, and `--on-rewind continue` trains on, counted.
+#[test]
+fn offsets_going_backwards_stop_the_job() {
+    let (cluster, settings) = cluster_with("rw", 1);
+    let all = events(6_000);
+    produce(&settings, all[..3_000].to_vec(), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--topic",
+        "rw",
+        "--model",
+        "mostpop",
+        "--checkpoint-dir",
+        "ckpt",
+        "--summary-json",
+        "s.json",
+    ];
+    ok(finish(
+        &mut train(&settings.brokers, dir.path(), &args),
+        Duration::from_secs(60),
+    ));
+    cluster
+        .kafka()
+        .expect("a real broker")
+        .recreate_topic("rw", 1);
+    produce(&settings, all[3_000..4_000].to_vec(), None, &|_| {}).unwrap();
+    // `--stop-at never` with an idle limit: the run must not wait for offsets that the
+    // recreated topic will never reach.
+    let follow = |extra: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(extra);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+        cmd.args([
+            "train",
+            "--quiet",
+            "--brokers",
+            &settings.brokers,
+            "--stop-at",
+            "idle:3s",
+        ])
+        .args(&a)
+        .current_dir(dir.path());
+        finish(&mut cmd, Duration::from_secs(60))
+    };
+    let out = follow(&[]);
+    assert!(!out.status.success(), "a rewind must fail the job");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("offsets of rw/0 went backwards: expected 3000 or later, got 0"),
+        "{stderr}"
+    );
+    let out = ok(follow(&["--on-rewind", "continue"]));
+    let s = summary(dir.path(), "s.json");
+    assert!(
+        s["kafka"]["offsets_rewound"].as_u64().unwrap() >= 1,
+        "{s}\n{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        s["events"], 4_000,
+        "the checkpoint's 3000 and the new topic's 1000"
+    );
+}

@@ -26,7 +26,7 @@ use tidepool_pipeline::{Error, Result};
 pub use embedded::Embedded;
 pub use json::{encode, Decoded, JsonMapping, TimeUnit, DEFAULT_MAX_BYTES};
 pub use produce::{produce, KafkaDeadLetters, KafkaDeltaSink, ProduceReport, Producer};
-pub use source::{consume_baseline, KafkaCounters, KafkaSource, StopAt};
+pub use source::{consume_baseline, KafkaCounters, KafkaSource, Rewind, StopAt};
 
 /// Where to connect and how.
 #[derive(Clone, Default, PartialEq, Eq)]

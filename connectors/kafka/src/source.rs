@@ -70,6 +70,8 @@ pub struct KafkaCounters {
     /// Consumer lag per partition (messages between the next offset read and the
     /// partition's end), from librdkafka's statistics (every second).
     pub lag: std::sync::Mutex<BTreeMap<i32, i64>>,
+    /// Times a partition handed back an offset below the next one expected.
+    pub offsets_rewound: AtomicU64,
     /// Each partition's end (high watermark) as librdkafka last reported it.
     pub high: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
@@ -175,10 +177,36 @@ pub struct KafkaSource {
     partitions: Vec<i32>,
     start: BTreeMap<i32, i64>,
     stop_at: StopAt,
+    rewind: Rewind,
     stop: Arc<AtomicBool>,
     dead: Arc<dyn DeadLetterSink>,
     pool: BufferPool,
     counters: Arc<KafkaCounters>,
+}
+
+/// What a reader does when a partition hands back an offset below the next one it
+/// expects: the topic was deleted and recreated, or its offsets were reset. Reading on
+/// would train again on records the model may already hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rewind {
+    /// Stop with an error naming the partition and both offsets (the default).
+    #[default]
+    Fail,
+    /// Log it, count it (`offsets_rewound`), and go on from the offset the broker gave.
+    Continue,
+}
+
+impl std::str::FromStr for Rewind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fail" => Ok(Rewind::Fail),
+            "continue" => Ok(Rewind::Continue),
+            other => Err(format!(
+                "unknown rewind policy {other:?}; valid: fail, continue"
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -209,11 +237,18 @@ impl KafkaSource {
             partitions,
             start: BTreeMap::new(),
             stop_at: StopAt::Never,
+            rewind: Rewind::default(),
             stop: Arc::new(AtomicBool::new(false)),
             dead,
             pool: BufferPool::new(Default::default()),
             counters: Arc::default(),
         })
+    }
+
+    /// What to do when a partition's offsets go backwards.
+    pub fn on_rewind(mut self, rewind: Rewind) -> Self {
+        self.rewind = rewind;
+        self
     }
 
     /// Starts each listed partition at its offset (from a checkpoint); the others start
@@ -329,6 +364,7 @@ impl EventSource for KafkaSource {
             next,
             end,
             stop_at: self.stop_at,
+            rewind: self.rewind,
             stop: Arc::clone(&self.stop),
             dead: Arc::clone(&self.dead),
             pool: self.pool.clone(),
@@ -363,6 +399,7 @@ struct Reader {
     /// End offsets to stop at ([`StopAt::End`]).
     end: Option<BTreeMap<i32, i64>>,
     stop_at: StopAt,
+    rewind: Rewind,
     stop: Arc<AtomicBool>,
     dead: Arc<dyn DeadLetterSink>,
     pool: BufferPool,
@@ -423,6 +460,24 @@ impl Reader {
             let (partition, offset) = (msg.partition(), msg.offset());
             self.counters.messages.fetch_add(1, Ordering::Relaxed);
             let expected = self.next.get(&partition).copied().unwrap_or(0);
+            if offset < expected {
+                self.counters
+                    .offsets_rewound
+                    .fetch_add(1, Ordering::Relaxed);
+                match self.rewind {
+                    Rewind::Fail => {
+                        self.done = true;
+                        return Some(Err(Error::Config(format!(
+                            "kafka: offsets of {}/{partition} went backwards: expected {expected} or later, got {offset} (was the topic recreated or its offsets reset?); nothing was trained from it. Start from a fresh checkpoint directory, or pass --on-rewind continue to train on from the broker's offset",
+                            self.topic
+                        ))));
+                    }
+                    Rewind::Continue => tracing::warn!(
+                        topic = %self.topic, partition, expected, got = offset,
+                        "offsets went backwards (topic recreated or offsets reset); training on from the broker's offset"
+                    ),
+                }
+            }
             if offset > expected {
                 let lost = (offset - expected) as u64;
                 lost_here += lost;

@@ -218,6 +218,34 @@ impl KafkaBroker {
         self.wait_for_partitions(topic, partitions);
     }
 
+    /// Deletes a topic and creates it anew (empty, offsets from 0), retrying while the
+    /// broker still finishes the deletion.
+    pub(crate) fn recreate_topic(&self, topic: &str, partitions: i32) {
+        let (admin, rt) = self.admin();
+        let results = rt
+            .block_on(admin.delete_topics(&[topic], &AdminOptions::new()))
+            .expect("DeleteTopics answers");
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("deleting topic {t}: {e}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+            let created = rt
+                .block_on(admin.create_topics([&new], &AdminOptions::new()))
+                .expect("CreateTopics answers");
+            if created.iter().all(Result::is_ok) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {topic} not recreated: {created:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.wait_for_partitions(topic, partitions);
+    }
+
     /// Grows a topic to `partitions` partitions.
     pub(crate) fn add_partitions(&self, topic: &str, partitions: usize) {
         let (admin, rt) = self.admin();
