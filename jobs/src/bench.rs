@@ -472,6 +472,7 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             keep: 2,
             config_hash: crate::stream::config_hash(&config)?,
             config: Some(config.clone()),
+            source: Default::default(),
         })?);
         let dead = Arc::new(MemoryDeadLetters::new(0));
         let mut consumer = KafkaSettings {

@@ -62,6 +62,38 @@ impl KafkaArgs {
         }
     }
 
+    /// What a checkpoint records of the source: topic, group, partitions, field mapping.
+    fn identity(&self, settings: &KafkaSettings) -> anyhow::Result<BTreeMap<String, String>> {
+        let partitions = settings
+            .partitions()
+            .map(|p| {
+                p.iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let m = self.mapping();
+        Ok(BTreeMap::from([
+            ("topic".to_string(), settings.topic.clone()),
+            ("group".to_string(), settings.group.clone()),
+            ("partitions".to_string(), partitions),
+            (
+                "mapping".to_string(),
+                format!(
+                    "user={} item={} ts={} time_unit={:?} type={} weight={} types={:?}",
+                    m.user,
+                    m.item,
+                    m.ts.as_deref().unwrap_or("kafka timestamp"),
+                    m.time_unit,
+                    m.event_type,
+                    m.weight.as_deref().unwrap_or("-"),
+                    m.types
+                ),
+            ),
+        ]))
+    }
+
     fn mapping(&self) -> JsonMapping {
         JsonMapping {
             user: self.user_field.clone(),
@@ -179,6 +211,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
                 keep: args.keep_checkpoints,
                 config_hash: config_hash(&config)?,
                 config: Some(config.clone()),
+                source: args.kafka.identity(&settings)?,
             })?
             .on_commit(Box::new(move |manifest| {
                 // Committed for monitoring (consumer lag); restarts use the checkpoint.

@@ -1577,3 +1577,55 @@ fn offsets_going_backwards_stop_the_job() {
         "the checkpoint's 3000 and the new topic's 1000"
     );
 }
+
+/// A checkpoint records its source (topic, group, partitions, field mapping); resuming it
+/// with another topic or mapping is refused with a message that names the difference,
+/// unless forced.
+#[test]
+fn a_checkpoint_refuses_another_topic_or_mapping() {
+    let (cluster, settings) = cluster_with("first", 1);
+    cluster.create_topic("second", 1);
+    produce(&settings, events(2_000), None, &|_| {}).unwrap();
+    let second = KafkaSettings {
+        topic: "second".into(),
+        ..settings.clone()
+    };
+    produce(&second, events(1_000), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--model", "mostpop", "--checkpoint-dir", "ckpt"];
+        args.extend(extra);
+        finish(
+            &mut train(&settings.brokers, dir.path(), &args),
+            Duration::from_secs(60),
+        )
+    };
+    ok(run(&["--topic", "first"]));
+    let manifest = std::fs::read_dir(dir.path().join("ckpt"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("ckpt-"))
+        .map(|e| std::fs::read_to_string(e.path().join("manifest.json")).unwrap())
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(manifest["source"]["topic"], "first");
+    assert_eq!(manifest["source"]["partitions"], "0");
+    assert!(manifest["source"]["mapping"]
+        .as_str()
+        .unwrap()
+        .starts_with("user=user_id item=item_id"));
+
+    let out = run(&["--topic", "second"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("topic \"first\", now \"second\""),
+        "{stderr}"
+    );
+    let out = run(&["--topic", "first", "--user-field", "uid"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("mapping \"user=user_id"), "{stderr}");
+    assert!(stderr.contains("now \"user=uid"), "{stderr}");
+    ok(run(&["--topic", "second", "--force-checkpoint"]));
+}

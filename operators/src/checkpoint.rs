@@ -87,7 +87,16 @@ pub struct Manifest {
     /// from).
     #[serde(default)]
     pub config: Option<crate::config::BacktestConfig>,
+    /// What was read (for Kafka: `topic`, `group`, `partitions`, `mapping`); a restart
+    /// reading another topic or with another mapping refuses the checkpoint (see
+    /// [`SOURCE_KEYS_CHECKED`]).
+    #[serde(default)]
+    pub source: BTreeMap<String, String>,
 }
+
+/// The [`Manifest::source`] entries that must match for a restart to resume: its offsets
+/// mean nothing for another topic, and its model was trained on other fields.
+pub const SOURCE_KEYS_CHECKED: [&str; 2] = ["topic", "mapping"];
 
 /// Where and how often to checkpoint.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +111,8 @@ pub struct CheckpointSettings {
     pub config_hash: String,
     /// The run's configuration, stored in the manifest.
     pub config: Option<crate::config::BacktestConfig>,
+    /// What the run reads, stored in the manifest (see [`Manifest::source`]).
+    pub source: BTreeMap<String, String>,
 }
 
 /// Counters for the summary.
@@ -249,6 +260,32 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
     })
 }
 
+/// Refuses a checkpoint whose source differs from the run's in a checked key, naming
+/// every difference. A checkpoint that recorded no source (or a run that has none) is
+/// not checked.
+fn check_source(
+    path: &Path,
+    written: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> Result<()> {
+    let differences: Vec<String> = SOURCE_KEYS_CHECKED
+        .iter()
+        .filter_map(|&k| match (written.get(k), now.get(k)) {
+            (Some(a), Some(b)) if a != b => Some(format!("{k} {a:?}, now {b:?}")),
+            _ => None,
+        })
+        .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "checkpoint {} was written reading another source ({}); its offsets and model do not \
+         apply: start from an empty checkpoint directory, or force it with --force-checkpoint",
+        path.display(),
+        differences.join("; ")
+    )))
+}
+
 /// Loads the checkpoint in `path`; refuses one from another configuration unless
 /// `force`.
 pub fn load(path: &Path, config_hash: &str, force: bool) -> Result<Loaded> {
@@ -383,7 +420,13 @@ impl Checkpointer {
     /// The newest complete checkpoint in the directory, loaded.
     pub fn latest(&self, force: bool) -> Result<Option<Loaded>> {
         match list(&self.settings.dir)?.last() {
-            Some((_, path)) => load(path, &self.settings.config_hash, force).map(Some),
+            Some((_, path)) => {
+                let loaded = load(path, &self.settings.config_hash, force)?;
+                if !force {
+                    check_source(path, &loaded.manifest.source, &self.settings.source)?;
+                }
+                Ok(Some(loaded))
+            }
             None => Ok(None),
         }
     }
@@ -533,6 +576,7 @@ impl Checkpointer {
             offsets_lost: carried.lost + total.lost,
             bytes: bytes + total.bytes,
             config: self.settings.config.clone(),
+            source: self.settings.source.clone(),
         };
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::Internal(format!("manifest: {e}")))?;

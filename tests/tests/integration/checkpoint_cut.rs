@@ -90,6 +90,7 @@ fn a_closed_input_still_bounds_the_cut() {
             keep: 10_000,
             config_hash: "test".into(),
             config: None,
+            source: Default::default(),
         })
         .expect("checkpointer"),
     );
