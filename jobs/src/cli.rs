@@ -331,6 +331,10 @@ pub struct BacktestArgs {
     /// 127.0.0.1) or an explicit IP:PORT; port 0 picks a free one (printed on stderr).
     #[arg(long, value_name = "[IP:]PORT")]
     pub metrics_addr: Option<String>,
+    /// Token the admin calls must send (`Authorization: Bearer TOKEN`); required when
+    /// --metrics-addr is not loopback. Also read from TIDEPOOL_ADMIN_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
     /// Write a report directory: heap.svg (live heap over time, GC cycles marked).
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,

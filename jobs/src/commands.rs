@@ -211,16 +211,20 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
         .context("installing the SIGUSR1 handler")?;
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let live = Arc::new(LiveMetrics::new(&config));
-    crate::serve::start_if(args.metrics_addr.as_deref(), || crate::serve::Telemetry {
-        trained: Arc::clone(&trained),
-        gc: Arc::clone(&gc),
-        checkpoints: None,
-        dead: Arc::clone(&dead),
-        pool: pool.clone(),
-        kafka: None,
-        live: Some(Arc::clone(&live)),
-        started: Instant::now(),
-    })?;
+    crate::serve::start_if(
+        args.metrics_addr.as_deref(),
+        args.admin_token.as_deref(),
+        || crate::serve::Telemetry {
+            trained: Arc::clone(&trained),
+            gc: Arc::clone(&gc),
+            checkpoints: None,
+            dead: Arc::clone(&dead),
+            pool: pool.clone(),
+            kafka: None,
+            live: Some(Arc::clone(&live)),
+            started: Instant::now(),
+        },
+    )?;
     let options = RunOptions {
         gc: Arc::clone(&gc),
         checkpoints: None,

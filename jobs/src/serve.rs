@@ -2,6 +2,13 @@
 //! `/healthz`, and admin calls that set `gc_percent`, start a compaction cycle or a
 //! checkpoint. Served by axum on a small tokio runtime in its own thread; bound to
 //! 127.0.0.1 unless an explicit address says otherwise.
+//!
+//! Admin calls are guarded twice. Every admin POST must carry the header
+//! [`ADMIN_HEADER`]: a browser sends a custom header cross-origin only after a CORS
+//! preflight, which this server never approves, so a web page the operator visits cannot
+//! trigger them (CSRF). Bound to anything but loopback, the endpoint also requires a
+//! token (`--admin-token` or `TIDEPOOL_ADMIN_TOKEN`, sent as `Authorization: Bearer`) and
+//! refuses to start without one.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -81,6 +88,56 @@ impl Recent {
 struct Served {
     telemetry: Telemetry,
     recent: Recent,
+    token: Option<Arc<str>>,
+}
+
+/// The header every admin call must carry (any value).
+pub const ADMIN_HEADER: &str = "x-tidepool-admin";
+
+/// Checks an admin call's headers: the CSRF header, then the token if one is set.
+fn authorize(
+    headers: &axum::http::HeaderMap,
+    token: Option<&str>,
+) -> Result<(), (StatusCode, String)> {
+    if !headers.contains_key(ADMIN_HEADER) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!("admin calls need the header {ADMIN_HEADER} (it keeps web pages from sending them)\n"),
+        ));
+    }
+    if let Some(token) = token {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compared in constant time: the comparison must not say how much was right.
+        let same = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "admin calls need Authorization: Bearer <the admin token>\n".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Asks for a checkpoint unless one is already asked for: at most one in flight.
+fn request_checkpoint(flag: &std::sync::atomic::AtomicBool) -> (StatusCode, &'static str) {
+    if flag.swap(true, Ordering::AcqRel) {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "a checkpoint is already requested and not yet taken\n",
+        )
+    } else {
+        (StatusCode::OK, "checkpoint requested\n")
+    }
 }
 
 fn render(served: &Served) -> String {
@@ -354,13 +411,21 @@ struct GcQuery {
 }
 
 /// Starts the endpoint on `addr` (a bare port means 127.0.0.1) and returns the bound
-/// address; the server lives as long as the process.
-pub fn start(addr: &str, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
+/// address; the server lives as long as the process. `token` guards the admin calls; an
+/// address other than loopback needs one.
+pub fn start(addr: &str, token: Option<&str>, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
     let addr: SocketAddr = if addr.contains(':') {
         addr.parse()?
     } else {
         SocketAddr::from(([127, 0, 0, 1], addr.parse::<u16>()?))
     };
+    let token = token.filter(|t| !t.is_empty());
+    if !addr.ip().is_loopback() && token.is_none() {
+        anyhow::bail!(
+            "the admin endpoint on {addr} is reachable from other machines: give it a token \
+             (--admin-token or TIDEPOOL_ADMIN_TOKEN), or bind it to 127.0.0.1"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -369,6 +434,7 @@ pub fn start(addr: &str, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
     let served = Served {
         recent: Recent::default(),
         telemetry,
+        token: token.map(Arc::from),
     };
     if let Some(live) = served.telemetry.live.clone() {
         let recent = served.recent.clone();
@@ -380,55 +446,76 @@ pub fn start(addr: &str, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
             }
         });
     }
-    let app =
-        Router::new()
-            .route(
-                "/metrics",
-                get(|State(s): State<Served>| async move { render(&s) }),
-            )
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route(
-                "/admin/gc",
-                post(
-                    |State(Served { telemetry: t, .. }): State<Served>,
-                     Query(q): Query<GcQuery>| async move {
-                        match tidepool_pipeline::memory::gc::parse_gc_percent(&q.percent) {
-                            Ok(p) => {
-                                let old = t.gc.set_gc_percent(p);
-                                (StatusCode::OK, format!("gc_percent {old:?} -> {p:?}\n"))
-                            }
-                            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<Served>| async move { render(&s) }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/admin/gc",
+            post(
+                |State(Served {
+                     telemetry: t,
+                     token,
+                     ..
+                 }): State<Served>,
+                 headers: axum::http::HeaderMap,
+                 Query(q): Query<GcQuery>| async move {
+                    if let Err(refused) = authorize(&headers, token.as_deref()) {
+                        return refused;
+                    }
+                    match tidepool_pipeline::memory::gc::parse_gc_percent(&q.percent) {
+                        Ok(p) => {
+                            let old = t.gc.set_gc_percent(p);
+                            (StatusCode::OK, format!("gc_percent {old:?} -> {p:?}\n"))
                         }
-                    },
-                ),
-            )
-            .route(
-                "/admin/compact",
-                post(
-                    |State(Served { telemetry: t, .. }): State<Served>| async move {
-                        t.gc.request();
-                        "compaction cycle requested\n"
-                    },
-                ),
-            )
-            .route(
-                "/admin/checkpoint",
-                post(
-                    |State(Served { telemetry: t, .. }): State<Served>| async move {
-                        match &t.checkpoints {
-                            Some(cp) => {
-                                cp.request_flag().store(true, Ordering::Relaxed);
-                                (StatusCode::OK, "checkpoint requested\n")
-                            }
-                            None => (
-                                StatusCode::CONFLICT,
-                                "this job does not checkpoint (no --checkpoint-dir)\n",
-                            ),
-                        }
-                    },
-                ),
-            )
-            .with_state(served);
+                        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/admin/compact",
+            post(
+                |State(Served {
+                     telemetry: t,
+                     token,
+                     ..
+                 }): State<Served>,
+                 headers: axum::http::HeaderMap| async move {
+                    if let Err(refused) = authorize(&headers, token.as_deref()) {
+                        return refused;
+                    }
+                    t.gc.request();
+                    (StatusCode::OK, "compaction cycle requested\n".to_string())
+                },
+            ),
+        )
+        .route(
+            "/admin/checkpoint",
+            post(
+                |State(Served {
+                     telemetry: t,
+                     token,
+                     ..
+                 }): State<Served>,
+                 headers: axum::http::HeaderMap| async move {
+                    if let Err(refused) = authorize(&headers, token.as_deref()) {
+                        return refused;
+                    }
+                    let (status, body) = match &t.checkpoints {
+                        Some(cp) => request_checkpoint(&cp.request_flag()),
+                        None => (
+                            StatusCode::CONFLICT,
+                            "this job does not checkpoint (no --checkpoint-dir)\n",
+                        ),
+                    };
+                    (status, body.to_string())
+                },
+            ),
+        )
+        .with_state(served);
     std::thread::Builder::new()
         .name("tidepool-http".into())
         .spawn(move || {
@@ -441,10 +528,56 @@ pub fn start(addr: &str, telemetry: Telemetry) -> anyhow::Result<SocketAddr> {
 
 /// Starts the endpoint when `addr` is given, announcing the bound address on stderr
 /// (the line tests and scripts read).
-pub fn start_if(addr: Option<&str>, telemetry: impl FnOnce() -> Telemetry) -> anyhow::Result<()> {
+pub fn start_if(
+    addr: Option<&str>,
+    token: Option<&str>,
+    telemetry: impl FnOnce() -> Telemetry,
+) -> anyhow::Result<()> {
     if let Some(addr) = addr {
-        let bound = start(addr, telemetry())?;
+        let env = std::env::var("TIDEPOOL_ADMIN_TOKEN").ok();
+        let bound = start(addr, token.or(env.as_deref()), telemetry())?;
         eprintln!("metrics on http://{bound}/metrics");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderMap;
+
+    #[test]
+    fn admin_calls_need_the_header_and_the_token() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            authorize(&headers, None).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        headers.insert(ADMIN_HEADER, "1".parse().unwrap());
+        assert!(
+            authorize(&headers, None).is_ok(),
+            "loopback without a token"
+        );
+        assert_eq!(
+            authorize(&headers, Some("t0ken")).unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
+        headers.insert("authorization", "Bearer t0ke".parse().unwrap());
+        assert!(
+            authorize(&headers, Some("t0ken")).is_err(),
+            "a prefix is not the token"
+        );
+        headers.insert("authorization", "Bearer t0ken".parse().unwrap());
+        assert!(authorize(&headers, Some("t0ken")).is_ok());
+    }
+
+    #[test]
+    fn one_checkpoint_request_at_a_time() {
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        assert_eq!(request_checkpoint(&flag).0, StatusCode::OK);
+        assert_eq!(request_checkpoint(&flag).0, StatusCode::TOO_MANY_REQUESTS);
+        // Taken by the job: the next request is accepted again.
+        flag.store(false, Ordering::Relaxed);
+        assert_eq!(request_checkpoint(&flag).0, StatusCode::OK);
+    }
 }

@@ -290,8 +290,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     };
     let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let live = Arc::new(tidepool_operators::live::LiveMetrics::new(&config));
-    crate::serve::start_if(args.run.metrics_addr.as_deref(), || {
-        crate::serve::Telemetry {
+    crate::serve::start_if(
+        args.run.metrics_addr.as_deref(),
+        args.run.admin_token.as_deref(),
+        || crate::serve::Telemetry {
             trained: Arc::clone(&trained),
             gc: Arc::clone(&gc),
             checkpoints: checkpoints.clone(),
@@ -300,8 +302,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
             kafka: Some(Arc::clone(&counters)),
             live: Some(Arc::clone(&live)),
             started: std::time::Instant::now(),
-        }
-    })?;
+        },
+    )?;
     let options = RunOptions {
         gc,
         checkpoints,

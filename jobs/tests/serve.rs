@@ -9,10 +9,24 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    http_with(addr, method, path, "")
+}
+
+/// An admin call as a script sends it: the CSRF header and the token.
+fn admin(addr: &str, path: &str) -> (u16, String) {
+    http_with(
+        addr,
+        "POST",
+        path,
+        "X-Tidepool-Admin: 1\r\nAuthorization: Bearer s3cret\r\n",
+    )
+}
+
+fn http_with(addr: &str, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("the endpoint accepts connections");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -60,6 +74,8 @@ fn metrics_admin_and_graceful_shutdown() {
             "idle:60s",
             "--metrics-addr",
             "0",
+            "--admin-token",
+            "s3cret",
             "--checkpoint-dir",
             "ckpt",
             "--checkpoint-interval",
@@ -150,14 +166,32 @@ fn metrics_admin_and_graceful_shutdown() {
 
     // gc_percent set at run time shows in the metrics and the next cycle's settings.
     assert_eq!(metric(&addr, "tidepool_gc_percent"), Some(100.0));
-    assert_eq!(http(&addr, "POST", "/admin/gc?percent=50").0, 200);
+    // Admin calls without the CSRF header (what a web page could send) or without the
+    // token are refused and change nothing.
+    let (status, body) = http(&addr, "POST", "/admin/gc?percent=50");
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("X-Tidepool-Admin") || body.contains("x-tidepool-admin"),
+        "{body}"
+    );
+    let (status, _) = http_with(
+        &addr,
+        "POST",
+        "/admin/gc?percent=50",
+        "X-Tidepool-Admin: 1\r\n",
+    );
+    assert_eq!(status, 401);
+    let wrong = "X-Tidepool-Admin: 1\r\nAuthorization: Bearer s3creT\r\n";
+    assert_eq!(http_with(&addr, "POST", "/admin/checkpoint", wrong).0, 401);
+    assert_eq!(metric(&addr, "tidepool_gc_percent"), Some(100.0));
+    assert_eq!(admin(&addr, "/admin/gc?percent=50").0, 200);
     assert_eq!(metric(&addr, "tidepool_gc_percent"), Some(50.0));
-    assert_eq!(http(&addr, "POST", "/admin/gc?percent=lots").0, 400);
-    assert_eq!(http(&addr, "POST", "/admin/compact").0, 200);
+    assert_eq!(admin(&addr, "/admin/gc?percent=lots").0, 400);
+    assert_eq!(admin(&addr, "/admin/compact").0, 200);
     wait_for("a manual cycle", || {
         metric(&addr, "tidepool_gc_cycles_total{trigger=\"manual\"}").unwrap_or(0.0) >= 1.0
     });
-    assert_eq!(http(&addr, "POST", "/admin/checkpoint").0, 200);
+    assert_eq!(admin(&addr, "/admin/checkpoint").0, 200);
     wait_for("the requested checkpoint", || {
         metric(&addr, "tidepool_checkpoints_total").unwrap_or(0.0) >= 1.0
     });
@@ -173,4 +207,47 @@ fn metrics_admin_and_graceful_shutdown() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(ckpts.iter().any(|n| n == "ckpt-2"), "{ckpts:?}");
+}
+
+/// Bound to anything but loopback, the endpoint needs a token, and says so.
+#[test]
+fn an_exposed_endpoint_without_a_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "backtest",
+            "--quiet",
+            "--events",
+            "1000",
+            "--metrics-addr",
+            "0.0.0.0:0",
+        ])
+        .env_remove("TIDEPOOL_ADMIN_TOKEN")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reachable from other machines: give it a token (--admin-token or TIDEPOOL_ADMIN_TOKEN)"),
+        "{stderr}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "backtest",
+            "--quiet",
+            "--events",
+            "1000",
+            "--metrics-addr",
+            "0.0.0.0:0",
+        ])
+        .env("TIDEPOOL_ADMIN_TOKEN", "from-the-environment")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
