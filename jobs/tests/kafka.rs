@@ -1629,3 +1629,71 @@ fn a_checkpoint_refuses_another_topic_or_mapping() {
     assert!(stderr.contains("now \"user=uid"), "{stderr}");
     ok(run(&["--topic", "second", "--force-checkpoint"]));
 }
+
+/// Every state file's checksum is in the manifest: a checkpoint with a corrupted byte is
+/// detected on load, and the previous complete one is used instead, with a warning; the
+/// run still trains every event exactly once.
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
+    let (_cluster, settings) = cluster_with("crc", 1);
+    let all = events(20_000);
+    produce(&settings, all[..10_000].to_vec(), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--topic",
+        "crc",
+        "--model",
+        "mostpop",
+        "--checkpoint-dir",
+        "ckpt",
+        "--checkpoint-interval",
+        "1h",
+        "--summary-json",
+        "s.json",
+    ];
+    // Two runs over the first half leave two checkpoints (each run writes its final one).
+    ok(finish(
+        &mut train(&settings.brokers, dir.path(), &args),
+        Duration::from_secs(60),
+    ));
+    ok(finish(
+        &mut train(&settings.brokers, dir.path(), &args),
+        Duration::from_secs(60),
+    ));
+    let mut ckpts: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir.path().join("ckpt"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix("ckpt-")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
+    ckpts.sort();
+    assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpts[1].1.join("manifest.json")).unwrap())
+            .unwrap();
+    assert!(
+        manifest["checksums"]["shared.bin"].is_string(),
+        "{manifest}"
+    );
+    // One flipped byte in the newest checkpoint's worker part.
+    let part = ckpts[1].1.join("worker-0.bin");
+    let mut bytes = std::fs::read(&part).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&part, bytes).unwrap();
+
+    produce(&settings, all[10_000..].to_vec(), None, &|_| {}).unwrap();
+    let out = ok(finish(
+        &mut train(&settings.brokers, dir.path(), &args),
+        Duration::from_secs(60),
+    ));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    assert!(stderr.contains("checksum"), "{stderr}");
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["checkpoints"]["restored_from"], ckpts[0].0, "{s}");
+    assert_eq!(s["events"], 20_000, "every event exactly once: {s}");
+}

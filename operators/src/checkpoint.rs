@@ -92,6 +92,10 @@ pub struct Manifest {
     /// [`SOURCE_KEYS_CHECKED`]).
     #[serde(default)]
     pub source: BTreeMap<String, String>,
+    /// CRC-32 (hex) of every state file, by name: a damaged or truncated file is found on
+    /// load, and the previous complete checkpoint is used instead.
+    #[serde(default)]
+    pub checksums: BTreeMap<String, String>,
 }
 
 /// The [`Manifest::source`] entries that must match for a restart to resume: its offsets
@@ -161,6 +165,53 @@ fn write_file(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> Result<()
         .map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().map_err(io(path))?;
     Ok(file.metadata().map_err(io(path))?.len())
+}
+
+/// CRC-32 of a file, streamed.
+fn crc_file(path: &Path) -> Result<String> {
+    let mut file = BufReader::with_capacity(1 << 20, File::open(path).map_err(io(path))?);
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:08x}", hasher.finalize()))
+}
+
+/// The checksums of every file of a checkpoint directory being committed (read back from
+/// the page cache: the parts were written by every worker, this is one place that sees
+/// them all).
+fn checksums(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(name) = name.filter(|n| n.ends_with(".bin")) {
+            out.insert(name, crc_file(&path)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks every file the manifest lists against its checksum.
+fn verify(path: &Path, manifest: &Manifest) -> Result<()> {
+    for (name, want) in &manifest.checksums {
+        let file = path.join(name);
+        let got = crc_file(&file)?;
+        if &got != want {
+            return Err(Error::BadInput {
+                location: file.display().to_string(),
+                reason: format!(
+                    "checksum {got} does not match the manifest's {want}: the file is damaged"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn write_bin<T: Serialize>(path: &Path, value: &T) -> Result<u64> {
@@ -306,6 +357,7 @@ pub fn load(path: &Path, config_hash: &str, force: bool) -> Result<Loaded> {
             config_hash
         )));
     }
+    verify(path, &manifest)?;
     let shared: SharedPart = read_bin(&path.join("shared.bin"))?;
     let mut parts = Vec::new();
     for w in 0..manifest.workers {
@@ -419,15 +471,36 @@ impl Checkpointer {
 
     /// The newest complete checkpoint in the directory, loaded.
     pub fn latest(&self, force: bool) -> Result<Option<Loaded>> {
-        match list(&self.settings.dir)?.last() {
-            Some((_, path)) => {
-                let loaded = load(path, &self.settings.config_hash, force)?;
-                if !force {
-                    check_source(path, &loaded.manifest.source, &self.settings.source)?;
+        let all = list(&self.settings.dir)?;
+        let mut damaged = Vec::new();
+        // Newest first. A checkpoint from another configuration or source is an error
+        // (resuming an older one would be as wrong); a damaged one is skipped, loudly.
+        for (_, path) in all.iter().rev() {
+            match load(path, &self.settings.config_hash, force) {
+                Ok(loaded) => {
+                    if !force {
+                        check_source(path, &loaded.manifest.source, &self.settings.source)?;
+                    }
+                    return Ok(Some(loaded));
                 }
-                Ok(Some(loaded))
+                Err(e @ Error::Config(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %path.display(), error = %e, "a damaged checkpoint; trying the previous one");
+                    eprintln!(
+                        "warning: checkpoint {} is damaged ({e}); falling back to the previous one",
+                        path.display()
+                    );
+                    damaged.push(format!("{}: {e}", path.display()));
+                }
             }
-            None => Ok(None),
+        }
+        if damaged.is_empty() {
+            Ok(None)
+        } else {
+            Err(Error::BadInput {
+                location: self.settings.dir.display().to_string(),
+                reason: format!("no checkpoint is readable: {}", damaged.join("; ")),
+            })
         }
     }
 
@@ -577,6 +650,7 @@ impl Checkpointer {
             bytes: bytes + total.bytes,
             config: self.settings.config.clone(),
             source: self.settings.source.clone(),
+            checksums: checksums(&tmp)?,
         };
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::Internal(format!("manifest: {e}")))?;
