@@ -326,6 +326,10 @@ pub struct BacktestArgs {
     /// dead-letter (reason `late`).
     #[arg(long, default_value = "train", value_parser = parse_lib::<LatePolicy>)]
     pub late: LatePolicy,
+    /// Events whose time lies more than this ahead of the wall clock go to the dead
+    /// letters (reason `skew`); `off` for no bound. Default: off for backtests, 1h for train.
+    #[arg(long, value_parser = parse_half_life)]
+    pub max_skew: Option<HalfLife>,
     /// Serve /metrics (Prometheus), /healthz and the admin endpoints (POST
     /// /admin/gc?percent=N|off, /admin/compact, /admin/checkpoint) here: a port (bound to
     /// 127.0.0.1) or an explicit IP:PORT; port 0 picks a free one (printed on stderr).

@@ -106,6 +106,7 @@ impl BacktestArgs {
             popularity_window_ms: millis(self.pop_window),
             allowed_lateness_ms: self.allowed_lateness.map_or(0, millis),
             late: self.late,
+            max_skew_ms: self.max_skew.and_then(|HalfLife(d)| d.map(millis)),
             state: StateConfig {
                 user_ttl_ms: self.user_ttl.map(millis),
                 item_ttl_ms: self.item_ttl.map(millis),

@@ -147,6 +147,8 @@ pub struct RunSection {
     pub allowed_lateness: Option<String>,
     /// `train` or `dead-letter`.
     pub late: Option<String>,
+    /// Bound on event times ahead of the wall clock, or `off`.
+    pub max_skew: Option<String>,
     /// Popularity window.
     pub popularity_window: Option<String>,
     /// No progress bar.
@@ -697,6 +699,7 @@ fn to_command(
             r.allowed_lateness.clone(),
         ),
         ("late", "late", r.late.clone()),
+        ("max_skew", "max-skew", r.max_skew.clone()),
         (
             "popularity_window",
             "pop-window",

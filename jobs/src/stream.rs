@@ -28,6 +28,9 @@ const STREAM_TICK_MS: i64 = 60_000;
 /// events reach a worker a little out of event-time order.
 const STREAM_LATENESS_MS: i64 = 300_000;
 
+/// Default bound on event times ahead of the wall clock in a followed stream.
+const STREAM_MAX_SKEW_MS: i64 = 3_600_000;
+
 /// FNV-1a, 64 bits: a hash that stays the same across builds and platforms, for the
 /// checkpoint's configuration fingerprint.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -162,6 +165,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     config.tick_ms = config.tick_ms.or(Some(STREAM_TICK_MS));
     if args.run.allowed_lateness.is_none() {
         config.allowed_lateness_ms = STREAM_LATENESS_MS;
+    }
+    if args.run.max_skew.is_none() {
+        config.max_skew_ms = Some(STREAM_MAX_SKEW_MS);
     }
     config.validate()?;
     if args.publish_interval.is_some() && args.publish_topic.is_none() && args.publish_dir.is_none()

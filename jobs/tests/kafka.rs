@@ -1697,3 +1697,48 @@ fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
     assert_eq!(s["checkpoints"]["restored_from"], ckpts[0].0, "{s}");
     assert_eq!(s["events"], 20_000, "every event exactly once: {s}");
 }
+
+/// Event times far ahead of the wall clock (a broken producer clock, seconds read as
+/// milliseconds) go to the dead letters with reason `skew` instead of dragging the
+/// watermark and the metric windows years ahead.
+#[test]
+fn events_from_the_future_are_dead_letters() {
+    let (_cluster, settings) = cluster_with("skew", 1);
+    let mut all = events(3_000);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for e in all.iter_mut().skip(100).step_by(500) {
+        e.ts = now + 30 * 86_400_000; // a month ahead
+    }
+    produce(&settings, all, None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ok(finish(
+        &mut train(
+            &settings.brokers,
+            dir.path(),
+            &[
+                "--topic",
+                "skew",
+                "--model",
+                "mostpop",
+                "--dead-letters",
+                "dead.jsonl",
+                "--summary-json",
+                "s.json",
+            ],
+        ),
+        Duration::from_secs(60),
+    ));
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["dead_letters"], 6, "{s}");
+    assert_eq!(s["events"], 2_994, "{s}");
+    let letters = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    assert_eq!(letters.lines().count(), 6);
+    assert!(letters.contains("skew: event time"), "{letters}");
+    assert!(
+        letters.contains("ahead of the wall clock (at most 3600000 ms allowed)"),
+        "{letters}"
+    );
+}

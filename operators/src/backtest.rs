@@ -712,6 +712,7 @@ pub fn run_dataflow(
                     gc: (index == 0).then_some(gc.as_ref()),
                     late: config.late,
                     allowed_lateness_ms: config.allowed_lateness_ms,
+                    max_skew_ms: config.max_skew_ms,
                     must_flush: &must_flush,
                     live: live.as_deref(),
                     checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),

@@ -599,6 +599,10 @@ pub struct BacktestConfig {
     /// What happens to events later than that.
     #[serde(default)]
     pub late: LatePolicy,
+    /// An event whose time lies more than this ahead of the wall clock (ms) goes to the
+    /// dead letters with reason `skew` instead of moving the watermark; `None`: no bound.
+    #[serde(default)]
+    pub max_skew_ms: Option<i64>,
     /// How long state is kept (`[state]`).
     #[serde(default)]
     pub state: StateConfig,
@@ -675,6 +679,7 @@ impl Default for BacktestConfig {
             popularity_window_ms: DEFAULT_POPULARITY_WINDOW_MS,
             allowed_lateness_ms: 0,
             late: LatePolicy::default(),
+            max_skew_ms: None,
             state: StateConfig::default(),
             gc: GcConfig::default(),
         }
@@ -746,6 +751,9 @@ impl BacktestConfig {
             return Err(Error::Config("rounds_in_flight must be at least 1".into()));
         }
         self.state.validate()?;
+        if self.max_skew_ms.is_some_and(|s| s <= 0) {
+            return Err(Error::Config("the maximum skew must be positive".into()));
+        }
         if self.allowed_lateness_ms < 0 {
             return Err(Error::Config(
                 "allowed lateness must not be negative".into(),

@@ -157,6 +157,9 @@ pub(crate) struct Feed<'a> {
     pub(crate) late: LatePolicy,
     /// How far behind the newest event time an event may be and still take its place.
     pub(crate) allowed_lateness_ms: i64,
+    /// How far ahead of the wall clock an event time may be (see
+    /// [`crate::config::BacktestConfig::max_skew_ms`]).
+    pub(crate) max_skew_ms: Option<i64>,
     /// Whether everything read must be sent before the next hook (a checkpoint is due).
     /// On worker 0 this is also where periodic checkpoints are decided.
     pub(crate) must_flush: &'a dyn Fn() -> bool,
@@ -185,6 +188,7 @@ pub(crate) fn drive(
         gc,
         late,
         allowed_lateness_ms,
+        max_skew_ms,
         must_flush,
         live,
         ..
@@ -272,7 +276,33 @@ pub(crate) fn drive(
             live.saw_event_time(newest);
         }
         show_watermark(probe);
+        // Far-future timestamps (a producer's broken clock, a unit mix-up) would drag the
+        // watermark ahead and open metric windows years away: bounded against the wall
+        // clock, which a replay of history never comes near.
+        let horizon = max_skew_ms.map(|skew| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+                .saturating_add(skew)
+        });
         for event in decoded.drain(..) {
+            if let Some(horizon) = horizon.filter(|&h| event.ts > h) {
+                stats.dead += 1;
+                dead.send(DeadLetter {
+                    location: format!("{} position {}", batch.origin.source, event.pos),
+                    reason: format!(
+                        "skew: event time {} ms is {} ms ahead of the wall clock (at most {} ms allowed)",
+                        event.ts,
+                        event.ts - (horizon - max_skew_ms.unwrap_or(0)),
+                        max_skew_ms.unwrap_or(0)
+                    ),
+                    raw: Some(format!(
+                        "{{\"user_id\":{},\"item_id\":{},\"ts\":{}}}",
+                        event.user, event.item, event.ts
+                    )),
+                })?;
+                continue;
+            }
             let tick = clock.tick(event.ts);
             if tick < *input.events.time() {
                 match late {
