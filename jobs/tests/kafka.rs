@@ -1742,3 +1742,56 @@ fn events_from_the_future_are_dead_letters() {
         "{letters}"
     );
 }
+
+/// The broker is killed (`kill -9`) while a checkpointing job trains, and restarted on
+/// its log directory: training pauses, resumes, every checkpoint stays consistent, and
+/// at the end every event was trained exactly once.
+#[test]
+fn kill_9_of_the_broker_trains_every_event_exactly_once() {
+    let (mut cluster, settings) = cluster_with("bk", 2);
+    // Long enough to train that the outage falls in the middle of it.
+    let n = 400_000u64;
+    produce(&settings, events(n), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = train(
+        &settings.brokers,
+        dir.path(),
+        &[
+            "--topic",
+            "bk",
+            "--model",
+            "bpr",
+            "--checkpoint-dir",
+            "ckpt",
+            "--checkpoint-interval",
+            "50ms",
+            "--summary-json",
+            "s.json",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Once the job has checkpointed part of the topic, take the broker away.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir
+        .path()
+        .join("ckpt")
+        .read_dir()
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy() == "ckpt-2")))
+    {
+        assert!(Instant::now() < deadline, "no second checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job finished before the broker went away"
+    );
+    cluster.outage(Duration::from_secs(3));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["events"], n, "{s}");
+    assert_checkpoints_complete(&dir.path().join("ckpt"));
+}
