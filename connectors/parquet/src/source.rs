@@ -144,8 +144,13 @@ impl ParquetSource {
             let builder = ParquetRecordBatchReaderBuilder::try_new(file)
                 .map_err(|e| Error::connector(context(), e))?;
             let schema = Arc::clone(builder.schema());
-            let (projection, ts_type) = project(&schema, &mapping)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            let (projection, ts_type) = project(&schema, &mapping).map_err(|e| {
+                let message = match e {
+                    Error::Config(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Config(format!("{}: {message}", path.display()))
+            })?;
             let int_time = matches!(ts_type, DataType::Int64 | DataType::Int32);
             let to_ms = |v: i64| match &ts_type {
                 DataType::Timestamp(TimeUnit::Second, _) => v.saturating_mul(1000),

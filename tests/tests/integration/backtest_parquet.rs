@@ -153,3 +153,71 @@ fn a_source_without_time_statistics_still_replays_in_coarse_rounds() {
     assert_eq!(report.protocol.window_ms, 86_400_000);
     assert!(report.variants[0].windows.len() <= 2);
 }
+
+/// A damaged, truncated, foreign or wrongly shaped file is a clear error naming the file,
+/// never a panic.
+#[test]
+fn damaged_and_foreign_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.parquet");
+    let rows: Vec<(Option<u64>, u64, i64)> = (0..5_000)
+        .map(|i| (Some(i % 97), i % 13, i as i64))
+        .collect();
+    write(&good, &rows);
+    let bytes = std::fs::read(&good).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated.parquet",
+            bytes[..bytes.len() / 2].to_vec(),
+            "truncated.parquet",
+        ),
+        (
+            "text.parquet",
+            b"not parquet at all".to_vec(),
+            "text.parquet",
+        ),
+        ("empty.parquet", Vec::new(), "empty.parquet"),
+        (
+            "footer.parquet",
+            {
+                let mut b = bytes.clone();
+                let n = b.len();
+                b[n - 12..n - 8].copy_from_slice(&[0xff; 4]);
+                b
+            },
+            "footer.parquet",
+        ),
+    ];
+    for (name, content, named) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        let err = match ParquetSource::open(&[path.display().to_string()], mapping()) {
+            Err(e) => e.to_string(),
+            Ok(source) => {
+                let source = Arc::new(source);
+                let cfg = config(ModelKind::Mostpop, 1);
+                match tidepool_operators::run_backtest(
+                    source,
+                    &cfg,
+                    Arc::new(tidepool_pipeline::MemoryDeadLetters::new(10)),
+                    &|_| {},
+                ) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => panic!("{name} was read as if it were fine"),
+                }
+            }
+        };
+        assert!(err.contains(named), "{name}: {err}");
+    }
+    // The right file with the wrong column names: which column, and the ones there are.
+    let wrong = ColumnMapping {
+        user: "customer".into(),
+        ..mapping()
+    };
+    let err = ParquetSource::open(&[good.display().to_string()], wrong)
+        .err()
+        .expect("a missing column is an error")
+        .to_string();
+    assert!(err.contains("good.parquet: column customer (for user_id) is missing; columns: userId, movieId, timestamp"), "{err}");
+    assert_eq!(err.matches("invalid configuration").count(), 1, "{err}");
+}
