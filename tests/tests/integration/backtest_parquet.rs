@@ -214,10 +214,10 @@ fn damaged_and_foreign_files_are_errors_naming_the_file() {
         user: "customer".into(),
         ..mapping()
     };
-    let err = ParquetSource::open(&[good.display().to_string()], wrong)
-        .err()
-        .expect("a missing column is an error")
-        .to_string();
+    let err = match ParquetSource::open(&[good.display().to_string()], wrong) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a missing column is an error"),
+    };
     assert!(err.contains("good.parquet: column customer (for user_id) is missing; columns: userId, movieId, timestamp"), "{err}");
     assert_eq!(err.matches("invalid configuration").count(), 1, "{err}");
 }
