@@ -1795,3 +1795,50 @@ fn kill_9_of_the_broker_trains_every_event_exactly_once() {
     assert_eq!(s["events"], n, "{s}");
     assert_checkpoints_complete(&dir.path().join("ckpt"));
 }
+
+/// Partitions added to a followed topic are picked up (from their beginning) within
+/// about a second, and their events trained.
+#[test]
+fn partitions_added_while_training_are_read() {
+    let (cluster, settings) = cluster_with("grow", 2);
+    let all = events(12_000);
+    produce(&settings, all[..6_000].to_vec(), None, &|_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+    cmd.args([
+        "train",
+        "--quiet",
+        "--brokers",
+        &settings.brokers,
+        "--stop-at",
+        "idle:6s",
+    ])
+    .args([
+        "--topic",
+        "grow",
+        "--model",
+        "mostpop",
+        "--summary-json",
+        "s.json",
+    ])
+    .current_dir(dir.path())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster
+        .kafka()
+        .expect("a real broker")
+        .add_partitions("grow", 5);
+    // Keyed by user: most of these land in the new partitions.
+    produce(&settings, all[6_000..].to_vec(), None, &|_| {}).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("kafka: reading partitions [2, 3, 4] added to grow"),
+        "{stderr}"
+    );
+    let s = summary(dir.path(), "s.json");
+    assert_eq!(s["events"], 12_000, "{s}");
+}

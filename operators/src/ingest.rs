@@ -239,9 +239,17 @@ pub(crate) fn drive(
             // the events it has delivered are trained and counted now rather than when
             // the next one arrives (and GC cycles see them). A later event for a closed
             // tick is late.
-            out.release(u64::MAX, worker, input, probe, feed);
+            // A source that merges lanes (Kafka partitions) and still has one behind is
+            // waiting for it, not idle: only what every lane has passed is released.
+            let merging = out.low_watermark_ms.is_some_and(|l| l != i64::MAX);
+            let bound = if merging {
+                out.watermark(clock, lateness_ticks)
+            } else {
+                u64::MAX
+            };
+            out.release(bound, worker, input, probe, feed);
             out.send(input);
-            if open_round {
+            if open_round && !merging {
                 let next = *input.events.time() + 1;
                 input.advance_to(next);
                 open_round = false;
@@ -330,14 +338,7 @@ pub(crate) fn drive(
             out.max_tick = out.max_tick.max(Some(tick));
             out.held.entry(tick).or_default().push(event);
         }
-        // The newest tick seen, or (for sources that merge lanes) the tick of the lane
-        // furthest behind, whichever is earlier, minus the allowed lateness.
-        let newest = match (out.max_tick, out.low_watermark_ms) {
-            (Some(_), Some(low)) if low == i64::MIN => Some(0),
-            (Some(t), Some(low)) => Some(t.min(clock.tick(low))),
-            (t, _) => t,
-        };
-        let watermark = newest.map_or(0, |t| t.saturating_sub(lateness_ticks));
+        let watermark = out.watermark(clock, lateness_ticks);
         let released = std::time::Instant::now();
         out.release(watermark, worker, input, probe, feed);
         time.release += released.elapsed();
@@ -400,6 +401,18 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// The newest tick seen, or (for sources that merge lanes) the tick of the lane
+    /// furthest behind, whichever is earlier, minus the allowed lateness.
+    fn watermark(&self, clock: Clock, lateness_ticks: u64) -> u64 {
+        let newest = match (self.max_tick, self.low_watermark_ms) {
+            (Some(_), Some(i64::MIN)) => Some(0),
+            (Some(t), Some(i64::MAX)) | (Some(t), None) => Some(t),
+            (Some(t), Some(low)) => Some(t.min(clock.tick(low))),
+            (None, _) => None,
+        };
+        newest.map_or(0, |t| t.saturating_sub(lateness_ticks))
+    }
+
     fn send(&mut self, input: &mut Inputs) {
         input.events.send_batch(&mut self.pending);
         self.pending.clear();

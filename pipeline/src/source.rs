@@ -45,7 +45,8 @@ pub struct SourceBatch {
     pub lost: u64,
     /// For sources that merge several ordered lanes (Kafka partitions): the newest event
     /// time read from the lane that is furthest behind, among the lanes still delivering
-    /// (`i64::MIN` while one has delivered nothing yet). The ingest holds events back
+    /// (`i64::MIN` while one has delivered nothing yet, `i64::MAX` when none is behind).
+    /// The ingest holds events back
     /// until every lane has passed them, so lanes read one after another still replay in
     /// event-time order. `None`: the source does not say (files and generators are read
     /// in order).

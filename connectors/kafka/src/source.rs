@@ -373,6 +373,9 @@ impl EventSource for KafkaSource {
             events: Vec::with_capacity(MAX_BATCH),
             done: mine.is_empty() && self.stop_at != StopAt::Never,
             newest: BTreeMap::new(),
+            reader: worker,
+            readers: workers.max(1),
+            refreshed: Instant::now(),
         }))
     }
 }
@@ -409,7 +412,16 @@ struct Reader {
     done: bool,
     /// The newest event time read from each partition.
     newest: BTreeMap<i32, i64>,
+    /// This reader's place among all readers: partition p is read by reader
+    /// `p % readers`, also for partitions added while the job runs.
+    reader: usize,
+    readers: usize,
+    /// When the topic's partitions were last looked up (following a topic only).
+    refreshed: Instant,
 }
+
+/// How often a reader following a topic looks for partitions added to it.
+const PARTITION_REFRESH: Duration = Duration::from_secs(1);
 
 /// A replay position unique per record, ordered by partition, then offset (up to 1024
 /// partitions and 2^54 offsets each): with the event time in front, `(ts, pos)` is the
@@ -437,6 +449,12 @@ impl Reader {
         if self.at_end() {
             self.done = true;
             return None;
+        }
+        if self.stop_at != StopAt::End && self.refreshed.elapsed() >= PARTITION_REFRESH {
+            self.refreshed = Instant::now();
+            if let Err(e) = self.pick_up_new_partitions() {
+                tracing::warn!(error = %e, "looking for partitions added to the topic");
+            }
         }
         self.events.clear();
         let mut advanced: BTreeMap<i32, i64> = BTreeMap::new();
@@ -546,8 +564,46 @@ impl Reader {
         }))
     }
 
+    /// Assigns the partitions added to the topic since the start that belong to this
+    /// reader, from their beginning (a `--stop-at end` run reads the partitions the topic
+    /// had when it started).
+    fn pick_up_new_partitions(&mut self) -> Result<()> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(1))
+            .map_err(|e| kafka_error("reading topic metadata", e))?;
+        let added: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == &*self.topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .filter(|&p| p >= 0 && p as usize % self.readers == self.reader)
+            .filter(|p| !self.next.contains_key(p))
+            .collect();
+        if added.is_empty() {
+            return Ok(());
+        }
+        for &p in &added {
+            self.next.insert(p, 0);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &next) in &self.next {
+            tpl.add_partition_offset(&self.topic, p, Offset::Offset(next))
+                .map_err(|e| kafka_error("assigning partitions", e))?;
+        }
+        self.consumer
+            .assign(&tpl)
+            .map_err(|e| kafka_error("assigning partitions", e))?;
+        tracing::info!(topic = %self.topic, partitions = ?added, "reading partitions added to the topic");
+        eprintln!(
+            "kafka: reading partitions {added:?} added to {}",
+            self.topic
+        );
+        Ok(())
+    }
+
     /// The newest event time of the partition furthest behind, among those that still
-    /// have records to deliver: a partition caught up with its high watermark (as
+    /// have records to deliver (`i64::MAX` when none does): a partition caught up with its high watermark (as
     /// librdkafka last saw it) or past its end does not hold the others back.
     fn low_watermark(&self) -> Option<i64> {
         // Followed partitions: caught up by the ends of librdkafka's latest statistics
@@ -571,7 +627,8 @@ impl Reader {
             let newest = self.newest.get(&p).copied().unwrap_or(i64::MIN);
             low = Some(low.map_or(newest, |l| l.min(newest)));
         }
-        low
+        // i64::MAX: no partition holds the others back now (all caught up or done).
+        Some(low.unwrap_or(i64::MAX))
     }
 }
 
