@@ -972,15 +972,8 @@ fn requests_to_any_process_of_a_cluster_take_effect() {
 /// consumed; the lost ones match what the consumer reported.
 #[test]
 fn the_manifest_accounts_for_every_offset() {
-    // Retention deleting a partition's head is the mock cluster's 5 MiB bound (a real
-    // broker's retention is not yet driven by this test).
-    let (cluster, settings) = with_broker(TestBroker::start_mock(), "acct", 1);
-    if cluster
-        .mock("the_manifest_accounts_for_every_offset")
-        .is_none()
-    {
-        return;
-    }
+    // The head of the partition is deleted as retention deletes it (DeleteRecords).
+    let (cluster, settings) = cluster_with("acct", 1);
     let pad = "x".repeat(600);
     let mut p = Producer::new(&settings).unwrap();
     let total = 12_000u64;
@@ -1000,6 +993,10 @@ fn the_manifest_accounts_for_every_offset() {
     }
     p.flush(Duration::from_secs(60)).unwrap();
     drop(p);
+    cluster
+        .kafka()
+        .expect("a real broker")
+        .delete_records_before("acct", 0, 3_000);
     let dir = tempfile::tempdir().unwrap();
     ok(finish(
         &mut train(
@@ -1030,8 +1027,8 @@ fn the_manifest_accounts_for_every_offset() {
     assert_accounts(&manifest, "final checkpoint");
     assert_eq!(manifest["positions"]["0"], total, "{manifest}");
     let lost = manifest["offsets_lost"].as_u64().unwrap();
-    assert!(
-        lost > 0,
+    assert_eq!(
+        lost, 3_000,
         "the head of the partition was deleted: {manifest}"
     );
     assert_eq!(s["kafka"]["offsets_lost_to_retention"], lost, "{s}");

@@ -246,6 +246,22 @@ impl KafkaBroker {
         self.wait_for_partitions(topic, partitions);
     }
 
+    /// Deletes a partition's records before `offset`, as retention does to its head.
+    pub(crate) fn delete_records_before(&self, topic: &str, partition: i32, offset: i64) {
+        let (admin, rt) = self.admin();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+            .expect("a partition offset");
+        let result = rt
+            .block_on(admin.delete_records(&tpl, &AdminOptions::new()))
+            .expect("DeleteRecords answers");
+        for e in result.elements() {
+            if let Err(err) = e.error() {
+                panic!("deleting records of {topic}/{partition}: {err}");
+            }
+        }
+    }
+
     /// Grows a topic to `partitions` partitions.
     pub(crate) fn add_partitions(&self, topic: &str, partitions: usize) {
         let (admin, rt) = self.admin();
