@@ -519,6 +519,9 @@ pub fn run_dataflow(
                             let mut changes = Stash::<CountChange>::default();
                             let mut cycles = Stash::<CycleTicket>::default();
                             let mut remote = Vec::<RowBatch>::new();
+                            // The co-occurrence gauge walks every neighbour list: once a
+                            // second is plenty for a gauge, and every round is not.
+                            let mut bytes_shown: Option<Instant> = None;
                             move |(events, events_frontier), (side, side_frontier), output| {
                                 events.for_each(|cap, data| {
                                     rounds.stash(cap.retain_least(output.output_index()), data);
@@ -589,9 +592,14 @@ pub fn run_dataflow(
                                                     for (v, w) in learner.weights() {
                                                         live.set_weights(v, w);
                                                     }
-                                                    live.set_cooccurrence_bytes(
-                                                        learner.knn_bytes(),
-                                                    );
+                                                    if bytes_shown.is_none_or(|t| {
+                                                        t.elapsed() >= Duration::from_secs(1)
+                                                    }) {
+                                                        bytes_shown = Some(Instant::now());
+                                                        live.set_cooccurrence_bytes(
+                                                            learner.knn_bytes(),
+                                                        );
+                                                    }
                                                 }
                                                 let changes = learner.take_row_changes();
                                                 if !changes.is_empty() {
