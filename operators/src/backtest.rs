@@ -1036,12 +1036,8 @@ fn assemble(
         report.items_expired = report.items_expired.max(outcome.learner.items_expired);
         // Every worker holds the full catalogue replica.
         report.items = report.items.max(outcome.learner.items);
-        for (slot, trace) in mixing.iter_mut().zip(outcome.learner.mixing) {
-            for (w, (steps, sums)) in trace {
-                let entry = slot.entry(w).or_insert_with(|| (0, vec![0.0; sums.len()]));
-                entry.0 += steps;
-                entry.1.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
-            }
+        for (slot, trace) in mixing.iter_mut().zip(&outcome.learner.mixing) {
+            crate::learner::merge_traces(slot, trace);
         }
         for (slot, (_, total, windows)) in merged.iter_mut().zip(outcome.learner.variants) {
             slot.0.merge(&total);

@@ -170,6 +170,16 @@ impl Variant {
 /// Per metrics window: an ensemble's learning steps and summed weights.
 pub(crate) type MixingTrace = BTreeMap<i64, (u64, Vec<f64>)>;
 
+/// Adds `from`'s steps and weight sums to `into`, window by window (workers' traces
+/// merge into one, as their quality counters do).
+pub(crate) fn merge_traces(into: &mut MixingTrace, from: &MixingTrace) {
+    for (w, (steps, sums)) in from {
+        let entry = into.entry(*w).or_insert_with(|| (0, vec![0.0; sums.len()]));
+        entry.0 += steps;
+        entry.1.iter_mut().zip(sums).for_each(|(a, b)| *a += b);
+    }
+}
+
 /// What a worker hands back at the end of a replay.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub(crate) struct WorkerResult {
@@ -625,14 +635,7 @@ impl Learner {
             }
             if mine_metrics {
                 for (v, (_, _, trace)) in self.variants.iter_mut().zip(&part.ensembles) {
-                    for (w, (steps, sums)) in trace {
-                        let entry = v
-                            .mixing
-                            .entry(*w)
-                            .or_insert_with(|| (0, vec![0.0; sums.len()]));
-                        entry.0 += steps;
-                        entry.1.iter_mut().zip(sums).for_each(|(a, b)| *a += b);
-                    }
+                    merge_traces(&mut v.mixing, trace);
                 }
             }
             if mine_metrics {
@@ -658,16 +661,20 @@ impl Learner {
             v.model
                 .score_all(dense, user, &self.catalogue, &mut v.dense);
         }
-        let dense_of: Vec<Vec<f32>> = components
-            .iter()
-            .map(|&c| self.variants[c].dense.clone())
-            .collect();
-        if let Model::Ensemble(e) = &mut self.variants[variant].model {
-            let slices: Vec<&[f32]> = dense_of.iter().map(Vec::as_slice).collect();
-            e.mix(&slices, self.catalogue.alive());
-            scores.extend_from_slice(e.mixed());
-        } else {
-            scores = std::mem::take(&mut self.variants[variant].dense);
+        match std::mem::replace(&mut self.variants[variant].model, Model::MostPop) {
+            Model::Ensemble(mut e) => {
+                let slices: Vec<&[f32]> = components
+                    .iter()
+                    .map(|&c| self.variants[c].dense.as_slice())
+                    .collect();
+                e.mix(&slices, self.catalogue.alive());
+                scores.extend_from_slice(e.mixed());
+                self.variants[variant].model = Model::Ensemble(e);
+            }
+            model => {
+                self.variants[variant].model = model;
+                scores = std::mem::take(&mut self.variants[variant].dense);
+            }
         }
         let history = self.users.history(dense);
         let mut ranked: Vec<(u32, f32)> = scores
