@@ -88,7 +88,6 @@ impl Recent {
 struct Served {
     telemetry: Telemetry,
     recent: Recent,
-    token: Option<Arc<str>>,
 }
 
 /// The header every admin call must carry (any value).
@@ -434,7 +433,6 @@ pub fn start(addr: &str, token: Option<&str>, telemetry: Telemetry) -> anyhow::R
     let served = Served {
         recent: Recent::default(),
         telemetry,
-        token: token.map(Arc::from),
     };
     if let Some(live) = served.telemetry.live.clone() {
         let recent = served.recent.clone();
@@ -446,75 +444,65 @@ pub fn start(addr: &str, token: Option<&str>, telemetry: Telemetry) -> anyhow::R
             }
         });
     }
+    // One guard for every admin route (see the module docs), not a check per handler.
+    let admin =
+        Router::new()
+            .route(
+                "/admin/gc",
+                post(
+                    |State(Served { telemetry: t, .. }): State<Served>,
+                     Query(q): Query<GcQuery>| async move {
+                        match tidepool_pipeline::memory::gc::parse_gc_percent(&q.percent) {
+                            Ok(p) => {
+                                let old = t.gc.set_gc_percent(p);
+                                (StatusCode::OK, format!("gc_percent {old:?} -> {p:?}\n"))
+                            }
+                            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+                        }
+                    },
+                ),
+            )
+            .route(
+                "/admin/compact",
+                post(
+                    |State(Served { telemetry: t, .. }): State<Served>| async move {
+                        t.gc.request();
+                        "compaction cycle requested\n"
+                    },
+                ),
+            )
+            .route(
+                "/admin/checkpoint",
+                post(
+                    |State(Served { telemetry: t, .. }): State<Served>| async move {
+                        match &t.checkpoints {
+                            Some(cp) => request_checkpoint(&cp.request_flag()),
+                            None => (
+                                StatusCode::CONFLICT,
+                                "this job does not checkpoint (no --checkpoint-dir)\n",
+                            ),
+                        }
+                    },
+                ),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(
+                token.map(Arc::<str>::from),
+                |State(token): State<Option<Arc<str>>>,
+                 request: axum::extract::Request,
+                 next: axum::middleware::Next| async move {
+                    match authorize(request.headers(), token.as_deref()) {
+                        Ok(()) => next.run(request).await,
+                        Err(refused) => axum::response::IntoResponse::into_response(refused),
+                    }
+                },
+            ));
     let app = Router::new()
         .route(
             "/metrics",
             get(|State(s): State<Served>| async move { render(&s) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/admin/gc",
-            post(
-                |State(Served {
-                     telemetry: t,
-                     token,
-                     ..
-                 }): State<Served>,
-                 headers: axum::http::HeaderMap,
-                 Query(q): Query<GcQuery>| async move {
-                    if let Err(refused) = authorize(&headers, token.as_deref()) {
-                        return refused;
-                    }
-                    match tidepool_pipeline::memory::gc::parse_gc_percent(&q.percent) {
-                        Ok(p) => {
-                            let old = t.gc.set_gc_percent(p);
-                            (StatusCode::OK, format!("gc_percent {old:?} -> {p:?}\n"))
-                        }
-                        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/admin/compact",
-            post(
-                |State(Served {
-                     telemetry: t,
-                     token,
-                     ..
-                 }): State<Served>,
-                 headers: axum::http::HeaderMap| async move {
-                    if let Err(refused) = authorize(&headers, token.as_deref()) {
-                        return refused;
-                    }
-                    t.gc.request();
-                    (StatusCode::OK, "compaction cycle requested\n".to_string())
-                },
-            ),
-        )
-        .route(
-            "/admin/checkpoint",
-            post(
-                |State(Served {
-                     telemetry: t,
-                     token,
-                     ..
-                 }): State<Served>,
-                 headers: axum::http::HeaderMap| async move {
-                    if let Err(refused) = authorize(&headers, token.as_deref()) {
-                        return refused;
-                    }
-                    let (status, body) = match &t.checkpoints {
-                        Some(cp) => request_checkpoint(&cp.request_flag()),
-                        None => (
-                            StatusCode::CONFLICT,
-                            "this job does not checkpoint (no --checkpoint-dir)\n",
-                        ),
-                    };
-                    (status, body.to_string())
-                },
-            ),
-        )
+        .merge(admin)
         .with_state(served);
     std::thread::Builder::new()
         .name("tidepool-http".into())
