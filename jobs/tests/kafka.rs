@@ -69,6 +69,50 @@ fn summary(dir: &Path, name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
 }
 
+/// Trains `all` in one run (checkpoints in `one`, summary `one.json`), then, on a fresh
+/// broker, the first `cut` events and, after producing the rest, a second run resuming
+/// from the first one's checkpoint (checkpoints in `two`; `first.json`, `second.json`).
+/// `args(checkpoint_dir, summary)` gives the train arguments. Returns the directory and
+/// the three summaries.
+fn whole_and_resumed(
+    topic: &str,
+    partitions: i32,
+    all: &[Event],
+    cut: usize,
+    args: impl Fn(&str, &str) -> Vec<String>,
+) -> (
+    tempfile::TempDir,
+    serde_json::Value,
+    serde_json::Value,
+    serde_json::Value,
+) {
+    let run = |brokers: &str, dir: &Path, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(finish(
+            &mut train(brokers, dir, &args),
+            Duration::from_secs(120),
+        ))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, settings) = cluster_with(topic, partitions);
+    produce(&settings, all.to_vec(), None, &|_| {}).unwrap();
+    run(&settings.brokers, dir.path(), &args("one", "one.json"));
+    drop(whole);
+
+    let (parts, settings) = cluster_with(topic, partitions);
+    produce(&settings, all[..cut].to_vec(), None, &|_| {}).unwrap();
+    run(&settings.brokers, dir.path(), &args("two", "first.json"));
+    produce(&settings, all[cut..].to_vec(), None, &|_| {}).unwrap();
+    run(&settings.brokers, dir.path(), &args("two", "second.json"));
+    drop(parts);
+    let (one, first, second) = (
+        summary(dir.path(), "one.json"),
+        summary(dir.path(), "first.json"),
+        summary(dir.path(), "second.json"),
+    );
+    (dir, one, first, second)
+}
+
 /// Runs to completion, failing (and killing it) after `limit`: a hung run must fail the
 /// test, not hang it.
 fn finish(cmd: &mut Command, limit: Duration) -> Output {
@@ -594,33 +638,8 @@ fn the_popularity_window_survives_a_restart() {
         .map(|s| s.to_string())
         .collect()
     };
-    let run = |brokers: &str, dir: &Path, args: &[String]| {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(finish(
-            &mut train(brokers, dir, &args),
-            Duration::from_secs(120),
-        ))
-    };
-    let dir = tempfile::tempdir().unwrap();
-
-    let (whole, settings) = cluster("pop");
-    produce(&settings, all.clone(), None, &|_| {}).unwrap();
-    run(&settings.brokers, dir.path(), &args("one", "one.json"));
-    drop(whole);
-
-    let (parts, settings) = cluster("pop");
     let cut = all.len() * 19 / 20;
-    produce(&settings, all[..cut].to_vec(), None, &|_| {}).unwrap();
-    run(&settings.brokers, dir.path(), &args("two", "first.json"));
-    produce(&settings, all[cut..].to_vec(), None, &|_| {}).unwrap();
-    run(&settings.brokers, dir.path(), &args("two", "second.json"));
-    drop(parts);
-
-    let (one, first, second) = (
-        summary(dir.path(), "one.json"),
-        summary(dir.path(), "first.json"),
-        summary(dir.path(), "second.json"),
-    );
+    let (_dir, one, first, second) = whole_and_resumed("pop", 4, &all, cut, args);
     assert_eq!(one["events"], n);
     assert_eq!(first["events"], cut as u64);
     assert_eq!(
@@ -1253,33 +1272,9 @@ fn itemknn_resumes_from_a_checkpoint_exactly() {
         .map(|s| s.to_string())
         .collect()
     };
-    let run = |brokers: &str, dir: &Path, args: &[String]| {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(finish(
-            &mut train(brokers, dir, &args),
-            Duration::from_secs(120),
-        ))
-    };
-    let dir = tempfile::tempdir().unwrap();
     // One partition: the replay order is the offset order, the same in both runs.
-    let (whole, settings) = cluster_with("knn", 1);
-    produce(&settings, all.clone(), None, &|_| {}).unwrap();
-    run(&settings.brokers, dir.path(), &args("one", "one.json"));
-    drop(whole);
-
-    let (parts, settings) = cluster_with("knn", 1);
     let cut = all.len() * 3 / 5;
-    produce(&settings, all[..cut].to_vec(), None, &|_| {}).unwrap();
-    run(&settings.brokers, dir.path(), &args("two", "first.json"));
-    produce(&settings, all[cut..].to_vec(), None, &|_| {}).unwrap();
-    run(&settings.brokers, dir.path(), &args("two", "second.json"));
-    drop(parts);
-
-    let (one, first, second) = (
-        summary(dir.path(), "one.json"),
-        summary(dir.path(), "first.json"),
-        summary(dir.path(), "second.json"),
-    );
+    let (dir, one, first, second) = whole_and_resumed("knn", 1, &all, cut, args);
     assert_eq!(first["events"], cut as u64);
     assert_eq!(
         second["checkpoints"]["restored_from"],
