@@ -1,20 +1,22 @@
 //! `ensemble`: a mix of other variants' scores with weights learned online.
 //!
 //! Components score on different scales (co-occurrence ratios, counts, dot products), so
-//! each component's scores for a user are first z-normalised over the live catalogue:
-//! `z_c(j) = (s_c(j) - mean_c) / std_c`. The ensemble's score is `m(j) = sum_c w_c z_c(j)`.
-//! A constant component (no information for this user, e.g. `itemknn` for a user with
-//! no history) gets z = 0 and so steps aside by itself.
+//! each component's scores for a user are first put on one scale ([`Norm`]): by rank
+//! (`-log2(1 + rank)` within the component's top [`RANK_DEPTH`], the rest tied below; the
+//! default) or by z-score over the live catalogue. The ensemble's score is
+//! `m(j) = sum_c w_c f_c(j)`, with the weights positive and summing to one, each at least
+//! [`WEIGHT_FLOOR`]. A component without spread for this user (itemknn for a user with no
+//! history) contributes a constant and so steps aside by itself.
 //!
 //! The weights learn from the stream, prequentially like everything else: on a learning
-//! event the mix is evaluated *before* any model trains on the event, and the weights
-//! take one Adagrad step on the softmax cross-entropy of the held-out item among the
-//! candidates (the live items minus the user's history), whose gradient is
-//! `sum_j p_j z_c(j) - z_c(target)`. The full softmax is affordable because the
-//! components' dense score vectors exist anyway on those events. It is a log-linear
-//! model of experts: unlike Hedge, which converges to the single best component, it can
-//! keep several where they complement each other (a factor model ordering the items a
-//! co-occurrence model has no opinion on).
+//! event the components' scores are taken *before* any model trains on the event.
+//! [`Objective::Hedge`] (the default) charges each component `1 - NDCG@K` of its own rank
+//! of the held-out item and sets `w_c ∝ exp(-lr * cumulative loss_c)`: it converges to
+//! the best component, and the floor keeps the others ordering what that one ties (the
+//! items a co-occurrence model has no opinion on), which is how the mix beats its best
+//! component. [`Objective::Top`] (pairwise loss against the best other candidates,
+//! exponentiated-gradient steps) and [`Objective::Softmax`] (cross-entropy over all
+//! candidates) are there to compare; both measured worse on ml-latest-small.
 //!
 //! Learning events are every `learn_every`-th event at the phase of the protocol's
 //! scored events (replay index ≡ warm-up mod `learn_every`), so that with
@@ -24,7 +26,8 @@
 
 use crate::config::EnsembleConfig;
 
-/// Adagrad's initial accumulator.
+/// Adagrad's initial accumulator (`top`, `softmax`); Hedge keeps its cumulative losses in
+/// the same slots, where only differences matter.
 const ADAGRAD_START: f32 = 0.1;
 
 /// Weights and scratch of one ensemble variant on one worker.
