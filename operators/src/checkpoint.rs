@@ -45,7 +45,10 @@ use crate::item_table::ItemTable;
 use crate::learner::{SharedPart, WorkerPart};
 
 /// Version of the on-disk format.
-pub const FORMAT_VERSION: u32 = 3;
+///
+/// 4: state files in postcard (a documented, stable wire format; format 3 used bincode 1,
+/// which is unmaintained).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// What a checkpoint holds besides the state files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,7 +154,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::io(path, e)
 }
 
-fn codec(path: &Path) -> impl Fn(bincode::Error) -> Error + '_ {
+fn codec(path: &Path) -> impl Fn(postcard::Error) -> Error + '_ {
     move |e| Error::connector(format!("checkpoint file {}", path.display()), e)
 }
 
@@ -216,13 +219,15 @@ fn verify(path: &Path, manifest: &Manifest) -> Result<()> {
 
 fn write_bin<T: Serialize>(path: &Path, value: &T) -> Result<u64> {
     write_file(path, |w| {
-        bincode::serialize_into(w, value).map_err(codec(path))
+        postcard::to_io(value, w).map(drop).map_err(codec(path))
     })
 }
 
 fn read_bin<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let file = File::open(path).map_err(io(path))?;
-    bincode::deserialize_from(BufReader::with_capacity(1 << 20, file)).map_err(codec(path))
+    // Whole file, then decode: postcard's streaming reader needs a scratch buffer as
+    // large as the longest string, which a checkpoint cannot bound.
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    postcard::from_bytes(&bytes).map_err(codec(path))
 }
 
 fn write_rows(path: &Path, rows: &[f32]) -> Result<u64> {
@@ -343,9 +348,15 @@ pub fn load(path: &Path, config_hash: &str, force: bool) -> Result<Loaded> {
     let manifest = read_manifest(path)?;
     if manifest.version != FORMAT_VERSION {
         return Err(Error::Config(format!(
-            "checkpoint {} has format {}, this build reads {FORMAT_VERSION}",
+            "checkpoint {} has format {}, this build reads {FORMAT_VERSION}{}",
             path.display(),
-            manifest.version
+            manifest.version,
+            if manifest.version < FORMAT_VERSION {
+                " (older formats are not converted: retrain into an empty checkpoint \
+                 directory, or resume with the tidepool release that wrote it)"
+            } else {
+                " (written by a newer tidepool)"
+            }
         )));
     }
     if manifest.config_hash != config_hash && !force {
