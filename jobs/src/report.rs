@@ -90,6 +90,11 @@ pub fn summary_json(report: &BacktestReport, source: &str) -> Value {
             json!(report.cooccurrence_bytes),
         );
     }
+    if let Some(a) = &report.allocs {
+        // Steady state only: see `AllocMeter`.
+        top.insert("allocs_per_event".into(), json!(a.per_event()));
+        top.insert("allocs".into(), json!(a));
+    }
     top.insert("warmup_events".into(), json!(report.protocol.warmup));
     top.insert("tick_ms".into(), json!(report.tick_ms));
     top.insert("window_ms".into(), json!(report.protocol.window_ms));

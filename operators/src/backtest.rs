@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::delta::DeltaSink;
 use tidepool_pipeline::memory::collector::{CycleTicket, Freed, GcController, GcStats};
+use tidepool_pipeline::memory::heap::{AllocMeter, AllocWindow};
 use tidepool_pipeline::{Error, Event, EventSource, Quality, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
@@ -150,6 +151,9 @@ pub struct BacktestReport {
     pub seconds: f64,
     /// Per-variant results.
     pub variants: Vec<VariantReport>,
+    /// Allocator calls over the steady state (past the warm-up, before the final
+    /// report), when the counting allocator is installed.
+    pub allocs: Option<AllocWindow>,
 }
 
 impl BacktestReport {
@@ -307,6 +311,13 @@ pub struct RunOptions {
     pub cluster: Option<Cluster>,
     /// Counters the caller reads while the run goes on (metrics endpoint).
     pub live: Option<Arc<LiveMetrics>>,
+}
+
+/// Events before the allocation window opens: a fifth of what this process will see
+/// when the source says, else 100,000 (a live stream). The first rounds grow every
+/// table, history and pool class from nothing; the target is the steady state after.
+fn alloc_warm_up(rows: Option<u64>, processes: usize) -> u64 {
+    rows.map_or(100_000, |r| r / processes.max(1) as u64 / 5)
 }
 
 /// The dataflow behind every command: replays or follows `source`, scoring then
@@ -786,8 +797,12 @@ pub fn run_dataflow(
         .map_err(|e| Error::Internal(format!("timely could not start its workers: {e}")))?
     };
 
+    let processes = cluster.as_ref().map_or(1, |c| c.processes);
+    let mut meter = AllocMeter::new(alloc_warm_up(info.rows, processes));
     while !guards.guards().iter().all(|g| g.is_finished()) {
-        progress(processed.load(Ordering::Relaxed));
+        let n = processed.load(Ordering::Relaxed);
+        meter.sample(n);
+        progress(n);
         std::thread::sleep(Duration::from_millis(100));
     }
     progress(processed.load(Ordering::Relaxed));
@@ -811,7 +826,8 @@ pub fn run_dataflow(
     dead.flush()?;
     let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
     report.gc = gc.stats();
-    report.processes = cluster.as_ref().map_or(1, |c| c.processes);
+    report.allocs = meter.window();
+    report.processes = processes;
     if !needs_counts {
         report.popularity_window_events = None;
     }
@@ -1015,6 +1031,7 @@ fn assemble(
         checkpoints: None,
         seconds,
         variants: Vec::new(),
+        allocs: None,
     };
     let mut merged: Vec<(Quality, BTreeMap<i64, Quality>)> =
         vec![Default::default(); config.variants.len()];
