@@ -48,7 +48,7 @@ use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::delta::DeltaSink;
 use tidepool_pipeline::memory::collector::{CycleTicket, Freed, GcController, GcStats};
 use tidepool_pipeline::memory::heap::{AllocMeter, AllocWindow};
-use tidepool_pipeline::{Error, Event, EventSource, Quality, Result};
+use tidepool_pipeline::{BufferPool, Error, Event, EventBatch, EventSource, Quality, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::empty;
@@ -406,8 +406,15 @@ pub fn run_dataflow(
     let processed = Arc::new(AtomicU64::new(0));
     let cancel = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    // The run's batches live in the pool the GC rotates; a caller without one gets a
+    // default pool.
+    let pool = gc
+        .pool()
+        .cloned()
+        .unwrap_or_else(|| BufferPool::new(tidepool_pipeline::PoolConfig::default()));
     let guards = {
         let config = config.clone();
+        let pool = pool.clone();
         let processed = Arc::clone(&processed);
         let cancel = Arc::clone(&cancel);
         let dead = Arc::clone(&dead);
@@ -452,8 +459,10 @@ pub fn run_dataflow(
                     );
                 }
             }
-            // Buffers built or dropped on this thread use its shard of the pool.
+            // Buffers built or dropped on this thread use its shard of the pool, and
+            // batches from other processes are rebuilt in it.
             tidepool_pipeline::BufferPool::register_worker(index);
+            pool.install_current();
             let learner = Rc::new(RefCell::new(Some(Learner::new(
                 index,
                 peers,
@@ -526,7 +535,10 @@ pub fn run_dataflow(
                         Pipeline,
                         "Prequential",
                         move |_, _| {
-                            let mut rounds = Stash::<Event>::default();
+                            let mut rounds = Stash::<EventBatch>::default();
+                            // A round's events, copied out of the shared batches to be
+                            // put in replay order (kept: its capacity is reused).
+                            let mut round_events = Vec::<Event>::new();
                             let mut changes = Stash::<CountChange>::default();
                             let mut cycles = Stash::<CycleTicket>::default();
                             let mut remote = Vec::<RowBatch>::new();
@@ -595,8 +607,14 @@ pub fn run_dataflow(
                                             // Popularity as of the rounds before this one.
                                             let mut before = changes.take_before(time);
                                             learner.apply_counts(&mut before);
-                                            if let Some((cap, mut batch)) = rounds.take(time) {
-                                                let owned = learner.process_round(time, &mut batch);
+                                            if let Some((cap, batches)) = rounds.take(time) {
+                                                round_events.clear();
+                                                for b in &batches {
+                                                    b.extend_into(&mut round_events);
+                                                }
+                                                drop(batches);
+                                                let owned =
+                                                    learner.process_round(time, &mut round_events);
                                                 processed.fetch_add(owned, Ordering::Relaxed);
                                                 if let Some(live) = &live {
                                                     live.add(&learner.take_live());
@@ -735,6 +753,7 @@ pub fn run_dataflow(
                     must_flush: &must_flush,
                     live: live.as_deref(),
                     checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
+                    pool: &pool,
                 };
                 drive(
                     worker, &mut input, &probe, reader, &feed, &mut stats, &mut hook,

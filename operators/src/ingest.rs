@@ -52,7 +52,7 @@ use tidepool_pipeline::DeadLetter;
 use crate::config::LatePolicy;
 use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::memory::collector::{CycleTicket, GcController};
-use tidepool_pipeline::{Event, EventReader, Result};
+use tidepool_pipeline::{BufferPool, Event, EventBatch, EventReader, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
@@ -109,7 +109,7 @@ pub(crate) type BatchHook<'h> =
 /// Events per `send_batch`: big enough to amortise channel costs.
 const SEND_BATCH: usize = 4096;
 
-pub(crate) type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<Event>>>;
+pub(crate) type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<EventBatch>>>;
 pub(crate) type ControlInput = InputHandle<u64, CapacityContainerBuilder<Vec<CycleTicket>>>;
 
 /// A worker's two inputs, advanced together: events and control commands.
@@ -167,6 +167,8 @@ pub(crate) struct Feed<'a> {
     pub(crate) checkpoint_pending: &'a dyn Fn() -> bool,
     /// Where the newest event time and the watermark are shown.
     pub(crate) live: Option<&'a crate::live::LiveMetrics>,
+    /// Where the batches sent into the dataflow are built.
+    pub(crate) pool: &'a BufferPool,
 }
 
 /// Reads `reader` to the end into `input`, counting into `stats` and calling `hook`
@@ -206,8 +208,10 @@ pub(crate) fn drive(
     let mut out = Outbox {
         pending: Vec::with_capacity(SEND_BATCH),
         held: BTreeMap::new(),
+        spare: Vec::new(),
         max_tick: None,
         low_watermark_ms: None,
+        pool: feed.pool,
     };
     let mut open_round = false;
     let mut time = Timings::default();
@@ -336,7 +340,7 @@ pub(crate) fn drive(
                 continue;
             }
             out.max_tick = out.max_tick.max(Some(tick));
-            out.held.entry(tick).or_default().push(event);
+            out.hold(tick, event);
         }
         let watermark = out.watermark(clock, lateness_ticks);
         let released = std::time::Instant::now();
@@ -391,16 +395,28 @@ struct Timings {
 }
 
 /// Events on their way into the input: held back by tick until the watermark passes
-/// them, then queued for sending at the input's time.
-struct Outbox {
+/// them, then queued for sending at the input's time, as pooled [`EventBatch`]es.
+struct Outbox<'p> {
     pending: Vec<Event>,
     held: BTreeMap<u64, Vec<Event>>,
+    /// Emptied per-tick vectors, reused so that holding events allocates nothing once
+    /// warm.
+    spare: Vec<Vec<Event>>,
     max_tick: Option<u64>,
     /// The source's low watermark, when it merges lanes (see [`SourceBatch`]).
     low_watermark_ms: Option<i64>,
+    pool: &'p BufferPool,
 }
 
-impl Outbox {
+impl Outbox<'_> {
+    fn hold(&mut self, tick: u64, event: Event) {
+        let spare = &mut self.spare;
+        self.held
+            .entry(tick)
+            .or_insert_with(|| spare.pop().unwrap_or_default())
+            .push(event);
+    }
+
     /// The newest tick seen, or (for sources that merge lanes) the tick of the lane
     /// furthest behind, whichever is earlier, minus the allowed lateness.
     fn watermark(&self, clock: Clock, lateness_ticks: u64) -> u64 {
@@ -414,7 +430,12 @@ impl Outbox {
     }
 
     fn send(&mut self, input: &mut Inputs) {
-        input.events.send_batch(&mut self.pending);
+        if self.pending.is_empty() {
+            return;
+        }
+        input
+            .events
+            .send(EventBatch::from_events(&self.pending, self.pool));
         self.pending.clear();
     }
 
@@ -448,6 +469,7 @@ impl Outbox {
                 }
             }
             self.pending.append(&mut events);
+            self.spare.push(events);
             if self.pending.len() >= SEND_BATCH {
                 self.send(input);
             }

@@ -682,7 +682,7 @@ impl Learner {
             .enumerate()
             .filter(|(i, s)| {
                 let i = *i as u32;
-                s.is_finite() && self.catalogue.is_alive(i) && !history.contains(&i)
+                s.is_finite() && self.catalogue.is_alive(i) && !history.contains(i)
             })
             .map(|(i, s)| (i as u32, *s))
             .collect();
@@ -920,7 +920,7 @@ impl Learner {
                     let v = &mut self.variants[e];
                     // A factor model's dense scores for an ensemble serve its own rank.
                     Some(if mixing && v.mixed_in && v.model.bpr_mut().is_some() {
-                        rank_of(&v.dense, t, history.iter().copied())
+                        rank_of(&v.dense, t, history.iter())
                     } else {
                         v.model.rank(
                             user,
@@ -1008,7 +1008,7 @@ impl Learner {
             .map(|&c| self.variants[c].dense.as_slice())
             .collect();
         ens.mix(&scores, self.catalogue.alive());
-        let rank = scored.then(|| rank_of(ens.mixed(), target, history.iter().copied()));
+        let rank = scored.then(|| rank_of(ens.mixed(), target, history.iter()));
         let learned = ens
             .learns(index, self.protocol.warmup)
             .then(|| ens.learn(&scores, target, history, self.protocol.k));

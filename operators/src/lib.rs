@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod config;
 mod coord;
 mod eval;
+mod history;
 mod ingest;
 mod item_table;
 mod learner;

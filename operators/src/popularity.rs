@@ -26,7 +26,7 @@ use differential_dataflow::trace::cursor::Cursor;
 use differential_dataflow::trace::implementations::KeySpine;
 use differential_dataflow::trace::{Navigable, TraceReader};
 use rustc_hash::FxHashMap;
-use tidepool_pipeline::Event;
+use tidepool_pipeline::EventBatch;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
@@ -74,7 +74,7 @@ pub trait WindowedPopularity<'scope> {
     );
 }
 
-impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
+impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<EventBatch>> {
     fn windowed_counts(self, window_ticks: u64) -> VecCollection<'scope, u64, (u64, isize), isize> {
         // Without an outside handle the trace compacts as the count operator goes.
         self.windowed_counts_traced(window_ticks).0
@@ -105,7 +105,7 @@ impl<'scope> WindowedPopularity<'scope> for Stream<'scope, u64, Vec<Event>> {
         let window = window_ticks.max(1);
         // Live events count from their own round; replayed ones carry theirs.
         let updates = self
-            .map(|event| (event.item, THIS_ROUND, 1isize))
+            .flat_map(|batch| (0..batch.len()).map(move |i| (batch.items()[i], THIS_ROUND, 1isize)))
             .concat(replay)
             .unary::<timely::container::CapacityContainerBuilder<Vec<(u64, u64, isize)>>, _, _, _>(
                 Pipeline,
@@ -187,7 +187,7 @@ mod tests {
 
     use rand::rngs::Xoshiro256PlusPlus;
     use rand::{RngExt, SeedableRng};
-    use tidepool_pipeline::EventType;
+    use tidepool_pipeline::{BufferPool, Event, EventType};
     use timely::dataflow::operators::{Input, Inspect, Probe};
     use timely::dataflow::{InputHandle, ProbeHandle};
 
@@ -210,7 +210,7 @@ mod tests {
             timely::execute(timely::Config::process(workers), move |worker| {
                 let mut input = InputHandle::<
                     u64,
-                    timely::container::CapacityContainerBuilder<Vec<Event>>,
+                    timely::container::CapacityContainerBuilder<Vec<EventBatch>>,
                 >::new();
                 let probe = ProbeHandle::new();
                 let sink = Arc::clone(&sink);
@@ -227,14 +227,18 @@ mod tests {
                         if t > *input.time() {
                             input.advance_to(t);
                         }
-                        input.send(Event {
-                            ts: t as i64,
-                            pos: 0,
-                            user: 0,
-                            item,
-                            weight: 1.0,
-                            kind: EventType::View,
-                        });
+                        // One event per batch: rounds mix batches of any size.
+                        input.send(EventBatch::from_events(
+                            &[Event {
+                                ts: t as i64,
+                                pos: 0,
+                                user: 0,
+                                item,
+                                weight: 1.0,
+                                kind: EventType::View,
+                            }],
+                            &BufferPool::current(),
+                        ));
                     }
                 }
                 input.advance_to(100);

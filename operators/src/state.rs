@@ -8,7 +8,9 @@
 //! evaluator's tie rule ("first appeared before") is then a plain comparison of
 //! indices, and the shared item table can be addressed by it.
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
+
+use crate::history::{Histories, History};
 use tidepool_samplers::{Catalogue, Exclusion};
 
 /// Items seen so far, with their interaction counts, in order of first appearance.
@@ -129,23 +131,14 @@ impl Catalogue for ItemCatalogue {
 pub(crate) struct Users {
     index: FxHashMap<u64, u32>,
     ids: Vec<u64>,
-    histories: Vec<FxHashSet<u32>>,
+    histories: Histories,
     last_seen: Vec<i64>,
     evicted: u64,
 }
 
-/// Approximate heap bytes of one history set: hashbrown keeps one control byte per
-/// bucket next to the value.
-fn history_bytes(h: &FxHashSet<u32>) -> u64 {
-    if h.capacity() == 0 {
-        0
-    } else {
-        (h.capacity() * (std::mem::size_of::<u32>() + 1)) as u64
-    }
-}
-
-/// Bytes of a user's bookkeeping outside the history: id, index entry, last-seen time.
-const USER_ENTRY_BYTES: u64 = 8 + 12 + 8 + std::mem::size_of::<FxHashSet<u32>>() as u64;
+/// Bytes of a user's bookkeeping outside the history: id, index entry, last-seen time,
+/// the history's place in the arena.
+const USER_ENTRY_BYTES: u64 = 8 + 12 + 8 + 12;
 
 impl Users {
     /// The dense (worker-local) index of a user, created on first sight; `ts` is the
@@ -156,7 +149,7 @@ impl Users {
         let dense = *self.index.entry(id).or_insert(next);
         if dense == next {
             self.ids.push(id);
-            self.histories.push(FxHashSet::default());
+            self.histories.push_user();
             self.last_seen.push(ts);
         }
         let d = dense as usize;
@@ -175,13 +168,13 @@ impl Users {
     }
 
     #[inline]
-    pub(crate) fn history(&self, dense: u32) -> &FxHashSet<u32> {
-        &self.histories[dense as usize]
+    pub(crate) fn history(&self, dense: u32) -> History<'_> {
+        self.histories.get(dense)
     }
 
     #[inline]
     pub(crate) fn remember(&mut self, dense: u32, item: u32) {
-        self.histories[dense as usize].insert(item);
+        self.histories.insert(dense, item);
     }
 
     /// Users held now.
@@ -210,30 +203,28 @@ impl Users {
         let mut freed = 0;
         let mut next = 0u32;
         let ids = std::mem::take(&mut self.ids);
-        let histories = std::mem::take(&mut self.histories);
         let last_seen = std::mem::take(&mut self.last_seen);
         let mut index = FxHashMap::default();
-        for ((id, history), seen) in ids.into_iter().zip(histories).zip(last_seen) {
+        for (d, (id, seen)) in ids.into_iter().zip(last_seen).enumerate() {
             if seen < cutoff {
                 if let Some(out) = evicted.as_mut() {
                     out.push(id);
                 }
-                freed += history_bytes(&history) + USER_ENTRY_BYTES;
+                freed += self.histories.bytes_of(d as u32) + USER_ENTRY_BYTES;
                 remap.push(None);
                 self.evicted += 1;
             } else {
                 remap.push(Some(next));
                 index.insert(id, next);
                 self.ids.push(id);
-                self.histories.push(history);
                 self.last_seen.push(seen);
                 next += 1;
             }
         }
+        self.histories.retain(|d| remap[d as usize].is_some());
         // The old map's buckets are sized for the peak population; a fresh one is not.
         self.index = index;
         self.ids.shrink_to_fit();
-        self.histories.shrink_to_fit();
         self.last_seen.shrink_to_fit();
         Some((remap, freed))
     }
@@ -244,21 +235,20 @@ impl Users {
         let mut remap = Vec::with_capacity(self.ids.len());
         let mut next = 0u32;
         let ids = std::mem::take(&mut self.ids);
-        let histories = std::mem::take(&mut self.histories);
         let last_seen = std::mem::take(&mut self.last_seen);
         self.index = FxHashMap::default();
-        for ((id, history), seen) in ids.into_iter().zip(histories).zip(last_seen) {
+        for (id, seen) in ids.into_iter().zip(last_seen) {
             if keep(id) {
                 remap.push(Some(next));
                 self.index.insert(id, next);
                 self.ids.push(id);
-                self.histories.push(history);
                 self.last_seen.push(seen);
                 next += 1;
             } else {
                 remap.push(None);
             }
         }
+        self.histories.retain(|d| remap[d as usize].is_some());
         remap
     }
 
@@ -269,7 +259,7 @@ impl Users {
             self.index.insert(*id, offset + i as u32);
         }
         self.ids.extend(other.ids);
-        self.histories.extend(other.histories);
+        self.histories.absorb(&other.histories);
         self.last_seen.extend(other.last_seen);
         offset
     }
@@ -281,15 +271,14 @@ impl Users {
 
     /// Approximate heap bytes held: histories plus per-user bookkeeping.
     pub(crate) fn bytes(&self) -> u64 {
-        self.histories.iter().map(history_bytes).sum::<u64>()
-            + self.ids.len() as u64 * USER_ENTRY_BYTES
+        self.histories.bytes() + self.ids.len() as u64 * USER_ENTRY_BYTES
     }
 }
 
 /// What a negative must not be: the user's known items, the positive at hand, and
 /// expired items.
 pub(crate) struct Excluding<'a> {
-    pub(crate) history: &'a FxHashSet<u32>,
+    pub(crate) history: History<'a>,
     pub(crate) positive: u32,
     pub(crate) catalogue: &'a ItemCatalogue,
 }
@@ -297,14 +286,14 @@ pub(crate) struct Excluding<'a> {
 impl Exclusion for Excluding<'_> {
     #[inline]
     fn excludes(&self, item: u32) -> bool {
-        item == self.positive || self.history.contains(&item) || !self.catalogue.is_alive(item)
+        item == self.positive || self.history.contains(item) || !self.catalogue.is_alive(item)
     }
 
     fn excluded_count(&self) -> usize {
         // Histories may name expired items; counting them twice would only make the
         // samplers give up early, so the sum is capped by the catalogue.
         (self.history.len()
-            + usize::from(!self.history.contains(&self.positive))
+            + usize::from(!self.history.contains(self.positive))
             + self.catalogue.expired())
         .min(self.catalogue.len())
     }
@@ -353,9 +342,9 @@ mod tests {
         assert!(!c.is_alive(1) && c.is_alive(0));
         assert_eq!(c.counts(), &[2, 0]);
         assert_eq!(c.observe(7, 40), 2, "a returning item starts afresh");
-        let history = FxHashSet::default();
+        let arena = crate::history::arena_of(&[]);
         let ex = Excluding {
-            history: &history,
+            history: arena.get(0),
             positive: 2,
             catalogue: &c,
         };
@@ -377,26 +366,27 @@ mod tests {
         assert!(freed > 0 && u.bytes() + freed == before, "{freed} {before}");
         assert_eq!((u.len(), u.evicted()), (2, 2));
         assert_eq!(u.get_or_insert(12, 8), 1);
-        assert!(u.history(1).contains(&12));
+        assert!(u.history(1).contains(12));
         assert_eq!(u.get_or_insert(11, 9), 2, "an evicted user returns afresh");
         assert!(u.history(2).is_empty());
     }
 
     #[test]
     fn exclusion_counts_positive_once() {
-        let history: FxHashSet<u32> = [1, 2].into_iter().collect();
+        let arena = crate::history::arena_of(&[1, 2]);
+        let history = arena.get(0);
         let mut c = ItemCatalogue::default();
         (0..5).for_each(|i| {
             c.observe(i, 0);
         });
         let ex = Excluding {
-            history: &history,
+            history,
             positive: 2,
             catalogue: &c,
         };
         assert_eq!(ex.excluded_count(), 2);
         let ex = Excluding {
-            history: &history,
+            history,
             positive: 3,
             catalogue: &c,
         };

@@ -120,8 +120,14 @@ impl Event {
     }
 }
 
-/// The canonical event schema that tidepool writes.
+/// The canonical event schema that tidepool writes (one shared instance: every batch a
+/// source builds refers to it instead of allocating its own).
 pub fn event_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    Arc::clone(SCHEMA.get_or_init(build_event_schema))
+}
+
+fn build_event_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new(USER_ID, DataType::UInt64, false),
         Field::new(ITEM_ID, DataType::UInt64, false),

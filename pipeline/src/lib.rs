@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod batch;
 pub mod dead_letter;
 pub mod delta;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod memory;
 pub mod metrics;
 pub mod source;
 
+pub use batch::{EventBatch, EventBatchBuilder};
 pub use dead_letter::{DeadLetter, DeadLetterSink, JsonlDeadLetters, MemoryDeadLetters};
 pub use error::{Error, ErrorDomain, Result};
 pub use event::{BatchOrigin, Event, EventType};

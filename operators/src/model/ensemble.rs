@@ -25,6 +25,7 @@
 //! worker owns; reports show their mean over workers and learning steps.
 
 use crate::config::EnsembleConfig;
+use crate::history::History;
 
 /// Adagrad's initial accumulator (`top`, `softmax`); Hedge keeps its cumulative losses in
 /// the same slots, where only differences matter.
@@ -174,7 +175,7 @@ impl Ensemble {
         &mut self,
         scores: &[&[f32]],
         target: u32,
-        history: &rustc_hash::FxHashSet<u32>,
+        history: History<'_>,
         k: usize,
     ) -> f64 {
         match self.objective {
@@ -191,7 +192,7 @@ impl Ensemble {
         &mut self,
         scores: &[&[f32]],
         target: u32,
-        history: &rustc_hash::FxHashSet<u32>,
+        history: History<'_>,
         k: usize,
     ) -> f64 {
         let mut expected = 0.0f64;
@@ -199,7 +200,7 @@ impl Ensemble {
             if target as usize >= s.len() {
                 return 0.0;
             }
-            let rank = crate::eval::rank_of(s, target, history.iter().copied());
+            let rank = crate::eval::rank_of(s, target, history.iter());
             let gain = if rank < k as u64 {
                 1.0 / (rank as f64 + 2.0).log2()
             } else {
@@ -239,17 +240,17 @@ impl Ensemble {
     /// One step on the mean pairwise logistic loss of `target` against the
     /// [`TOP_PAIRS`] best other candidates under the current mix: the pairs that decide
     /// whether the target makes the top of the list.
-    fn learn_top(&mut self, target: u32, history: &rustc_hash::FxHashSet<u32>) -> f64 {
+    fn learn_top(&mut self, target: u32, history: History<'_>) -> f64 {
         let t = target as usize;
         if t >= self.mixed.len() || !self.mixed[t].is_finite() {
             return 0.0;
         }
         let mixed = &self.mixed;
         self.order.clear();
-        self.order
-            .extend((0..mixed.len() as u32).filter(|&j| {
-                j != target && mixed[j as usize].is_finite() && !history.contains(&j)
-            }));
+        self.order.extend(
+            (0..mixed.len() as u32)
+                .filter(|&j| j != target && mixed[j as usize].is_finite() && !history.contains(j)),
+        );
         let by_mix = |a: &u32, b: &u32| {
             mixed[*b as usize]
                 .total_cmp(&mixed[*a as usize])
@@ -296,12 +297,12 @@ impl Ensemble {
 
     /// One step on the softmax cross-entropy of `target` among the candidates (live items
     /// that are not in `history`, plus the target).
-    fn learn_softmax(&mut self, target: u32, history: &rustc_hash::FxHashSet<u32>) -> f64 {
+    fn learn_softmax(&mut self, target: u32, history: History<'_>) -> f64 {
         let t = target as usize;
         if t >= self.mixed.len() || !self.mixed[t].is_finite() {
             return 0.0;
         }
-        let candidate = |j: usize| j == t || !history.contains(&(j as u32));
+        let candidate = |j: usize| j == t || !history.contains(j as u32);
         let max = self
             .mixed
             .iter()
@@ -322,7 +323,7 @@ impl Ensemble {
                 expect[c] += e * f[j] as f64;
             }
         }
-        for &h in history {
+        for h in history.iter() {
             let j = h as usize;
             if j == t || j >= self.mixed.len() || !self.mixed[j].is_finite() {
                 continue;
@@ -457,11 +458,11 @@ mod tests {
         let a = [5.0f32, 1.0, 2.0, 3.0];
         let b = [0.0f32, 3.0, 2.0, 1.0];
         let alive = [true; 4];
-        let history = Default::default();
+        let arena = crate::history::arena_of(&[]);
         let mut losses = Vec::new();
         for _ in 0..50 {
             e.mix(&[&a, &b], &alive);
-            losses.push(e.learn(&[&a, &b], 0, &history, 10));
+            losses.push(e.learn(&[&a, &b], 0, arena.get(0), 10));
         }
         let w = e.weights();
         assert!(w[0] > 0.8 && w[1] < 0.2, "{w:?}");
@@ -474,7 +475,7 @@ mod tests {
         let a = [0.3f32, 1.0, -2.0, 0.5, 0.1];
         let b = [1.0f32, 0.0, 0.2, 0.7, -1.0];
         let alive = [true; 5];
-        let history: rustc_hash::FxHashSet<u32> = [3].into_iter().collect();
+        let history = crate::history::arena_of(&[3]);
         let loss_at = |w: [f32; 2]| {
             let mut e = ensemble();
             e.weights.copy_from_slice(&w);
@@ -488,7 +489,7 @@ mod tests {
         };
         let mut e = ensemble();
         e.mix(&[&a, &b], &alive);
-        e.learn(&[&a, &b], 1, &history, 10);
+        e.learn(&[&a, &b], 1, history.get(0), 10);
         for c in 0..2 {
             let h = 1e-3;
             let mut wp = [0.5f32, 0.5];

@@ -39,6 +39,7 @@
 //! identical bit for bit on any number of workers and processes. Only scoring (of the
 //! events whose user a worker owns) is split.
 
+use crate::history::History;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
@@ -426,13 +427,13 @@ impl ItemKnn {
         target: u32,
         alive: &[bool],
         expired: usize,
-        history: &rustc_hash::FxHashSet<u32>,
+        history: History<'_>,
     ) -> u64 {
         self.accumulate(user, alive.len());
         let t = target as usize;
         let st = self.acc.get(t).copied().unwrap_or(0.0);
         let is_candidate = |j: u32| -> bool {
-            j != target && alive.get(j as usize).copied().unwrap_or(false) && !history.contains(&j)
+            j != target && alive.get(j as usize).copied().unwrap_or(false) && !history.contains(j)
         };
         let mut rank = 0u64;
         for &j in &self.touched {
@@ -459,7 +460,7 @@ impl ItemKnn {
                 .count();
             excluded += history
                 .iter()
-                .filter(|&&h| (h as usize) < t && alive[h as usize] && self.acc[h as usize] == 0.0)
+                .filter(|&h| (h as usize) < t && alive[h as usize] && self.acc[h as usize] == 0.0)
                 .count();
             rank += (alive_before - excluded) as u64;
         }
@@ -844,16 +845,18 @@ mod tests {
             let next = dense_index.len() as u32;
             let d = *dense_index.entry(i).or_insert(next);
             if n % 7 == 0 && seen[i as usize] {
-                let history: rustc_hash::FxHashSet<u32> = knn
+                let recent: Vec<u32> = knn
                     .recent(u)
                     .into_iter()
                     .filter(|&h| h != d)
                     .take(2)
                     .collect();
+                let arena = crate::history::arena_of(&recent);
+                let history = arena.get(0);
                 let mut scores = Vec::new();
                 knn.score_all(u, &alive, &mut scores);
-                let want = crate::eval::rank_of(&scores, d, history.iter().copied());
-                assert_eq!(knn.rank(u, d, &alive, 0, &history), want, "event {n}");
+                let want = crate::eval::rank_of(&scores, d, history.iter());
+                assert_eq!(knn.rank(u, d, &alive, 0, history), want, "event {n}");
             }
             seen[i as usize] = true;
             if alive.len() <= d as usize {

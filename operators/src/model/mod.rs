@@ -7,13 +7,13 @@ pub(crate) mod bpr;
 pub(crate) mod ensemble;
 mod itemknn;
 
+use crate::history::History;
 use std::sync::Arc;
 
 pub(crate) use bpr::Bpr;
 pub(crate) use ensemble::Ensemble;
 pub use ensemble::{Norm, Objective, MAX_COMPONENTS, RANK_DEPTH, TOP_PAIRS};
 pub(crate) use itemknn::ItemKnn;
-use rustc_hash::FxHashSet;
 use tidepool_samplers::Negative;
 
 use crate::config::{ModelConfig, ModelKind};
@@ -113,14 +113,14 @@ impl Model {
         raw: u64,
         target: u32,
         catalogue: &ItemCatalogue,
-        history: &FxHashSet<u32>,
+        history: History<'_>,
         scratch: &mut Vec<f32>,
     ) -> u64 {
         match self {
-            Model::MostPop => rank_of(catalogue.counts(), target, history.iter().copied()),
+            Model::MostPop => rank_of(catalogue.counts(), target, history.iter()),
             Model::Bpr(m) => {
                 m.score_all(user, catalogue.alive(), scratch);
-                rank_of(scratch, target, history.iter().copied())
+                rank_of(scratch, target, history.iter())
             }
             Model::ItemKnn(m) => {
                 m.rank(raw, target, catalogue.alive(), catalogue.expired(), history)

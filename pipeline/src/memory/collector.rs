@@ -202,6 +202,11 @@ impl GcController {
         self
     }
 
+    /// The pool it rotates, if any.
+    pub fn pool(&self) -> Option<&BufferPool> {
+        self.pool.as_ref()
+    }
+
     /// Measures the heap with `heap` instead of the counting allocator (tests).
     pub fn with_heap(mut self, heap: impl Fn() -> Option<u64> + Send + Sync + 'static) -> Self {
         self.heap = Box::new(heap);

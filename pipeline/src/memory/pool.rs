@@ -123,7 +123,13 @@ pub struct PoolStats {
 thread_local! {
     /// The shard of the current thread, set by worker threads.
     static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The pool of the run this thread works for: where data that arrives without one
+    /// (a batch deserialised from another process) is rebuilt.
+    static CURRENT: std::cell::RefCell<Option<BufferPool>> = const { std::cell::RefCell::new(None) };
 }
+
+/// The pool of threads that never installed one (tests, tools): pooled all the same.
+static FALLBACK: std::sync::OnceLock<BufferPool> = std::sync::OnceLock::new();
 
 /// A block owned by the pool or by whoever got it. Its size is its class's. It has no
 /// `Drop`: a block is always either in the pool, in a [`PooledVec`] or Arrow buffer (whose
@@ -432,6 +438,20 @@ impl BufferPool {
         SHARD.with(|s| s.set(Some(index)));
     }
 
+    /// Makes this pool the calling thread's [`current`](Self::current) one.
+    pub fn install_current(&self) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
+    /// The pool the calling thread installed, or a process-wide default one.
+    pub fn current() -> BufferPool {
+        CURRENT.with(|c| c.borrow().clone()).unwrap_or_else(|| {
+            FALLBACK
+                .get_or_init(|| Self::new(PoolConfig::default()))
+                .clone()
+        })
+    }
+
     /// An empty vector of `T` with room for at least `capacity` values.
     pub fn vec<T: ArrowNativeType>(&self, capacity: usize) -> PooledVec<'_, T> {
         PooledVec::with_capacity(self, capacity)
@@ -619,6 +639,34 @@ impl<'p, T: ArrowNativeType> PooledVec<'p, T> {
             )
         };
         self.len += values.len();
+    }
+
+    /// Grows to `len` values, the new ones zero (all-zero bytes are a valid value of
+    /// every Arrow native type).
+    pub fn resize_zeroed(&mut self, len: usize) {
+        if len <= self.len {
+            return;
+        }
+        if len > self.capacity() {
+            self.grow(len);
+        }
+        // SAFETY: there is room for `len` values (grown above); the bytes written lie
+        // inside the block, past the initialised ones.
+        unsafe {
+            std::ptr::write_bytes(
+                (self.ptr.as_ptr() as *mut T).add(self.len),
+                0,
+                len - self.len,
+            )
+        };
+        self.len = len;
+    }
+
+    /// The values stored, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: the first `len` values are initialised, the block is aligned, and the
+        // vector owns it exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut T, self.len) }
     }
 
     /// The values stored.
