@@ -283,15 +283,7 @@ pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
     if let Some(path) = &args.summary_json {
         let mut summary = summary_json(&report, &info.description);
         summary["stopped_early"] = stopped.into();
-        summary["pool"] = serde_json::to_value(pool.stats())?;
-        summary["pool"]["enabled"] = serde_json::Value::Bool(args.pool);
-        if let Some(peak) = tidepool_pipeline::memory::heap::heap_peak() {
-            summary["heap_peak_bytes"] = peak.into();
-        }
-        summary["gc"] = gc_summary(&report)?;
-        if let Some(rss) = peak_rss_bytes() {
-            summary["rss_peak_bytes"] = rss.into();
-        }
+        memory_summary(&mut summary, &report, &pool)?;
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
@@ -315,6 +307,25 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// The `gc` object of the summary JSON: counters without the long timeline and samples.
+/// The memory side of a summary, the same for every command: the buffer pool's
+/// counters, heap and RSS peaks, and the GC cycles.
+pub(crate) fn memory_summary(
+    summary: &mut serde_json::Value,
+    report: &BacktestReport,
+    pool: &BufferPool,
+) -> anyhow::Result<()> {
+    summary["pool"] = serde_json::to_value(pool.stats())?;
+    summary["pool"]["enabled"] = serde_json::Value::Bool(pool.config().enabled);
+    if let Some(peak) = tidepool_pipeline::memory::heap::heap_peak() {
+        summary["heap_peak_bytes"] = peak.into();
+    }
+    summary["gc"] = gc_summary(report)?;
+    if let Some(rss) = peak_rss_bytes() {
+        summary["rss_peak_bytes"] = rss.into();
+    }
+    Ok(())
+}
+
 pub(crate) fn gc_summary(report: &BacktestReport) -> anyhow::Result<serde_json::Value> {
     let mut gc = serde_json::to_value(&report.gc)?;
     if let Some(obj) = gc.as_object_mut() {

@@ -365,7 +365,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
             "offsets_rewound": counters.offsets_rewound.load(Ordering::Relaxed),
         });
         summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
-        summary["gc"] = crate::commands::gc_summary(&report)?;
+        crate::commands::memory_summary(&mut summary, &report, &pool)?;
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }

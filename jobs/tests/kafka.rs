@@ -169,6 +169,18 @@ fn train_follows_the_topic_and_beats_mostpop() {
     let s = summary(dir.path(), "s.json");
     assert_eq!(s["events"], n, "{s}");
     assert_eq!(s["kafka"]["messages"], n, "{s}");
+    // The consumer's batches and the dataflow's are pooled, and every block came back.
+    let pool = &s["pool"];
+    let gets = pool["gets"].as_u64().unwrap();
+    assert!(
+        gets > 0 && pool["hit_rate"].as_f64().unwrap() > 0.5,
+        "{pool}"
+    );
+    assert_eq!(
+        pool["puts"].as_u64().unwrap() + pool["drops"].as_u64().unwrap(),
+        gets,
+        "{pool}"
+    );
     let variants = s["variants"].as_array().expect("variants");
     let recall = |name: &str| {
         variants

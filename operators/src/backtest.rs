@@ -168,15 +168,18 @@ impl BacktestReport {
 }
 
 /// Records stashed by timely time until the frontiers pass it, each time with the
-/// capability that lets the operator emit at it.
+/// capability that lets the operator emit at it. Vectors of past times are kept for
+/// reuse ([`Stash::recycle`]): a stash takes rounds in and out all run long.
 struct Stash<D> {
     by_time: BTreeMap<u64, (Option<Capability<u64>>, Vec<D>)>,
+    spare: Vec<Vec<D>>,
 }
 
 impl<D> Default for Stash<D> {
     fn default() -> Self {
         Self {
             by_time: BTreeMap::new(),
+            spare: Vec::new(),
         }
     }
 }
@@ -184,10 +187,11 @@ impl<D> Default for Stash<D> {
 impl<D> Stash<D> {
     fn stash(&mut self, cap: Option<Capability<u64>>, data: &mut Vec<D>) {
         let Some(cap) = cap else { return };
+        let spare = &mut self.spare;
         let entry = self
             .by_time
             .entry(*cap.time())
-            .or_insert_with(|| (None, Vec::new()));
+            .or_insert_with(|| (None, spare.pop().unwrap_or_default()));
         entry.0.get_or_insert(cap);
         entry.1.append(data);
     }
@@ -218,6 +222,12 @@ impl<D> Stash<D> {
     fn take(&mut self, time: u64) -> Option<(Capability<u64>, Vec<D>)> {
         let (cap, data) = self.by_time.remove(&time)?;
         cap.map(|c| (c, data))
+    }
+
+    /// Gives back a vector [`Stash::take`] returned, emptied, for reuse.
+    fn recycle(&mut self, mut data: Vec<D>) {
+        data.clear();
+        self.spare.push(data);
     }
 
     /// Everything stashed at times before `time`, releasing those capabilities.
@@ -539,6 +549,7 @@ pub fn run_dataflow(
                             // A round's events, copied out of the shared batches to be
                             // put in replay order (kept: its capacity is reused).
                             let mut round_events = Vec::<Event>::new();
+                            let mut live_counts = Vec::new();
                             let mut changes = Stash::<CountChange>::default();
                             let mut cycles = Stash::<CycleTicket>::default();
                             let mut remote = Vec::<RowBatch>::new();
@@ -612,15 +623,17 @@ pub fn run_dataflow(
                                                 for b in &batches {
                                                     b.extend_into(&mut round_events);
                                                 }
-                                                drop(batches);
+                                                // The blocks go back to the pool now.
+                                                rounds.recycle(batches);
                                                 let owned =
                                                     learner.process_round(time, &mut round_events);
                                                 processed.fetch_add(owned, Ordering::Relaxed);
                                                 if let Some(live) = &live {
-                                                    live.add(&learner.take_live());
-                                                    for (v, w) in learner.weights() {
-                                                        live.set_weights(v, w);
-                                                    }
+                                                    learner.take_live(&mut live_counts);
+                                                    live.add(&live_counts);
+                                                    learner.each_weights(|v, w| {
+                                                        live.set_weights(v, w)
+                                                    });
                                                     if bytes_shown.is_none_or(|t| {
                                                         t.elapsed() >= Duration::from_secs(1)
                                                     }) {

@@ -106,8 +106,10 @@ pub struct IngestStats {
 pub(crate) type BatchHook<'h> =
     dyn FnMut(&mut Worker, Option<&mut Inputs>, &IngestStats, bool) -> Result<()> + 'h;
 
-/// Events per `send_batch`: big enough to amortise channel costs.
-const SEND_BATCH: usize = 4096;
+/// Events per batch sent into the dataflow: a batch costs a few allocator calls (its
+/// block's owner, timely's containers) whatever its length, so big batches keep calls
+/// per event small.
+const SEND_BATCH: usize = 16_384;
 
 pub(crate) type EventInput = InputHandle<u64, CapacityContainerBuilder<Vec<EventBatch>>>;
 pub(crate) type ControlInput = InputHandle<u64, CapacityContainerBuilder<Vec<CycleTicket>>>;
@@ -413,7 +415,11 @@ impl Outbox<'_> {
         let spare = &mut self.spare;
         self.held
             .entry(tick)
-            .or_insert_with(|| spare.pop().unwrap_or_default())
+            .or_insert_with(|| {
+                spare
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(SEND_BATCH))
+            })
             .push(event);
     }
 
@@ -457,6 +463,9 @@ impl Outbox<'_> {
             let mut events = entry.remove();
             if tick > *input.events.time() {
                 self.send(input);
+                // Rounds, not source batches, pace the GC's polls: one source batch may
+                // hold many rounds.
+                input.poll_gc(feed.gc);
                 input.advance_to(tick);
                 let horizon = tick.saturating_sub(feed.rounds_in_flight);
                 // A pending checkpoint holds the other workers' inputs where they are, so

@@ -1002,17 +1002,28 @@ impl Learner {
             return None;
         };
         let history = self.users.history(user);
-        let scores: Vec<&[f32]> = ens
-            .components
-            .iter()
-            .map(|&c| self.variants[c].dense.as_slice())
-            .collect();
-        ens.mix(&scores, self.catalogue.alive());
+        // The components' score slices, on the stack for the usual few components: this
+        // runs for every scored event, which must not allocate.
+        let mut on_stack: [&[f32]; 8] = [&[]; 8];
+        let on_heap: Vec<&[f32]>;
+        let scores: &[&[f32]] = if ens.components.len() <= on_stack.len() {
+            for (slot, &c) in on_stack.iter_mut().zip(&ens.components) {
+                *slot = self.variants[c].dense.as_slice();
+            }
+            &on_stack[..ens.components.len()]
+        } else {
+            on_heap = ens
+                .components
+                .iter()
+                .map(|&c| self.variants[c].dense.as_slice())
+                .collect();
+            &on_heap
+        };
+        ens.mix(scores, self.catalogue.alive());
         let rank = scored.then(|| rank_of(ens.mixed(), target, history.iter()));
         let learned = ens
             .learns(index, self.protocol.warmup)
-            .then(|| ens.learn(&scores, target, history, self.protocol.k));
-        drop(scores);
+            .then(|| ens.learn(scores, target, history, self.protocol.k));
         let v = &mut self.variants[e];
         if let Some(loss) = learned {
             v.trace_weights(window, ens.weights());
@@ -1025,24 +1036,25 @@ impl Learner {
         rank
     }
 
-    /// Each ensemble's current weights, by variant index.
-    pub(crate) fn weights(&self) -> Vec<(usize, &[f32])> {
-        self.variants
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| match &v.model {
-                Model::Ensemble(e) => Some((i, e.weights())),
-                _ => None,
-            })
-            .collect()
+    /// Each ensemble's current weights, by variant index (a call per ensemble: this runs
+    /// every round, which must not allocate).
+    pub(crate) fn each_weights(&self, mut f: impl FnMut(usize, &[f32])) {
+        for (i, v) in self.variants.iter().enumerate() {
+            if let Model::Ensemble(e) = &v.model {
+                f(i, e.weights());
+            }
+        }
     }
 
-    /// Each variant's counters since the last call.
-    pub(crate) fn take_live(&mut self) -> Vec<Quality> {
-        self.variants
-            .iter_mut()
-            .map(|v| std::mem::take(&mut v.live))
-            .collect()
+    /// Each variant's counters since the last call, into `out` (cleared first; its
+    /// capacity is reused round after round).
+    pub(crate) fn take_live(&mut self, out: &mut Vec<Quality>) {
+        out.clear();
+        out.extend(
+            self.variants
+                .iter_mut()
+                .map(|v| std::mem::take(&mut v.live)),
+        );
     }
 
     pub(crate) fn finish(mut self) -> WorkerResult {

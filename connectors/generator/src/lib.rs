@@ -89,7 +89,7 @@ impl Default for GeneratorConfig {
             drift: 0.01,
             start_ms: DEFAULT_START_MS,
             mean_gap_ms: 50.0,
-            batch_rows: 8192,
+            batch_rows: 65_536,
             user_churn: 0,
         }
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use parquet::file::statistics::Statistics;
@@ -28,8 +28,10 @@ use tidepool_pipeline::{
 
 use crate::paths::expand_inputs;
 
-/// Rows per batch read from Parquet.
-pub const DEFAULT_BATCH_ROWS: usize = 8192;
+/// Rows per batch read from Parquet. The reader's own allocations are per batch (pages,
+/// levels, arrays), so large batches keep allocator calls per event small; 64 k rows of
+/// the mapped columns is a few megabytes.
+pub const DEFAULT_BATCH_ROWS: usize = 65_536;
 
 /// Bits of a replay position that hold the row within its file.
 const ROW_BITS: u32 = 40;
@@ -324,13 +326,15 @@ impl EventSource for ParquetSource {
                 Err(e) => Box::new(std::iter::once(Err(e))) as EventReader,
                 Ok(batches) => {
                     let pool = pool.clone();
+                    let mut schema = None;
                     let mut row = rg.first_row;
                     let file_bits = (rg.file as u64) << ROW_BITS;
                     Box::new(batches.map(move |batch| {
                         let batch = batch.map_err(|e| {
                             Error::connector(format!("reading {name} row group {}", rg.index), e)
                         })?;
-                        let records = canonical(&batch, &projection, int_time, unit, &pool)?;
+                        let records =
+                            canonical(&batch, &projection, int_time, unit, &pool, &mut schema)?;
                         let origin = BatchOrigin {
                             source: Arc::clone(&name),
                             first_row: row,
@@ -365,15 +369,16 @@ fn open_row_group(
         .map_err(|e| Error::connector(context(), e))
 }
 
-/// Renames the projected columns to tidepool's names and puts integer times in ms.
+/// Renames the projected columns to tidepool's names and puts integer times in ms. The
+/// renamed schema is kept in `schema` and reused while the column types stay the same.
 fn canonical(
     batch: &RecordBatch,
     projection: &[(usize, &'static str)],
     int_time: bool,
     unit: IntTimeUnit,
     pool: &BufferPool,
+    schema: &mut Option<SchemaRef>,
 ) -> Result<RecordBatch> {
-    let mut fields = Vec::with_capacity(projection.len());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(projection.len());
     for (position, (_, name)) in projection.iter().enumerate() {
         let mut column = Arc::clone(batch.column(position));
@@ -396,9 +401,26 @@ fn canonical(
                 column = Arc::new(Int64Array::new(ms.into_scalar(), column.nulls().cloned()));
             }
         }
-        fields.push(Field::new(*name, column.data_type().clone(), true));
         columns.push(column);
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    let same = schema.as_ref().is_some_and(|s| {
+        s.fields().len() == columns.len()
+            && s.fields()
+                .iter()
+                .zip(&columns)
+                .all(|(f, c)| f.data_type() == c.data_type())
+    });
+    if !same {
+        let fields: Vec<Field> = projection
+            .iter()
+            .zip(&columns)
+            .map(|((_, name), c)| Field::new(*name, c.data_type().clone(), true))
+            .collect();
+        *schema = Some(Arc::new(Schema::new(fields)));
+    }
+    let schema = schema
+        .clone()
+        .ok_or_else(|| Error::Internal("renamed schema missing".into()))?;
+    RecordBatch::try_new(schema, columns)
         .map_err(|e| Error::Internal(format!("renaming columns: {e}")))
 }

@@ -15,6 +15,7 @@ static PEAK: AtomicU64 = AtomicU64::new(0);
 static INSTALLED: AtomicU64 = AtomicU64::new(0);
 static CALLS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
+static REALLOCS: AtomicU64 = AtomicU64::new(0);
 
 /// The system allocator, counting live bytes.
 #[derive(Debug, Default)]
@@ -75,6 +76,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let new = unsafe { System.realloc(ptr, layout, new_size) };
         if !new.is_null() {
             // One call, counted once (by `add`).
+            REALLOCS.fetch_add(1, Ordering::Relaxed);
             Self::sub(layout.size());
             Self::add(new_size);
         }
@@ -108,6 +110,8 @@ pub struct AllocWindow {
     pub events: u64,
     /// Allocator calls inside the window (every thread of the process).
     pub allocs: u64,
+    /// Of which reallocations (a growing vector).
+    pub reallocs: u64,
     /// Bytes requested inside the window.
     pub bytes: u64,
 }
@@ -123,8 +127,8 @@ impl AllocWindow {
 #[derive(Debug)]
 pub struct AllocMeter {
     warm_up: u64,
-    start: Option<(u64, u64, u64)>,
-    last: Option<(u64, u64, u64)>,
+    start: Option<(u64, u64, u64, u64)>,
+    last: Option<(u64, u64, u64, u64)>,
 }
 
 impl AllocMeter {
@@ -142,7 +146,12 @@ impl AllocMeter {
         let (Some(calls), Some(_)) = (alloc_calls(), heap_live()) else {
             return;
         };
-        let now = (processed, calls, BYTES.load(Ordering::Relaxed));
+        let now = (
+            processed,
+            calls,
+            BYTES.load(Ordering::Relaxed),
+            REALLOCS.load(Ordering::Relaxed),
+        );
         match self.start {
             None if processed >= self.warm_up => self.start = Some(now),
             Some(_) if self.last.is_none_or(|l| processed > l.0) => self.last = Some(now),
@@ -157,6 +166,7 @@ impl AllocMeter {
             events: last.0 - start.0,
             allocs: last.1 - start.1,
             bytes: last.2 - start.2,
+            reallocs: last.3 - start.3,
         })
     }
 }
