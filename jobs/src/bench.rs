@@ -12,7 +12,12 @@ use serde_json::json;
 use tidepool_connector_generator::GeneratorConfig;
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource, Preset};
 use tidepool_operators::config::recommended_variants;
-use tidepool_operators::{run_backtest, BacktestConfig, ModelConfig, ModelKind, VariantConfig};
+use tidepool_operators::{
+    reference_kernel, run_backtest, BacktestConfig, ModelConfig, ModelKind, Optimizer,
+    VariantConfig,
+};
+use tidepool_pipeline::event::decode_events;
+use tidepool_pipeline::EventSource;
 use tidepool_pipeline::MemoryDeadLetters;
 
 use crate::cli::BenchArgs;
@@ -255,6 +260,7 @@ fn throughput(
     input: &std::path::Path,
     workers: usize,
     model: ModelKind,
+    optimizer: Optimizer,
 ) -> anyhow::Result<(u64, f64)> {
     let source = Arc::new(ParquetSource::open(
         &[input.display().to_string()],
@@ -266,6 +272,7 @@ fn throughput(
     };
     config.eval.eval_every = 0;
     config.variants[0].model.kind = model;
+    config.variants[0].model.optimizer = optimizer;
     config.variants[0].name = model.name().into();
     let report = run_backtest(
         source,
@@ -274,6 +281,34 @@ fn throughput(
         &|_| {},
     )?;
     Ok((report.events, report.events_per_sec()))
+}
+
+/// Dense `(user, item)` events with the user and item counts.
+type DenseEvents = (Vec<(u32, u32)>, usize, usize);
+
+/// The events of a Parquet file as dense `(user, item)` indices (in order of first
+/// appearance), with the user and item counts: the reference kernel's input.
+fn dense_events(input: &std::path::Path) -> anyhow::Result<DenseEvents> {
+    let source = ParquetSource::open(&[input.display().to_string()], ColumnMapping::default())?;
+    let (mut users, mut items) = (
+        rustc_hash::FxHashMap::<u64, u32>::default(),
+        rustc_hash::FxHashMap::<u64, u32>::default(),
+    );
+    let mut out = Vec::new();
+    let mut decoded = Vec::new();
+    for batch in source.open(0, 1)? {
+        let batch = batch?;
+        decoded.clear();
+        decode_events(&batch.records, &batch.origin, &mut decoded, &mut |_| {})?;
+        for e in &decoded {
+            let n = users.len() as u32;
+            let u = *users.entry(e.user).or_insert(n);
+            let n = items.len() as u32;
+            let i = *items.entry(e.item).or_insert(n);
+            out.push((u, i));
+        }
+    }
+    Ok((out, users.len(), items.len()))
 }
 
 /// One GC soak run: `tidepool backtest` in a child process, read back from its summary.
@@ -643,27 +678,55 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             inputs.push(("ml-latest-small", ml.clone()));
         }
         for (data, input) in &inputs {
-            for &w in &args.workers {
-                let (events, eps) = throughput(input, w, ModelKind::Bpr)?;
-                eprintln!("{data} bpr, {w} worker(s): {eps:.0} events/s");
-                results.push(json!({"data": data, "model": "bpr", "workers": w, "events": events, "events_per_sec": eps}));
+            let (events, users, items) = dense_events(input)?;
+            for optimizer in [Optimizer::Adagrad, Optimizer::Sgd] {
+                // The reference first, in the same process and sitting.
+                let cfg = ModelConfig {
+                    optimizer,
+                    ..ModelConfig::default()
+                };
+                let kernel = reference_kernel(&cfg, users, items, &events, 42);
+                let reference = kernel.events_per_sec();
+                eprintln!(
+                    "{data} reference kernel ({}, {users} users x {items} items): {reference:.0} events/s",
+                    optimizer.name()
+                );
+                for &w in &args.workers {
+                    let (n, eps) = throughput(input, w, ModelKind::Bpr, optimizer)?;
+                    let ratio = eps / (w as f64 * reference);
+                    eprintln!(
+                        "{data} bpr {}, {w} worker(s): {eps:.0} events/s, {ratio:.2} of {w} x the reference",
+                        optimizer.name()
+                    );
+                    results.push(json!({
+                        "data": data, "model": "bpr", "optimizer": optimizer.name(),
+                        "workers": w, "events": n, "events_per_sec": eps,
+                        "reference_events_per_sec": reference, "ratio": ratio,
+                    }));
+                }
             }
         }
     }
 
     if !results.is_empty() {
         println!(
-            "{:<18} {:<8} {:>8} {:>12} {:>14}",
-            "data", "model", "workers", "events", "events/s"
+            "{:<18} {:<12} {:>8} {:>12} {:>14} {:>14} {:>8}",
+            "data", "model", "workers", "events", "events/s", "reference/s", "ratio"
         );
         for r in &results {
             println!(
-                "{:<18} {:<8} {:>8} {:>12} {:>14.0}",
+                "{:<18} {:<12} {:>8} {:>12} {:>14.0} {:>14.0} {:>8.2}",
                 r["data"].as_str().unwrap_or(""),
-                r["model"].as_str().unwrap_or(""),
+                format!(
+                    "{} {}",
+                    r["model"].as_str().unwrap_or(""),
+                    r["optimizer"].as_str().unwrap_or("")
+                ),
                 r["workers"].as_u64().unwrap_or(0),
                 r["events"].as_u64().unwrap_or(0),
-                r["events_per_sec"].as_f64().unwrap_or(0.0)
+                r["events_per_sec"].as_f64().unwrap_or(0.0),
+                r["reference_events_per_sec"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0)
             );
         }
     }

@@ -209,6 +209,16 @@ pub enum Optimizer {
     Adagrad,
 }
 
+impl Optimizer {
+    /// The name the flags take (`sgd`, `adagrad`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Optimizer::Sgd => "sgd",
+            Optimizer::Adagrad => "adagrad",
+        }
+    }
+}
+
 impl std::str::FromStr for Optimizer {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -1004,7 +1004,8 @@ impl Learner {
         let history = self.users.history(user);
         // The components' score slices, on the stack for the usual few components: this
         // runs for every scored event, which must not allocate.
-        let mut on_stack: [&[f32]; 8] = [&[]; 8];
+        let mut on_stack: [&[f32]; crate::model::MAX_COMPONENTS] =
+            [&[]; crate::model::MAX_COMPONENTS];
         let on_heap: Vec<&[f32]>;
         let scores: &[&[f32]] = if ens.components.len() <= on_stack.len() {
             for (slot, &c) in on_stack.iter_mut().zip(&ens.components) {

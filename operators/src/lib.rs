@@ -42,7 +42,9 @@ pub use config::{
 pub use ingest::{auto_tick, Clock, IngestStats};
 pub use item_table::ItemTable;
 pub use learner::{auto_window, Protocol};
-pub use model::{Norm, Objective, MAX_COMPONENTS, RANK_DEPTH, TOP_PAIRS};
+pub use model::{
+    reference_kernel, KernelRun, Norm, Objective, MAX_COMPONENTS, RANK_DEPTH, TOP_PAIRS,
+};
 pub use popularity::{
     compact_trace, trace_redundancy, CountChange, PopularityTrace, WindowedPopularity,
     TRACE_UPDATE_BYTES,
