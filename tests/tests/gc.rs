@@ -79,12 +79,17 @@ fn unbounded_users_under_a_ttl_keep_the_heap_bounded() {
         users: 3_000,
         items: 2_000,
         user_churn: 30,
+        // Small source batches: the state's growth, not the few megabytes of batches in
+        // flight and in the pool, is what the halves below compare.
+        batch_rows: 8192,
         ..GeneratorConfig::default()
     };
     let config = |ttl: Option<Duration>| BacktestConfig {
         variants: bpr(32),
+        // 25 %: the run's heap (events travel as shared pooled batches, not per-worker
+        // copies) grows slowly enough that 50 % would leave room for two cycles only.
         gc: GcConfig {
-            gc_percent: Some(50),
+            gc_percent: Some(25),
             min_heap: 8 * MIB,
             ..GcConfig::default()
         },
@@ -140,7 +145,9 @@ fn unbounded_users_under_a_ttl_keep_the_heap_bounded() {
         b2.saturating_sub(b1) * 3 < u2 - u1,
         "with a TTL it levels off: {why}"
     );
-    assert!(b2 * 2 < u2, "{why}");
+    // At the end the bounded heap is well below the unbounded one (the rest is the item
+    // table and the batches in flight, the same in both).
+    assert!(b2 * 3 < u2 * 2, "{why}");
 
     let (rb, ru) = (recent_recall(&bounded), recent_recall(&unbounded));
     assert!(ru > 0.02, "the model learns at all: {ru}");
