@@ -13,8 +13,8 @@ use tidepool_connector_generator::GeneratorConfig;
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource, Preset};
 use tidepool_operators::config::recommended_variants;
 use tidepool_operators::{
-    reference_kernel, run_backtest, BacktestConfig, ModelConfig, ModelKind, Optimizer,
-    VariantConfig,
+    reference_kernel, reference_scoring_kernel, run_backtest, BacktestConfig, ModelConfig,
+    ModelKind, Optimizer, VariantConfig,
 };
 use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::EventSource;
@@ -281,6 +281,62 @@ fn throughput(
         &|_| {},
     )?;
     Ok((report.events, report.events_per_sec()))
+}
+
+/// Scoring at the limit: a BPR backtest that ranks every event against the whole
+/// catalogue (`eval_every = 1`) against the reference scoring loop over as many items.
+fn scoring(
+    dir: &std::path::Path,
+    workers: &[usize],
+    results: &mut Vec<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let input = dir.join("scoring.parquet");
+    // Items appear early (a fifth of the stream is warm-up, not scored), so the scored
+    // events rank against nearly the whole catalogue.
+    generate_to(
+        &input,
+        GeneratorConfig {
+            events: 60_000,
+            users: 2_000,
+            items: 5_000,
+            ..GeneratorConfig::default()
+        },
+        1 << 20,
+    )?;
+    for &w in workers {
+        let source = Arc::new(ParquetSource::open(
+            &[input.display().to_string()],
+            ColumnMapping::default(),
+        )?);
+        let mut config = BacktestConfig {
+            workers: w,
+            ..BacktestConfig::default()
+        };
+        config.eval.eval_every = 1;
+        config.variants[0].model.kind = ModelKind::Bpr;
+        config.variants[0].name = "bpr".into();
+        let report = run_backtest(
+            source,
+            &config,
+            Arc::new(MemoryDeadLetters::new(0)),
+            &|_| {},
+        )?;
+        let scored = report.variants[0].total.scored;
+        let eps = scored as f64 / report.seconds.max(1e-9);
+        let items = report.items as usize;
+        let kernel = reference_scoring_kernel(config.variants[0].model.dim, items, 10_000, 42);
+        let reference = kernel.events_per_sec();
+        let ratio = eps / (w as f64 * reference);
+        eprintln!(
+            "scoring, {items} items, {w} worker(s): {eps:.0} scored events/s; reference {reference:.0}/s; {ratio:.2} of {w} x the reference"
+        );
+        results.push(json!({
+            "data": format!("scoring {items} items"), "model": "bpr", "optimizer": "eval=1",
+            "workers": w, "events": scored, "events_per_sec": eps,
+            "reference_events_per_sec": reference, "ratio": ratio,
+        }));
+    }
+    Ok(())
 }
 
 /// Dense `(user, item)` events with the user and item counts.
@@ -706,6 +762,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+
+    if !args.no_throughput {
+        scoring(dir.path(), &args.workers, &mut results)?;
     }
 
     if !results.is_empty() {
