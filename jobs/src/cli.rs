@@ -454,7 +454,7 @@ pub struct TrainArgs {
     #[arg(long, requires = "checkpoint_dir")]
     pub publish_topic: Option<String>,
     /// Also (or instead) write changed embedding rows at every checkpoint as Parquet files
-    /// into this directory (needs --checkpoint-dir); see the README for the columns.
+    /// into this directory (needs --checkpoint-dir); see docs/kafka.md for the columns.
     #[arg(long, requires = "checkpoint_dir")]
     pub publish_dir: Option<PathBuf>,
     /// Publish changed rows this often between checkpoints too (default: at checkpoints

@@ -499,7 +499,7 @@ fn batches_are_pooled_and_the_steady_state_does_not_allocate_per_event() {
             );
             let per_event = summary["allocs_per_event"].as_f64().unwrap();
             // Parquet decoding allocates inside parquet-rs, per page (not pooled): its
-            // bound is the one the README states for it.
+            // bound is the one docs/memory.md states for it.
             let bound = if input.is_some() { 0.004 } else { 0.001 };
             assert!(
                 per_event <= bound,

@@ -172,7 +172,7 @@ fn two_processes_match_one() {
 
     // BPR: the item replicas receive each other's changes, so at the end both processes
     // hold the same item table (up to float summation order), and quality stays within
-    // the tolerance the README states (recall@10 within 25 % relative, loss within 5 %)
+    // the tolerance docs/cli.md states (recall@10 within 25 % relative, loss within 5 %)
     // of one process's, where only the order of concurrent updates differs.
     let (one, p0, p1) = one_and_two(dir.path(), "bpr");
     let (n0, n1) = (

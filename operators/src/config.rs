@@ -95,7 +95,7 @@ pub const DEFAULT_KNN_NEIGHBOURS: usize = 500;
 /// Default value for [`KnnConfig::half_life_ms`]: 1000 days.
 pub const DEFAULT_KNN_HALF_LIFE_MS: Option<i64> = Some(1000 * 86_400_000);
 
-/// `itemknn`'s hyper-parameters (see the model's documentation in the README).
+/// `itemknn`'s hyper-parameters (see docs/models.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KnnConfig {
@@ -551,7 +551,7 @@ pub const RECOMMENDED_BPR_SAMPLER: &str = "dns:32";
 /// mixes `itemknn`, `bpr` with hard negatives and `mostpop` by Hedge, listed first so
 /// that it is the run's headline, then its components, each reported on its own.
 /// `base` supplies every parameter not named here. Chosen on ml-latest-small only (the
-/// README's "Models" section has the grid).
+/// docs/models.md has the grid).
 pub fn recommended_variants(base: &ModelConfig) -> Vec<VariantConfig> {
     let with = |kind: ModelKind| ModelConfig {
         kind,

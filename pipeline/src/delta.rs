@@ -9,7 +9,7 @@
 //!
 //! `itemknn` publishes its changed neighbour lists as `item` rows whose `neighbours` are
 //! the neighbour item ids and whose `vector` holds the weights co(item -> neighbour); a
-//! serving side scores a user's candidates with them as the model does (see the README).
+//! serving side scores a user's candidates with them as the model does (see docs/kafka.md).
 
 use serde::Serialize;
 

@@ -87,7 +87,7 @@ pub enum Objective {
     /// Softmax cross-entropy of the held-out item over all candidates.
     Softmax,
     /// Hedge on each component's NDCG@K of the held-out item (the default: it measured
-    /// best on ml-latest-small, see the README's grid).
+    /// best on ml-latest-small, see the grid in docs/models.md).
     #[default]
     Hedge,
 }
