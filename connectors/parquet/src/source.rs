@@ -169,6 +169,13 @@ impl ParquetSource {
                 .columns()
                 .iter()
                 .position(|c| c.path().parts() == [mapping.ts.as_str()]);
+            let file_len = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, e))?
+                .len();
+            check_chunks(meta, file_len).map_err(|reason| Error::BadInput {
+                location: path.display().to_string(),
+                reason,
+            })?;
             let mut first_row = 0u64;
             for (index, rg) in meta.row_groups().iter().enumerate() {
                 let n = rg.num_rows().max(0) as u64;
@@ -322,17 +329,28 @@ impl EventSource for ParquetSource {
                 projection,
                 int_time,
             } = files[rg.file].clone();
-            match open_row_group(&path, &rg, &projection, batch_rows) {
+            // Opening reads metadata and page headers, which parquet-rs may also panic on.
+            let opened =
+                std::panic::catch_unwind(|| open_row_group(&path, &rg, &projection, batch_rows))
+                    .unwrap_or_else(|_| {
+                        Err(Error::connector(
+                            format!("reading {} row group {}", path.display(), rg.index),
+                            "the Parquet decoder failed on damaged data",
+                        ))
+                    });
+            match opened {
                 Err(e) => Box::new(std::iter::once(Err(e))) as EventReader,
                 Ok(batches) => {
                     let pool = pool.clone();
                     let mut schema = None;
                     let mut row = rg.first_row;
                     let file_bits = (rg.file as u64) << ROW_BITS;
+                    let batches = Unpanicking {
+                        inner: Some(batches),
+                        context: format!("reading {name} row group {}", rg.index),
+                    };
                     Box::new(batches.map(move |batch| {
-                        let batch = batch.map_err(|e| {
-                            Error::connector(format!("reading {name} row group {}", rg.index), e)
-                        })?;
+                        let batch = batch?;
                         let records =
                             canonical(&batch, &projection, int_time, unit, &pool, &mut schema)?;
                         let origin = BatchOrigin {
@@ -347,6 +365,69 @@ impl EventSource for ParquetSource {
             }
         });
         Ok(Box::new(reader))
+    }
+}
+
+/// Where every column chunk of `meta` lies must be inside the file: parquet-rs asserts
+/// this (it panics on a negative offset or length), and damaged metadata says otherwise.
+fn check_chunks(
+    meta: &parquet::file::metadata::ParquetMetaData,
+    file_len: u64,
+) -> std::result::Result<(), String> {
+    for (g, rg) in meta.row_groups().iter().enumerate() {
+        for (c, col) in rg.columns().iter().enumerate() {
+            let start = col
+                .dictionary_page_offset()
+                .unwrap_or_else(|| col.data_page_offset());
+            let len = col.compressed_size();
+            let inside = start >= 0
+                && len >= 0
+                && (start as u64)
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= file_len);
+            if !inside {
+                return Err(format!(
+                    "damaged metadata: row group {g} column {c} claims bytes {start}..{start}+{len} of a {file_len}-byte file"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A Parquet batch reader whose panics (parquet-rs asserts on some damaged data) become
+/// an error naming the file and row group, after which it ends.
+struct Unpanicking<I> {
+    inner: Option<I>,
+    context: String,
+}
+
+impl<I, T, E> Iterator for Unpanicking<I>
+where
+    I: Iterator<Item = std::result::Result<T, E>>,
+    E: std::fmt::Display,
+{
+    type Item = Result<T>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let inner = self.inner.as_mut()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.next())) {
+            Ok(None) => None,
+            Ok(Some(item)) => Some(item.map_err(|e| Error::connector(self.context.clone(), e))),
+            Err(panic) => {
+                // Never touch a reader that panicked again.
+                self.inner = None;
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".into());
+                Some(Err(Error::connector(
+                    self.context.clone(),
+                    format!("the Parquet decoder failed on damaged data ({message})"),
+                )))
+            }
+        }
     }
 }
 
