@@ -87,6 +87,9 @@ impl RowLayout {
     }
 }
 
+/// A chunk's rows are stored in two runs: every row's embedding and bias first, then
+/// every row's accumulators. Scoring reads only the first run, so it streams half the
+/// bytes an interleaved layout would make it skip over.
 struct Chunk {
     values: Box<[AtomicU32]>,
     states: Box<[AtomicU8]>,
@@ -95,6 +98,25 @@ struct Chunk {
 }
 
 impl Chunk {
+    /// Row `r`: its embedding and bias, and its accumulators (empty without Adagrad).
+    #[inline]
+    fn row(&self, r: usize, layout: RowLayout) -> (&[AtomicU32], &[AtomicU32]) {
+        let head = layout.dim + 1;
+        let tail = layout.stride() - head;
+        let accs = CHUNK_ROWS * head + r * tail;
+        (
+            &self.values[r * head..(r + 1) * head],
+            &self.values[accs..accs + tail],
+        )
+    }
+
+    /// Row `r`'s values in row order (`[embedding, bias, accumulators]`).
+    #[inline]
+    fn row_iter(&self, r: usize, layout: RowLayout) -> impl Iterator<Item = &AtomicU32> {
+        let (a, b) = self.row(r, layout);
+        a.iter().chain(b)
+    }
+
     fn new(stride: usize) -> Self {
         Self {
             values: (0..CHUNK_ROWS * stride)
@@ -171,7 +193,7 @@ impl ItemTable {
             if chunk.states[r].load(Ordering::Acquire) != READY {
                 continue;
             }
-            let row = &chunk.values[r * stride..(r + 1) * stride];
+            let row = chunk.row_iter(r, self.layout);
             for (o, v) in out[item * stride..(item + 1) * stride].iter_mut().zip(row) {
                 *o = f32::from_bits(v.load(Ordering::Relaxed));
             }
@@ -182,14 +204,13 @@ impl ItemTable {
     /// The Frobenius norm of the embeddings and biases of every initialised row: one
     /// number that says whether two replicas of a table hold the same model.
     pub fn norm(&self) -> f64 {
-        let (stride, dim) = (self.layout.stride(), self.layout.dim);
         let mut sum = 0.0f64;
         for chunk in self.chunk_list().iter().flatten() {
             for (r, state) in chunk.states.iter().enumerate() {
                 if state.load(Ordering::Acquire) != READY {
                     continue;
                 }
-                for v in &chunk.values[r * stride..r * stride + dim + 1] {
+                for v in chunk.row(r, self.layout).0 {
                     let v = f64::from(f32::from_bits(v.load(Ordering::Relaxed)));
                     sum += v * v;
                 }
@@ -201,7 +222,6 @@ impl ItemTable {
     /// The embedding (and bias) of every row written since the last call, among items
     /// `0..n`, clearing the marks: `(dense item, dim values, bias)`.
     pub(crate) fn take_dirty(&self, n: usize) -> Vec<(u32, Vec<f32>, f32)> {
-        let stride = self.layout.stride();
         let dim = self.layout.dim;
         let mut out = Vec::new();
         for (c, chunk) in self.chunk_list().iter().enumerate() {
@@ -214,7 +234,7 @@ impl ItemTable {
                 if !chunk.dirty[r].swap(false, Ordering::AcqRel) {
                     continue;
                 }
-                let row = &chunk.values[r * stride..(r + 1) * stride];
+                let row = chunk.row(r, self.layout).0;
                 let v: Vec<f32> = row[..dim]
                     .iter()
                     .map(|x| f32::from_bits(x.load(Ordering::Relaxed)))
@@ -244,8 +264,8 @@ impl ItemTable {
                 list.push(None);
             }
             let chunk = list[c].get_or_insert_with(|| Arc::new(Chunk::new(stride)));
-            for (slot, v) in chunk.values[r * stride..(r + 1) * stride]
-                .iter()
+            for (slot, v) in chunk
+                .row_iter(r, self.layout)
                 .zip(&rows[item * stride..(item + 1) * stride])
             {
                 slot.store(v.to_bits(), Ordering::Relaxed);
@@ -299,8 +319,8 @@ impl ItemRows {
     /// Adds another process's change to a row (not recorded: it is not this process's
     /// change to pass on).
     pub(crate) fn add(&mut self, item: u32, delta: &[f32]) {
-        let row = self.row(item);
-        for (slot, d) in row.iter().zip(delta) {
+        let (a, b) = self.row(item);
+        for (slot, d) in a.iter().chain(b).zip(delta) {
             let v = f32::from_bits(slot.load(Ordering::Relaxed)) + d;
             slot.store(v.to_bits(), Ordering::Relaxed);
         }
@@ -357,15 +377,16 @@ impl ItemRows {
         }
     }
 
-    /// The row's values, initialised if this is the first use anywhere in the process.
+    /// The row's embedding and bias, and its accumulators, initialised if this is the
+    /// first use anywhere in the process.
     #[inline]
-    fn row(&mut self, item: u32) -> &[AtomicU32] {
+    fn row(&mut self, item: u32) -> (&[AtomicU32], &[AtomicU32]) {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         if self.chunk(c).states[r].load(Ordering::Acquire) != READY {
             self.initialise(item);
         }
-        let stride = self.stride;
-        &self.chunk(c).values[r * stride..(r + 1) * stride]
+        let layout = self.table.layout;
+        self.chunk(c).row(r, layout)
     }
 
     /// Releases the chunks all of whose rows are expired, given liveness by dense
@@ -412,8 +433,7 @@ impl ItemRows {
                     table.init_std,
                     &mut self.scratch,
                 );
-                let values = &chunk.values[r * self.stride..(r + 1) * self.stride];
-                for (slot, v) in values.iter().zip(&self.scratch) {
+                for (slot, v) in chunk.row_iter(r, table.layout).zip(&self.scratch) {
                     slot.store(v.to_bits(), Ordering::Relaxed);
                 }
                 state.store(READY, Ordering::Release);
@@ -431,8 +451,13 @@ impl ItemRows {
     /// optimiser's accumulators behind.
     #[inline]
     pub(crate) fn load(&mut self, item: u32, out: &mut [f32]) {
-        let row = self.row(item);
-        for (o, v) in out.iter_mut().zip(row) {
+        let (a, b) = self.row(item);
+        // Two plain loops, not a chained iterator: this runs ten times per event.
+        let (oa, ob) = out.split_at_mut(a.len().min(out.len()));
+        for (o, v) in oa.iter_mut().zip(a) {
+            *o = f32::from_bits(v.load(Ordering::Relaxed));
+        }
+        for (o, v) in ob.iter_mut().zip(b) {
             *o = f32::from_bits(v.load(Ordering::Relaxed));
         }
     }
@@ -443,8 +468,12 @@ impl ItemRows {
         if self.log.is_some() {
             self.record(item, values);
         }
-        let row = self.row(item);
-        for (slot, v) in row.iter().zip(values) {
+        let (a, b) = self.row(item);
+        let (va, vb) = values.split_at(a.len().min(values.len()));
+        for (slot, v) in a.iter().zip(va) {
+            slot.store(v.to_bits(), Ordering::Relaxed);
+        }
+        for (slot, v) in b.iter().zip(vb) {
             slot.store(v.to_bits(), Ordering::Relaxed);
         }
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
@@ -458,7 +487,8 @@ impl ItemRows {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         self.row(item);
         let chunk = Arc::clone(self.chunk(c));
-        let row = &chunk.values[r * self.stride..(r + 1) * self.stride];
+        let layout = self.table.layout;
+        let row = chunk.row_iter(r, layout);
         let stride = self.stride;
         let Some(log) = self.log.as_mut() else {
             return;
@@ -480,7 +510,7 @@ impl ItemRows {
                 out.push(f32::NEG_INFINITY);
                 continue;
             }
-            let row = self.row(item as u32);
+            let row = self.row(item as u32).0;
             let mut s = 0.0f32;
             for (a, q) in p.iter().zip(&row[..dim]) {
                 s += a * f32::from_bits(q.load(Ordering::Relaxed));
