@@ -16,7 +16,6 @@ use tidepool_operators::{
     reference_kernel, reference_scoring_kernel, run_backtest, BacktestConfig, ModelConfig,
     ModelKind, Optimizer, VariantConfig,
 };
-use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::EventSource;
 use tidepool_pipeline::MemoryDeadLetters;
 
@@ -355,7 +354,7 @@ fn dense_events(input: &std::path::Path) -> anyhow::Result<DenseEvents> {
     for batch in source.open(0, 1)? {
         let batch = batch?;
         decoded.clear();
-        decode_events(&batch.records, &batch.origin, &mut decoded, &mut |_| {})?;
+        batch.decode(&mut decoded, &mut |_| {})?;
         for e in &decoded {
             let n = users.len() as u32;
             let u = *users.entry(e.user).or_insert(n);

@@ -14,7 +14,6 @@ use tidepool_connector_kafka::{
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource};
 use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
 use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOptions};
-use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
 
@@ -151,7 +150,7 @@ pub(crate) fn generated_events(
         let mut out = Vec::new();
         // Generated batches always decode: a failure would be a bug, and it would show
         // as fewer events produced than asked for.
-        let _ = decode_events(&batch, &origin, &mut out, &mut |_| {});
+        let _ = tidepool_pipeline::event::decode_events(&batch, &origin, &mut out, &mut |_| {});
         out
     }))
 }
@@ -401,7 +400,7 @@ pub fn produce_file(args: &ProduceArgs) -> anyhow::Result<u64> {
     let mut events = Vec::new();
     for batch in source.open(0, 1)? {
         let batch = batch?;
-        decode_events(&batch.records, &batch.origin, &mut events, &mut |l| {
+        batch.decode(&mut events, &mut |l| {
             let _ = dead.send(l);
         })?;
     }

@@ -50,7 +50,6 @@ use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::DeadLetter;
 
 use crate::config::LatePolicy;
-use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::memory::collector::{CycleTicket, GcController};
 use tidepool_pipeline::{BufferPool, Event, EventBatch, EventReader, Result};
 use timely::container::CapacityContainerBuilder;
@@ -233,7 +232,7 @@ pub(crate) fn drive(
         }
         let batch = batch?;
         if let Some(live) = live {
-            live.add_rows(batch.rejected + batch.records.num_rows() as u64);
+            live.add_rows(batch.rejected + batch.rows() as u64);
         }
         input.poll_gc(gc);
         stats.rows += batch.rejected;
@@ -244,7 +243,7 @@ pub(crate) fn drive(
         }
         stats.lost += batch.lost;
         stats.positions.extend(batch.positions.iter().copied());
-        if batch.records.num_rows() == 0 {
+        if batch.rows() == 0 {
             // An idle source lets the watermark catch up and closes its open round, so
             // the events it has delivered are trained and counted now rather than when
             // the next one arrives (and GC cycles see them). A later event for a closed
@@ -279,10 +278,10 @@ pub(crate) fn drive(
         }
         open_round = true;
         time.first_data.get_or_insert_with(|| begun.elapsed());
-        stats.rows += batch.records.num_rows() as u64;
+        stats.rows += batch.rows() as u64;
         decoded.clear();
         let mut sink_error = None;
-        stats.dead += decode_events(&batch.records, &batch.origin, &mut decoded, &mut |letter| {
+        stats.dead += batch.decode(&mut decoded, &mut |letter| {
             if let Err(e) = dead.send(letter) {
                 sink_error.get_or_insert(e);
             }

@@ -26,8 +26,13 @@ pub struct SourceInfo {
 /// One batch from a source.
 #[derive(Clone, Debug)]
 pub struct SourceBatch {
-    /// Rows with canonical column names (see [`crate::event`]).
+    /// Rows with canonical column names (see [`crate::event`]); empty when the source
+    /// delivers [`SourceBatch::events`] instead.
     pub records: RecordBatch,
+    /// Events the source decoded and validated itself, in a pooled batch: a source
+    /// that parses records one by one (Kafka's JSON) hands them over like this rather than
+    /// building Arrow columns only for them to be decoded back.
+    pub events: Option<crate::EventBatch>,
     /// Where they came from.
     pub origin: BatchOrigin,
     /// For sources with resumable positions (Kafka): `(partition, next offset)` after
@@ -58,12 +63,36 @@ impl SourceBatch {
     pub fn new(records: RecordBatch, origin: BatchOrigin) -> Self {
         Self {
             records,
+            events: None,
             origin,
             positions: Vec::new(),
             rejected: 0,
             skipped: 0,
             lost: 0,
             low_watermark_ms: None,
+        }
+    }
+
+    /// Rows the batch carries (events, or records to decode).
+    pub fn rows(&self) -> usize {
+        self.events
+            .as_ref()
+            .map_or(self.records.num_rows(), crate::EventBatch::len)
+    }
+
+    /// Appends the batch's events to `out`; records that fail validation go to `dead`
+    /// and are counted in the result (see [`crate::event::decode_events`]).
+    pub fn decode(
+        &self,
+        out: &mut Vec<crate::Event>,
+        dead: &mut dyn FnMut(crate::DeadLetter),
+    ) -> Result<u64> {
+        match &self.events {
+            Some(events) => {
+                events.extend_into(out);
+                Ok(0)
+            }
+            None => crate::event::decode_events(&self.records, &self.origin, out, dead),
         }
     }
 }

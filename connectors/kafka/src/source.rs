@@ -34,7 +34,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tidepool_pipeline::dead_letter::DeadLetterSink;
-use tidepool_pipeline::event::events_batch_with_positions;
+use tidepool_pipeline::EventBatch;
 use tidepool_pipeline::{
     BatchOrigin, BufferPool, DeadLetter, Error, Event, EventReader, EventSource, Result,
     SourceBatch, SourceInfo,
@@ -371,6 +371,7 @@ impl EventSource for KafkaSource {
             counters: Arc::clone(&self.counters),
             last_message: Instant::now(),
             events: Vec::with_capacity(MAX_BATCH),
+            empty: arrow_array::RecordBatch::new_empty(tidepool_pipeline::event::event_schema()),
             done: mine.is_empty() && self.stop_at != StopAt::Never,
             newest: BTreeMap::new(),
             reader: worker,
@@ -409,6 +410,8 @@ struct Reader {
     counters: Arc<KafkaCounters>,
     last_message: Instant,
     events: Vec<Event>,
+    /// The records of every batch: empty, the events travel pre-decoded.
+    empty: arrow_array::RecordBatch,
     done: bool,
     /// The newest event time read from each partition.
     newest: BTreeMap<i32, i64>,
@@ -544,13 +547,13 @@ impl Reader {
         if !advanced.is_empty() {
             self.last_message = Instant::now();
         }
-        let records = match events_batch_with_positions(&self.events, &self.pool) {
-            Ok(r) => r,
-            Err(e) => return Some(Err(e)),
-        };
+        // The events go over as they are (decoded and validated above), in a pooled
+        // batch: no Arrow columns to build and decode back.
+        let events = EventBatch::from_events(&self.events, &self.pool);
         let pos = first_pos.unwrap_or(0);
         Some(Ok(SourceBatch {
-            records,
+            records: self.empty.clone(),
+            events: Some(events),
             origin: BatchOrigin {
                 source: Arc::clone(&self.topic),
                 first_row: pos,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use tidepool_connector_kafka::{
     produce, Embedded, JsonMapping, KafkaSettings, KafkaSource, Producer, StopAt,
 };
-use tidepool_pipeline::event::decode_events;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, EventType, MemoryDeadLetters};
 
 fn events(n: u64) -> Vec<Event> {
@@ -28,7 +27,7 @@ fn read_all(source: &KafkaSource, workers: usize) -> Vec<Event> {
         for batch in source.open(w, workers).unwrap() {
             let batch = batch.unwrap();
             let mut out = Vec::new();
-            decode_events(&batch.records, &batch.origin, &mut out, &mut |_| {}).unwrap();
+            batch.decode(&mut out, &mut |_| {}).unwrap();
             all.extend(out);
         }
     }
@@ -109,7 +108,7 @@ fn successive_producers_append_every_message() {
     for w in 0..2 {
         for batch in source.open(w, 2).unwrap() {
             let batch = batch.unwrap();
-            read += batch.records.num_rows();
+            read += batch.rows();
             ends.extend(batch.positions);
         }
     }
