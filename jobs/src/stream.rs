@@ -368,6 +368,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
+    // Before, `train` accepted --metrics-out (it shares backtest's flags) and wrote
+    // nothing.
+    if let Some(path) = &args.run.metrics_out {
+        crate::report::write_metrics(&report, path, &pool)?;
+    }
     drop(embedded);
     if let Some(dir) = &args.run.report {
         let page = crate::html::write_report(dir, &report, &description, &throughput.borrow())?;

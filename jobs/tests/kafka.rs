@@ -160,10 +160,21 @@ fn train_follows_the_topic_and_beats_mostpop() {
                 "s.json",
                 "--report",
                 "rep",
+                "--metrics-out",
+                "m.csv",
             ],
         ),
         Duration::from_secs(120),
     ));
+    // The per-window metrics, as backtest writes them: every event in some window.
+    let csv = std::fs::read_to_string(dir.path().join("m.csv")).unwrap();
+    let windowed: u64 = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with("bpr,"))
+        .map(|l| l.split(',').nth(3).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(windowed, n, "{csv}");
     let page = std::fs::read_to_string(dir.path().join("rep/report.html")).unwrap();
     assert!(page.contains("<td>bpr</td>") && page.contains("<td>pop</td>"));
     let s = summary(dir.path(), "s.json");
