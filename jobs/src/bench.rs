@@ -255,12 +255,14 @@ fn models(
     Ok(())
 }
 
-fn throughput(
+/// One BPR variant over a Parquet file on `workers` workers, evaluating every
+/// `eval_every`-th event (0: none), with `optimizer`.
+fn bpr_run(
     input: &std::path::Path,
     workers: usize,
-    model: ModelKind,
+    eval_every: u64,
     optimizer: Optimizer,
-) -> anyhow::Result<(u64, f64)> {
+) -> anyhow::Result<tidepool_operators::BacktestReport> {
     let source = Arc::new(ParquetSource::open(
         &[input.display().to_string()],
         ColumnMapping::default(),
@@ -269,17 +271,16 @@ fn throughput(
         workers,
         ..BacktestConfig::default()
     };
-    config.eval.eval_every = 0;
-    config.variants[0].model.kind = model;
+    config.eval.eval_every = eval_every;
+    config.variants[0].model.kind = ModelKind::Bpr;
     config.variants[0].model.optimizer = optimizer;
-    config.variants[0].name = model.name().into();
-    let report = run_backtest(
+    config.variants[0].name = ModelKind::Bpr.name().into();
+    Ok(run_backtest(
         source,
         &config,
         Arc::new(MemoryDeadLetters::new(0)),
         &|_| {},
-    )?;
-    Ok((report.events, report.events_per_sec()))
+    )?)
 }
 
 /// Scoring at the limit: a BPR backtest that ranks every event against the whole
@@ -303,27 +304,12 @@ fn scoring(
         1 << 20,
     )?;
     for &w in workers {
-        let source = Arc::new(ParquetSource::open(
-            &[input.display().to_string()],
-            ColumnMapping::default(),
-        )?);
-        let mut config = BacktestConfig {
-            workers: w,
-            ..BacktestConfig::default()
-        };
-        config.eval.eval_every = 1;
-        config.variants[0].model.kind = ModelKind::Bpr;
-        config.variants[0].name = "bpr".into();
-        let report = run_backtest(
-            source,
-            &config,
-            Arc::new(MemoryDeadLetters::new(0)),
-            &|_| {},
-        )?;
+        let report = bpr_run(&input, w, 1, Optimizer::default())?;
         let scored = report.variants[0].total.scored;
         let eps = scored as f64 / report.seconds.max(1e-9);
         let items = report.items as usize;
-        let kernel = reference_scoring_kernel(config.variants[0].model.dim, items, 10_000, 42);
+        let kernel =
+            reference_scoring_kernel(report.config.variants[0].model.dim, items, 10_000, 42);
         let reference = kernel.events_per_sec();
         let ratio = eps / (w as f64 * reference);
         eprintln!(
@@ -747,7 +733,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                     optimizer.name()
                 );
                 for &w in &args.workers {
-                    let (n, eps) = throughput(input, w, ModelKind::Bpr, optimizer)?;
+                    let run = bpr_run(input, w, 0, optimizer)?;
+                    let (n, eps) = (run.events, run.events_per_sec());
                     let ratio = eps / (w as f64 * reference);
                     eprintln!(
                         "{data} bpr {}, {w} worker(s): {eps:.0} events/s, {ratio:.2} of {w} x the reference",

@@ -213,8 +213,9 @@ fn metrics_admin_and_graceful_shutdown() {
 #[test]
 fn an_exposed_endpoint_without_a_token_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args([
+    let run = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+        cmd.args([
             "backtest",
             "--quiet",
             "--events",
@@ -222,29 +223,21 @@ fn an_exposed_endpoint_without_a_token_refuses_to_start() {
             "--metrics-addr",
             "0.0.0.0:0",
         ])
-        .env_remove("TIDEPOOL_ADMIN_TOKEN")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+        .current_dir(dir.path());
+        match token {
+            Some(t) => cmd.env("TIDEPOOL_ADMIN_TOKEN", t),
+            None => cmd.env_remove("TIDEPOOL_ADMIN_TOKEN"),
+        };
+        cmd.output().unwrap()
+    };
+    let out = run(None);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("reachable from other machines: give it a token (--admin-token or TIDEPOOL_ADMIN_TOKEN)"),
         "{stderr}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args([
-            "backtest",
-            "--quiet",
-            "--events",
-            "1000",
-            "--metrics-addr",
-            "0.0.0.0:0",
-        ])
-        .env("TIDEPOOL_ADMIN_TOKEN", "from-the-environment")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = run(Some("from-the-environment"));
     assert!(
         out.status.success(),
         "{}",

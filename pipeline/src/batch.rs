@@ -134,20 +134,6 @@ impl EventBatch {
         &self.kinds
     }
 
-    /// Event `i` (panics past the end, like indexing).
-    #[inline]
-    pub fn get(&self, i: usize) -> Event {
-        Event {
-            ts: self.ts()[i],
-            pos: self.pos()[i],
-            user: self.users()[i],
-            item: self.items()[i],
-            weight: self.weights()[i],
-            // Only the builder writes kinds, from an `EventType`.
-            kind: EventType::from_code(self.kinds()[i]).unwrap_or(EventType::View),
-        }
-    }
-
     /// The events, in batch order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = Event> + '_ {
         let (ts, pos, users, items, weights, kinds) = (
@@ -339,7 +325,7 @@ mod tests {
         let b = EventBatch::from_events(&e, &pool);
         assert_eq!(b.len(), 1000);
         assert_eq!(b.iter().collect::<Vec<_>>(), e);
-        assert_eq!(b.get(999), e[999]);
+        assert_eq!(b.iter().nth(999), Some(e[999]));
         let c = b.clone();
         assert_eq!(c.ts().as_ptr(), b.ts().as_ptr(), "a clone shares the block");
         // The block returns to the pool only when the last holder drops it.

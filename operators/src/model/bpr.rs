@@ -142,6 +142,60 @@ fn adagrad(lr: f32, theta: &mut f32, acc: &mut f32, g: f32) {
     *theta -= lr * g / acc.sqrt();
 }
 
+/// One BPR step on a pair with slope `g`: the user row `p`, the positive `qi` and the
+/// negative `qj`, each `[embedding; dim] [bias]` beside its optimizer state (Adagrad's
+/// accumulators, empty for SGD). Shared by the engine and the reference kernel, so that
+/// the bench compares the same arithmetic.
+#[inline(always)]
+fn pair_step(
+    cfg: &ModelConfig,
+    dim: usize,
+    g: f32,
+    (p, pacc): (&mut [f32], &mut [f32]),
+    (qi, iacc): (&mut [f32], &mut [f32]),
+    (qj, jacc): (&mut [f32], &mut [f32]),
+) {
+    let (lr, reg, bias) = (cfg.lr, cfg.reg, cfg.item_bias);
+    // Two loops rather than a branch per coordinate, so each one vectorises.
+    match cfg.optimizer {
+        Optimizer::Adagrad => {
+            for k in 0..dim {
+                let (pk, ik, jk) = (p[k], qi[k], qj[k]);
+                adagrad(lr, &mut p[k], &mut pacc[k], -g * (ik - jk) + reg * pk);
+                adagrad(lr, &mut qi[k], &mut iacc[k], -g * pk + reg * ik);
+                adagrad(lr, &mut qj[k], &mut jacc[k], g * pk + reg * jk);
+            }
+            if bias {
+                let (bi, bj) = (qi[dim], qj[dim]);
+                adagrad(lr, &mut qi[dim], &mut iacc[dim], -g + reg * bi);
+                adagrad(lr, &mut qj[dim], &mut jacc[dim], g + reg * bj);
+            }
+        }
+        Optimizer::Sgd => {
+            for k in 0..dim {
+                let (pk, ik, jk) = (p[k], qi[k], qj[k]);
+                p[k] -= lr * (-g * (ik - jk) + reg * pk);
+                qi[k] -= lr * (-g * pk + reg * ik);
+                qj[k] -= lr * (g * pk + reg * jk);
+            }
+            if bias {
+                qi[dim] -= lr * (-g + reg * qi[dim]);
+                qj[dim] -= lr * (g + reg * qj[dim]);
+            }
+        }
+    }
+}
+
+/// A xorshift64 step: the reference kernels' generator (cheap, and enough for picking
+/// negatives and test values).
+#[inline(always)]
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 /// The per-worker half of a BPR model: owned user rows plus a handle on the shared items.
 pub(crate) struct Bpr {
     cfg: ModelConfig,
@@ -326,7 +380,7 @@ impl Bpr {
             return 0.0;
         }
         let (dim, stride) = (self.layout.dim, self.layout.stride());
-        let (lr, reg, bias) = (self.cfg.lr, self.cfg.reg, self.cfg.item_bias);
+        let bias = self.cfg.item_bias;
         let start = user as usize * stride;
         if self.dirty.len() <= user as usize {
             self.dirty.resize(user as usize + 1, false);
@@ -349,34 +403,7 @@ impl Bpr {
             }
             let (pair_loss, g) = loss_and_slope(x);
             loss += pair_loss as f64;
-            // Two loops rather than a branch per coordinate, so each one vectorises.
-            match self.cfg.optimizer {
-                Optimizer::Adagrad => {
-                    for k in 0..dim {
-                        let (pk, ik, jk) = (p[k], qi[k], qj[k]);
-                        adagrad(lr, &mut p[k], &mut pacc[k], -g * (ik - jk) + reg * pk);
-                        adagrad(lr, &mut qi[k], &mut iacc[k], -g * pk + reg * ik);
-                        adagrad(lr, &mut qj[k], &mut jacc[k], g * pk + reg * jk);
-                    }
-                    if bias {
-                        let (bi, bj) = (qi[dim], qj[dim]);
-                        adagrad(lr, &mut qi[dim], &mut iacc[dim], -g + reg * bi);
-                        adagrad(lr, &mut qj[dim], &mut jacc[dim], g + reg * bj);
-                    }
-                }
-                Optimizer::Sgd => {
-                    for k in 0..dim {
-                        let (pk, ik, jk) = (p[k], qi[k], qj[k]);
-                        p[k] -= lr * (-g * (ik - jk) + reg * pk);
-                        qi[k] -= lr * (-g * pk + reg * ik);
-                        qj[k] -= lr * (g * pk + reg * jk);
-                    }
-                    if bias {
-                        qi[dim] -= lr * (-g + reg * qi[dim]);
-                        qj[dim] -= lr * (g + reg * qj[dim]);
-                    }
-                }
-            }
+            pair_step(&self.cfg, dim, g, (p, pacc), (qi, iacc), (qj, jacc));
             self.items.store(neg.item, &self.qj);
         }
         self.items.store(pos, &self.qi);
@@ -418,16 +445,15 @@ pub fn reference_kernel(
 ) -> KernelRun {
     let layout = Bpr::layout_for(cfg);
     let (dim, stride) = (layout.dim, layout.stride());
-    let (lr, reg, bias) = (cfg.lr, cfg.reg, cfg.item_bias);
+    let bias = cfg.item_bias;
     let mut rng = seed | 1;
     let mut init = |n: usize| -> Vec<f32> {
         let mut t = vec![0.0f32; n * stride];
         for row in t.chunks_exact_mut(stride) {
             for v in &mut row[..dim] {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                *v = ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * cfg.init_std;
+                *v = ((xorshift(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    * 2.0
+                    * cfg.init_std;
             }
         }
         t
@@ -441,10 +467,7 @@ pub fn reference_kernel(
         let p = &mut p_table[u * stride..(u + 1) * stride];
         let (p, pacc) = p.split_at_mut(dim + 1);
         for _ in 0..cfg.negatives {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let j = (rng % items as u64) as usize;
+            let j = (xorshift(&mut rng) % items as u64) as usize;
             if j == i {
                 continue;
             }
@@ -464,33 +487,7 @@ pub fn reference_kernel(
             }
             let (pair_loss, g) = loss_and_slope(x);
             loss += pair_loss as f64;
-            match cfg.optimizer {
-                Optimizer::Adagrad => {
-                    for k in 0..dim {
-                        let (pk, ik, jk) = (p[k], qi[k], qj[k]);
-                        adagrad(lr, &mut p[k], &mut pacc[k], -g * (ik - jk) + reg * pk);
-                        adagrad(lr, &mut qi[k], &mut iacc[k], -g * pk + reg * ik);
-                        adagrad(lr, &mut qj[k], &mut jacc[k], g * pk + reg * jk);
-                    }
-                    if bias {
-                        let (bi, bj) = (qi[dim], qj[dim]);
-                        adagrad(lr, &mut qi[dim], &mut iacc[dim], -g + reg * bi);
-                        adagrad(lr, &mut qj[dim], &mut jacc[dim], g + reg * bj);
-                    }
-                }
-                Optimizer::Sgd => {
-                    for k in 0..dim {
-                        let (pk, ik, jk) = (p[k], qi[k], qj[k]);
-                        p[k] -= lr * (-g * (ik - jk) + reg * pk);
-                        qi[k] -= lr * (-g * pk + reg * ik);
-                        qj[k] -= lr * (g * pk + reg * jk);
-                    }
-                    if bias {
-                        qi[dim] -= lr * (-g + reg * qi[dim]);
-                        qj[dim] -= lr * (g + reg * qj[dim]);
-                    }
-                }
-            }
+            pair_step(cfg, dim, g, (p, pacc), (qi, iacc), (qj, jacc));
         }
     }
     KernelRun {
@@ -508,13 +505,7 @@ pub fn reference_kernel(
 pub fn reference_scoring_kernel(dim: usize, items: usize, events: usize, seed: u64) -> KernelRun {
     let stride = dim + 1;
     let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let mut uniform = move || (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+    let mut uniform = move || (xorshift(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
     let table: Vec<f32> = (0..items.max(1) * stride).map(|_| uniform()).collect();
     let users: Vec<f32> = (0..64 * dim).map(|_| uniform()).collect();
     let mut above = 0u64;
