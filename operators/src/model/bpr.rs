@@ -343,9 +343,9 @@ impl Bpr {
         self.items.release_expired(alive)
     }
 
-    /// Heap bytes of this worker's user rows.
+    /// Heap bytes of this worker's own state: user rows and its scoring copy of items.
     pub(crate) fn user_bytes(&self) -> u64 {
-        (self.users.capacity() * std::mem::size_of::<f32>()) as u64
+        (self.users.capacity() * std::mem::size_of::<f32>()) as u64 + self.items.copy_bytes()
     }
 
     /// `p_u · q_i (+ b_i)` for one item.
