@@ -73,6 +73,12 @@ impl<'a> History<'a> {
         }
     }
 
+    /// The open-addressing slots (for cache hints).
+    #[inline]
+    pub(crate) fn region(&self) -> &'a [u32] {
+        self.region
+    }
+
     /// Items in the set, in no particular order.
     #[inline]
     pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + 'a {

@@ -93,9 +93,9 @@ impl RowLayout {
     }
 }
 
-/// A chunk's rows are stored in two runs: every row's embedding and bias first, then
-/// every row's accumulators. Scoring reads only the first run, so it streams half the
-/// bytes an interleaved layout would make it skip over.
+/// A chunk's rows lie one after another, each `[embedding, bias, accumulators]`, so a
+/// training step that reads and writes all of a row touches one run of memory. (Scoring,
+/// which needs only embedding and bias, reads its own copy, see [`ScoringCopy`].)
 struct Chunk {
     values: Box<[AtomicU32]>,
     states: Box<[AtomicU8]>,
@@ -110,13 +110,8 @@ impl Chunk {
     /// Row `r`: its embedding and bias, and its accumulators (empty without Adagrad).
     #[inline]
     fn row(&self, r: usize, layout: RowLayout) -> (&[AtomicU32], &[AtomicU32]) {
-        let head = layout.dim + 1;
-        let tail = layout.stride() - head;
-        let accs = CHUNK_ROWS * head + r * tail;
-        (
-            &self.values[r * head..(r + 1) * head],
-            &self.values[accs..accs + tail],
-        )
+        let stride = layout.stride();
+        self.values[r * stride..(r + 1) * stride].split_at(layout.dim + 1)
     }
 
     /// Row `r`'s values in row order (`[embedding, bias, accumulators]`).
@@ -472,6 +467,18 @@ impl ItemRows {
                 while state.load(Ordering::Acquire) != READY {
                     std::hint::spin_loop();
                 }
+            }
+        }
+    }
+
+    /// Hints that the row of `item` will be trained soon, if its chunk is cached.
+    #[inline]
+    pub(crate) fn prefetch(&self, item: u32) {
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        if let Some(Some(chunk)) = self.chunks.get(c) {
+            let stride = self.stride;
+            if let Some(row) = chunk.values.get(r * stride..(r + 1) * stride) {
+                crate::prefetch::values(row);
             }
         }
     }

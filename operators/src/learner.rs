@@ -101,6 +101,13 @@ pub fn auto_window(span_ms: i64) -> i64 {
 }
 
 /// One variant's model, sampler and metrics on one worker.
+/// How many events ahead the learner hints the rows training will touch: far enough for
+/// the misses to be served before the event comes up, near enough to stay in cache.
+pub(crate) const PREFETCH_AHEAD: usize = 4;
+
+/// History slots hinted ahead (1 KiB): a heavy user's region is not hinted whole.
+const PREFETCH_HISTORY: usize = 256;
+
 struct Variant {
     name: String,
     model: Model,
@@ -867,7 +874,10 @@ impl Learner {
                 .for_each(|v| v.sampler.refresh(&live));
         }
         let mut owned = 0;
-        for event in events.iter() {
+        for (i, event) in events.iter().enumerate() {
+            if let Some(ahead) = events.get(i + PREFETCH_AHEAD) {
+                self.prefetch(ahead);
+            }
             let index = self.seen;
             self.seen += 1;
             self.now_ms = self.now_ms.max(event.ts);
@@ -883,6 +893,27 @@ impl Learner {
             }
         }
         owned
+    }
+
+    /// Hints the rows a later event will train, if this worker owns it.
+    #[inline]
+    fn prefetch(&mut self, event: &Event) {
+        if owner(event.user, self.peers) != self.worker {
+            return;
+        }
+        let user = self.users.lookup(event.user);
+        if let Some(u) = user {
+            // The sampler checks every negative against the history: a probe anywhere
+            // in the user's region.
+            let region = self.users.history(u).region();
+            crate::prefetch::values(&region[..region.len().min(PREFETCH_HISTORY)]);
+        }
+        let item = self.catalogue.lookup(event.item);
+        for v in &mut self.variants {
+            if let Some(m) = v.model.bpr_mut() {
+                m.prefetch(user, item);
+            }
+        }
     }
 
     /// Score (if due), then train on one owned event.

@@ -12,7 +12,7 @@
 //! - `eval`: the rank of a held-out item under the protocol's tie rule.
 //! - [`WindowedPopularity`]: item counts over a sliding window, in differential dataflow.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 mod backtest;
@@ -28,6 +28,8 @@ mod learner;
 pub mod live;
 mod model;
 mod popularity;
+#[allow(unsafe_code)]
+mod prefetch;
 pub mod serve;
 mod state;
 

@@ -348,6 +348,21 @@ impl Bpr {
         (self.users.capacity() * std::mem::size_of::<f32>()) as u64 + self.items.copy_bytes()
     }
 
+    /// Hints the rows of a user and an item that a later event will train.
+    #[inline]
+    pub(crate) fn prefetch(&mut self, user: Option<u32>, item: Option<u32>) {
+        if let Some(u) = user {
+            let stride = self.layout.stride();
+            let start = u as usize * stride;
+            if let Some(row) = self.users.get(start..start + stride) {
+                crate::prefetch::values(row);
+            }
+        }
+        if let Some(i) = item {
+            self.items.prefetch(i);
+        }
+    }
+
     /// `p_u · q_i (+ b_i)` for one item.
     #[inline]
     pub(crate) fn score(&mut self, user: u32, item: u32) -> f32 {
@@ -387,6 +402,11 @@ impl Bpr {
         }
         self.dirty[user as usize] = true;
         // Rows are [embedding, bias | accumulators]; with SGD the second half is empty.
+        // The negatives' rows are misses of their own: start them all now, so they are
+        // served side by side rather than one after another in the loop below.
+        for neg in negatives {
+            self.items.prefetch(neg.item);
+        }
         let (p, pacc) = self.users[start..start + stride].split_at_mut(dim + 1);
         self.items.load(pos, &mut self.qi);
         let mut loss = 0.0f64;
@@ -462,12 +482,23 @@ pub fn reference_kernel(
     let mut q_table = init(items);
     let mut loss = 0.0f64;
     let started = std::time::Instant::now();
-    for &(u, i) in events {
+    let mut drawn = Vec::with_capacity(cfg.negatives);
+    for (e, &(u, i)) in events.iter().enumerate() {
+        // The same cache hints the engine gives: the rows of an event a few places
+        // ahead, and this event's negatives before the first is trained.
+        if let Some(&(au, ai)) = events.get(e + crate::learner::PREFETCH_AHEAD) {
+            crate::prefetch::values(&p_table[au as usize * stride..(au as usize + 1) * stride]);
+            crate::prefetch::values(&q_table[ai as usize * stride..(ai as usize + 1) * stride]);
+        }
+        drawn.clear();
+        drawn.extend((0..cfg.negatives).map(|_| (xorshift(&mut rng) % items as u64) as usize));
+        for &j in &drawn {
+            crate::prefetch::values(&q_table[j * stride..(j + 1) * stride]);
+        }
         let (u, i) = (u as usize, i as usize);
         let p = &mut p_table[u * stride..(u + 1) * stride];
         let (p, pacc) = p.split_at_mut(dim + 1);
-        for _ in 0..cfg.negatives {
-            let j = (xorshift(&mut rng) % items as u64) as usize;
+        for &j in &drawn {
             if j == i {
                 continue;
             }
