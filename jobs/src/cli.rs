@@ -342,6 +342,10 @@ pub struct BacktestArgs {
     /// Write a report directory: heap.svg (live heap over time, GC cycles marked).
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+    /// Backtest: save the final model as a checkpoint under DIR, to serve it with
+    /// `tidepool recommend --checkpoint DIR` (train checkpoints with --checkpoint-dir).
+    #[arg(long, value_name = "DIR")]
+    pub save_model: Option<PathBuf>,
 }
 
 /// Where and how to reach Kafka, and how payloads map to events.

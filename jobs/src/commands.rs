@@ -1,7 +1,7 @@
 //! The subcommands, as functions the binary and the tests both call.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,22 +12,15 @@ use tidepool_connector_parquet::{
     import_csv, ColumnMapping, CsvOptions, EventWriter, ImportReport, ParquetSource,
 };
 use tidepool_operators::cluster::Cluster;
-use tidepool_operators::live::LiveMetrics;
 use tidepool_operators::{
     config::{recommended_variants, KnnConfig},
-    run_dataflow, BacktestConfig, BacktestReport, EvalConfig, ModelConfig, ModelKind, RunOptions,
-    StateConfig, VariantConfig,
+    BacktestConfig, BacktestReport, EvalConfig, ModelConfig, ModelKind, StateConfig, VariantConfig,
 };
 use tidepool_pipeline::event::event_schema;
-use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::memory::gc::GcConfig;
-use tidepool_pipeline::{
-    BufferPool, DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters, PoolConfig,
-    Stoppable,
-};
+use tidepool_pipeline::{BufferPool, EventSource, JsonlDeadLetters, PoolConfig};
 
 use crate::cli::{BacktestArgs, GenerateArgs, HalfLife, ImportArgs};
-use crate::report::{summary_json, summary_table, write_metrics};
 
 fn millis(d: std::time::Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
@@ -163,16 +156,20 @@ impl BacktestArgs {
             };
             return Ok(Arc::new(GeneratorSource::new(cfg)?.with_pool(pool.clone())));
         }
-        let mapping = ColumnMapping {
+        Ok(Arc::new(
+            ParquetSource::open(&self.inputs, self.mapping())?.with_pool(pool.clone()),
+        ))
+    }
+
+    /// Which columns of files (or in-memory batches) hold the event fields.
+    pub fn mapping(&self) -> ColumnMapping {
+        ColumnMapping {
             user: self.user_col.clone(),
             item: self.item_col.clone(),
             ts: self.time_col.clone(),
             int_time_unit: self.time_unit,
             ..ColumnMapping::default()
-        };
-        Ok(Arc::new(
-            ParquetSource::open(&self.inputs, mapping)?.with_pool(pool.clone()),
-        ))
+        }
     }
 }
 
@@ -189,113 +186,15 @@ pub(crate) fn stop_on_signals(flag: &Arc<AtomicBool>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a backtest as the CLI does: progress bar, table on stdout, optional files.
+/// Runs a backtest as the CLI does: signals, progress bar, table on stdout, optional
+/// files (see [`crate::api::backtest`]).
 pub fn backtest(args: &BacktestArgs) -> anyhow::Result<BacktestReport> {
-    let config = args.config()?;
-    config.validate()?;
-    let pool = args.pool();
-    let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(&stop)?;
-    let source: Arc<dyn EventSource> =
-        Arc::new(Stoppable::new(args.source(&pool)?, Arc::clone(&stop)));
-    let info = source.info();
-    tracing::info!(source = %info.description, workers = config.workers, "backtest starting");
-    let dead: Arc<dyn DeadLetterSink> = match &args.dead_letters {
-        Some(path) => Arc::new(JsonlDeadLetters::new(path)),
-        None => Arc::new(MemoryDeadLetters::new(5)),
-    };
-    let bar = progress_bar(info.rows.unwrap_or(0), args.quiet);
-    let gc = Arc::new(GcController::new(config.gc.clone(), config.workers).with_pool(pool.clone()));
-    // `kill -USR1 PID` asks for a compaction cycle, like calling runtime.GC().
-    #[cfg(unix)]
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
-        .context("installing the SIGUSR1 handler")?;
-    let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let live = Arc::new(LiveMetrics::new(&config));
-    crate::serve::start_if(
-        args.metrics_addr.as_deref(),
-        args.admin_token.as_deref(),
-        || crate::serve::Telemetry {
-            trained: Arc::clone(&trained),
-            gc: Arc::clone(&gc),
-            checkpoints: None,
-            dead: Arc::clone(&dead),
-            pool: pool.clone(),
-            kafka: None,
-            live: Some(Arc::clone(&live)),
-            started: Instant::now(),
-        },
-    )?;
-    let options = RunOptions {
-        gc: Arc::clone(&gc),
-        checkpoints: None,
-        restore: None,
-        deltas: None,
-        publish_every: None,
-        cluster: args.cluster()?,
-        live: Some(live),
-    };
-    let throughput = std::cell::RefCell::new(crate::html::Throughput::new());
-    let started = Instant::now();
-    let report = run_dataflow(source, &config, Arc::clone(&dead), options, &|done| {
-        trained.store(done, std::sync::atomic::Ordering::Relaxed);
-        throughput
-            .borrow_mut()
-            .push((started.elapsed().as_secs_f64(), done));
-        bar.set_position(done)
-    })?;
-    bar.finish_and_clear();
-    let stopped = stop.load(Ordering::Relaxed);
-    if stopped {
-        eprintln!(
-            "stopped by a signal after {} of {} rows; the results below cover those",
-            report.rows,
-            info.rows.map_or("?".to_string(), |r| r.to_string())
-        );
-    }
-    print!("{}", summary_table(&report));
-    let stats = pool.stats();
-    if args.pool {
-        println!(
-            "buffer pool: hit rate {:.3} ({} gets, {} misses), {} bytes held",
-            stats.hit_rate, stats.gets, stats.misses, stats.bytes_held
-        );
-    }
-    if report.dead_letters > 0 {
-        match &args.dead_letters {
-            Some(path) => eprintln!(
-                "warning: {} rows were rejected; see {}",
-                report.dead_letters,
-                path.display()
-            ),
-            None => eprintln!(
-                "warning: {} rows were rejected (write them out with --dead-letters PATH)",
-                report.dead_letters
-            ),
-        }
-    }
-    if report.reordered > 0 {
-        eprintln!(
-            "warning: {} events arrived after later ones and were processed late; sort the input with `tidepool import`",
-            report.reordered
-        );
-    }
-    if let Some(path) = &args.summary_json {
-        let mut summary = summary_json(&report, &info.description);
-        summary["stopped_early"] = stopped.into();
-        memory_summary(&mut summary, &report, &pool)?;
-        let text = serde_json::to_string_pretty(&summary)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.metrics_out {
-        write_metrics(&report, path, &pool)?;
-    }
-    if let Some(dir) = &args.report {
-        let page =
-            crate::html::write_report(dir, &report, &info.description, &throughput.borrow())?;
-        eprintln!("report: {}", page.display());
-    }
-    Ok(report)
+    crate::api::backtest(
+        args,
+        crate::api::Input::FromArgs,
+        crate::api::Control::cli(),
+    )
+    .map(|outcome| outcome.report)
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it.
@@ -337,7 +236,7 @@ pub(crate) fn gc_summary(report: &BacktestReport) -> anyhow::Result<serde_json::
     Ok(gc)
 }
 
-fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }

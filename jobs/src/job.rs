@@ -243,6 +243,8 @@ pub struct OutputSection {
     pub publish_interval: Option<String>,
     /// Report directory.
     pub report: Option<String>,
+    /// Final model as a checkpoint (backtest jobs).
+    pub save_model: Option<String>,
 }
 
 /// A whole job file.
@@ -782,6 +784,7 @@ fn to_command(
         ("metrics_out", "metrics-out", &o.metrics_out),
         ("dead_letters", "dead-letters", &o.dead_letters),
         ("report", "report", &o.report),
+        ("save_model", "save-model", &o.save_model),
     ] {
         if let Some(v) = v {
             flag(&mut argv, "output", key, name, rel(base, v));

@@ -1,5 +1,6 @@
 //! The `tidepool` command line, as a library so tests drive exactly what users run.
 //!
+//! - [`api`]: the library entry point: a backtest on any source, its report back.
 //! - [`cli`]: arguments (clap), defaults taken from the library crates.
 //! - [`commands`]: `backtest`, `import`, `generate`.
 //! - [`bench`]: `tidepool bench`, throughput measurements.
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod commands;

@@ -187,6 +187,58 @@ const WINDOW_COLUMNS: [&str; 12] = [
     "weights",
 ];
 
+/// The per-window metrics of every variant as one record batch, the columns of
+/// `--metrics-out` (what the Python package hands over as `Report.windows`).
+pub fn windows_batch(report: &BacktestReport, pool: &BufferPool) -> anyhow::Result<RecordBatch> {
+    let rows: Vec<(&VariantReport, &tidepool_operators::WindowReport)> = report
+        .variants
+        .iter()
+        .flat_map(|v| v.windows.iter().map(move |w| (v, w)))
+        .collect();
+    // Numeric columns are built in the pool like every batch tidepool builds; the
+    // variant names are a string column, built by arrow.
+    let u = |f: &dyn Fn(&tidepool_pipeline::Quality) -> u64| -> ArrayRef {
+        let mut v = pool.vec::<u64>(rows.len());
+        rows.iter().for_each(|(_, w)| v.push(f(&w.quality)));
+        Arc::new(UInt64Array::new(v.into_scalar(), None))
+    };
+    let x = |f: &dyn Fn(&tidepool_pipeline::Quality) -> f64| -> ArrayRef {
+        let mut v = pool.vec::<f64>(rows.len());
+        rows.iter().for_each(|(_, w)| v.push(f(&w.quality)));
+        Arc::new(Float64Array::new(v.into_scalar(), None))
+    };
+    let i = |f: &dyn Fn(&tidepool_operators::WindowReport) -> i64| -> ArrayRef {
+        let mut v = pool.vec::<i64>(rows.len());
+        rows.iter().for_each(|(_, w)| v.push(f(w)));
+        Arc::new(Int64Array::new(v.into_scalar(), None))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(v, _)| v.name.as_str()),
+        )),
+        i(&|w| w.start_ms),
+        i(&|w| w.end_ms),
+        u(&|q| q.events),
+        u(&|q| q.scored),
+        u(&|q| q.hits),
+        x(&|q| q.recall()),
+        x(&|q| q.ndcg()),
+        x(&|q| q.mrr()),
+        u(&|q| q.pairs),
+        x(&|q| q.loss()),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(v, w)| weights_cell(v, w)),
+        )),
+    ];
+    let fields: Vec<Field> = WINDOW_COLUMNS
+        .iter()
+        .zip(&columns)
+        .map(|(name, c)| Field::new(*name, c.data_type().clone(), false))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
 /// Writes the per-window metrics: Parquet when the path ends in `.parquet`, CSV otherwise.
 pub fn write_metrics(
     report: &BacktestReport,
@@ -199,48 +251,8 @@ pub fn write_metrics(
         .flat_map(|v| v.windows.iter().map(move |w| (v, w)))
         .collect();
     if path.extension().is_some_and(|e| e == "parquet") {
-        // Numeric columns are built in the pool like every batch tidepool builds; the
-        // variant names are a string column, built by arrow.
-        let u = |f: &dyn Fn(&tidepool_pipeline::Quality) -> u64| -> ArrayRef {
-            let mut v = pool.vec::<u64>(rows.len());
-            rows.iter().for_each(|(_, w)| v.push(f(&w.quality)));
-            Arc::new(UInt64Array::new(v.into_scalar(), None))
-        };
-        let x = |f: &dyn Fn(&tidepool_pipeline::Quality) -> f64| -> ArrayRef {
-            let mut v = pool.vec::<f64>(rows.len());
-            rows.iter().for_each(|(_, w)| v.push(f(&w.quality)));
-            Arc::new(Float64Array::new(v.into_scalar(), None))
-        };
-        let i = |f: &dyn Fn(&tidepool_operators::WindowReport) -> i64| -> ArrayRef {
-            let mut v = pool.vec::<i64>(rows.len());
-            rows.iter().for_each(|(_, w)| v.push(f(w)));
-            Arc::new(Int64Array::new(v.into_scalar(), None))
-        };
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(v, _)| v.name.as_str()),
-            )),
-            i(&|w| w.start_ms),
-            i(&|w| w.end_ms),
-            u(&|q| q.events),
-            u(&|q| q.scored),
-            u(&|q| q.hits),
-            x(&|q| q.recall()),
-            x(&|q| q.ndcg()),
-            x(&|q| q.mrr()),
-            u(&|q| q.pairs),
-            x(&|q| q.loss()),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(v, w)| weights_cell(v, w)),
-            )),
-        ];
-        let fields: Vec<Field> = WINDOW_COLUMNS
-            .iter()
-            .zip(&columns)
-            .map(|(name, c)| Field::new(*name, c.data_type().clone(), false))
-            .collect();
-        let schema = Arc::new(Schema::new(fields));
-        let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+        let batch = windows_batch(report, pool)?;
+        let schema = batch.schema();
         let mut writer = tidepool_connector_parquet::EventWriter::create(path, schema, 1 << 20)?;
         writer.write(&batch)?;
         writer.finish()?;

@@ -157,6 +157,9 @@ pub(crate) fn generated_events(
 
 /// Runs `tidepool train`.
 pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
+    if args.run.save_model.is_some() {
+        bail!("--save-model is for backtests; train writes checkpoints with --checkpoint-dir");
+    }
     if !args.run.inputs.is_empty() {
         bail!("train reads Kafka; load files into a topic with `tidepool produce`, or replay them with `tidepool backtest`");
     }
@@ -440,6 +443,23 @@ pub fn produce_file(args: &ProduceArgs) -> anyhow::Result<u64> {
 pub fn recommend(
     args: &RecommendArgs,
 ) -> anyhow::Result<Vec<tidepool_operators::serve::Recommendation>> {
+    let items = recommend_items(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&items)?);
+    } else {
+        println!("{:>4} {:>20} {:>12}", "rank", "item", "score");
+        for (i, r) in items.iter().enumerate() {
+            println!("{:>4} {:>20} {:>12.6}", i + 1, r.item, r.score);
+        }
+    }
+    Ok(items)
+}
+
+/// A user's top items from a checkpoint (its newest, given a checkpoint root), best
+/// first, scored as the evaluator scores; fails for a user the checkpoint does not hold.
+pub fn recommend_items(
+    args: &RecommendArgs,
+) -> anyhow::Result<Vec<tidepool_operators::serve::Recommendation>> {
     use tidepool_operators::checkpoint;
     let path = if args.checkpoint.join("manifest.json").exists() {
         args.checkpoint.clone()
@@ -459,14 +479,6 @@ pub fn recommend(
             path.display()
         );
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&items)?);
-    } else {
-        println!("{:>4} {:>20} {:>12}", "rank", "item", "score");
-        for (i, r) in items.iter().enumerate() {
-            println!("{:>4} {:>20} {:>12.6}", i + 1, r.item, r.score);
-        }
-    }
     Ok(items)
 }
 

@@ -509,3 +509,113 @@ fn batches_are_pooled_and_the_steady_state_does_not_allocate_per_event() {
         }
     }
 }
+
+/// A backtest saves its final model for `recommend`; `train` refuses the flag (it has
+/// --checkpoint-dir) instead of ignoring it.
+#[test]
+fn a_backtest_saves_its_model_for_recommend() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tidepool(
+        &[
+            "backtest",
+            "--model",
+            "bpr",
+            "--events",
+            "20000",
+            "--quiet",
+            "--save-model",
+            "model",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = tidepool(
+        &[
+            "recommend",
+            "--checkpoint",
+            "model",
+            "--user",
+            "5",
+            "-k",
+            "4",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let items: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(items.len(), 4);
+    let out = tidepool(
+        &["train", "--brokers", "embedded", "--save-model", "model"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--save-model is for backtests"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The library API replays record batches in memory exactly as it replays the same rows
+/// from a Parquet file.
+#[test]
+fn the_library_api_replays_record_batches_like_a_file() {
+    use tidepool_jobs::api::{self, Control, Input};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.parquet");
+    let out = tidepool(
+        &[
+            "generate",
+            "-o",
+            path.to_str().unwrap(),
+            "--events",
+            "30000",
+            "--row-group-rows",
+            "7000",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let file = std::fs::File::open(&path).unwrap();
+    let batches: Vec<_> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    for workers in ["1", "2"] {
+        let args = api::options([
+            "--model",
+            "mostpop",
+            "--workers",
+            workers,
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let from_file = api::backtest(&args, Input::FromArgs, Control::library()).unwrap();
+        let args = api::options(["--model", "mostpop", "--workers", workers]).unwrap();
+        let in_memory = api::backtest(
+            &args,
+            Input::Batches {
+                batches: batches.clone(),
+                description: "batches".into(),
+            },
+            Control::library(),
+        )
+        .unwrap();
+        assert_eq!(
+            from_file.summary["variants"], in_memory.summary["variants"],
+            "{workers} workers"
+        );
+        assert_eq!(from_file.windows, in_memory.windows);
+        assert!(in_memory.windows.num_rows() > 0);
+    }
+    // Options are checked as the command line checks them.
+    let err = api::options(["--dim", "x"])
+        .unwrap_err()
+        .render()
+        .to_string();
+    assert!(err.contains("invalid value 'x' for '--dim <DIM>'"), "{err}");
+}

@@ -8,7 +8,9 @@
 //!   barriers with payloads, forwarded requests, aborts).
 //! - `learner`: score-then-train per event, per worker.
 //! - `model`: `mostpop` and `bpr` (matrix factorisation, BPR loss, SGD/Adagrad).
-//! - `item_table`: item embeddings shared by a process's workers (Hogwild!).
+//! - `item_table`: item embeddings shared by a process's workers (Hogwild!), and each
+//!   scoring worker's plain copy of them.
+//! - `prefetch`: cache hints for the training loop (the crate's only `unsafe`).
 //! - `eval`: the rank of a held-out item under the protocol's tie rule.
 //! - [`WindowedPopularity`]: item counts over a sliding window, in differential dataflow.
 

@@ -259,7 +259,7 @@ impl ParquetSource {
 
 /// The leaf columns to read for `mapping`, with their canonical names, and the type of
 /// the time column.
-fn project(
+pub(crate) fn project(
     schema: &Schema,
     mapping: &ColumnMapping,
 ) -> Result<(Vec<(usize, &'static str)>, DataType)> {
@@ -452,7 +452,7 @@ fn open_row_group(
 
 /// Renames the projected columns to tidepool's names and puts integer times in ms. The
 /// renamed schema is kept in `schema` and reused while the column types stay the same.
-fn canonical(
+pub(crate) fn canonical(
     batch: &RecordBatch,
     projection: &[(usize, &'static str)],
     int_time: bool,

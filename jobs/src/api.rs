@@ -1,0 +1,280 @@
+//! The library API: run a backtest on any source and get its report back, with the
+//! run's stop flag and progress in the caller's hands. The CLI's `backtest` and the
+//! Python package both run through [`backtest`].
+//!
+//! ```no_run
+//! use tidepool_jobs::api::{self, Control, Input};
+//! let args = api::options(["--model", "mostpop", "data.parquet"])?;
+//! let outcome = api::backtest(&args, Input::FromArgs, Control::library())?;
+//! println!("{}", outcome.summary["variants"][0]["recall@10"]);
+//! # anyhow::Ok(())
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use arrow_array::RecordBatch;
+use tidepool_connector_parquet::ArrowSource;
+use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
+use tidepool_operators::live::LiveMetrics;
+use tidepool_operators::{run_dataflow, BacktestReport, RunOptions};
+use tidepool_pipeline::memory::collector::GcController;
+use tidepool_pipeline::{
+    DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters, Stoppable,
+};
+
+use crate::cli::BacktestArgs;
+use crate::commands::{memory_summary, progress_bar, stop_on_signals};
+use crate::report::{summary_json, summary_table, windows_batch, write_metrics};
+
+/// Where a backtest reads its events.
+pub enum Input {
+    /// What the arguments say: their Parquet inputs, or the generated stream.
+    FromArgs,
+    /// Record batches in memory (one schema), mapped by the arguments' column flags
+    /// (`--user-col`, `--item-col`, `--time-col`, `--time-unit`); `description` names
+    /// them in reports.
+    Batches {
+        /// The batches, in replay order.
+        batches: Vec<RecordBatch>,
+        /// A short name for reports and errors.
+        description: String,
+    },
+}
+
+/// A progress callback: events processed so far, and the total when known.
+pub type Progress = Box<dyn Fn(u64, Option<u64>) + Send>;
+
+/// How a run is driven from outside.
+pub struct Control {
+    /// Set it to stop: the sources stop reading, the run drains what was read and
+    /// reports it.
+    pub stop: Arc<AtomicBool>,
+    /// Whether SIGINT/SIGTERM set `stop` and SIGUSR1 asks for a GC cycle (the CLI);
+    /// a library caller handles signals itself.
+    pub signals: bool,
+    /// Whether to draw the progress bar (unless `--quiet`) and print the summary table
+    /// and warnings, as the CLI does.
+    pub print: bool,
+    /// Called with the events processed so far and the total when known.
+    pub progress: Option<Progress>,
+}
+
+impl Control {
+    /// The CLI's: signals handled, bar and table printed.
+    pub fn cli() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            signals: true,
+            print: true,
+            progress: None,
+        }
+    }
+
+    /// A library caller's: nothing printed, no signal handlers.
+    pub fn library() -> Self {
+        Self {
+            signals: false,
+            print: false,
+            ..Self::cli()
+        }
+    }
+}
+
+/// What a backtest produced.
+pub struct Outcome {
+    /// The full report.
+    pub report: BacktestReport,
+    /// The summary, with the keys of `--summary-json`.
+    pub summary: serde_json::Value,
+    /// Per-window metrics, the columns of `--metrics-out`.
+    pub windows: RecordBatch,
+    /// Whether the run was stopped before the end of its input.
+    pub stopped: bool,
+}
+
+/// Parses backtest options written as the command line writes them (without the
+/// `tidepool backtest` words): the same names, defaults, validation and messages.
+pub fn options<I, S>(flags: I) -> Result<BacktestArgs, clap::Error>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser;
+    let argv = ["tidepool".into(), "backtest".into()]
+        .into_iter()
+        .chain(flags.into_iter().map(Into::into));
+    match crate::cli::Cli::try_parse_from(argv)?.command {
+        crate::cli::Command::Backtest(args) => Ok(*args),
+        _ => unreachable!("the argument list starts with `backtest`"),
+    }
+}
+
+/// Runs a backtest: the source, dead letters, GC controller, live metrics, telemetry
+/// endpoint, progress, summary, `--summary-json`, `--metrics-out`, `--report` and
+/// `--save-model` are set up here, whoever calls.
+pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::Result<Outcome> {
+    let config = args.config()?;
+    config.validate()?;
+    let pool = args.pool();
+    let stop = Arc::clone(&control.stop);
+    if control.signals {
+        stop_on_signals(&stop)?;
+    }
+    let inner: Arc<dyn EventSource> = match input {
+        Input::FromArgs => args.source(&pool)?,
+        Input::Batches {
+            batches,
+            description,
+        } => Arc::new(ArrowSource::new(
+            batches,
+            &args.mapping(),
+            &description,
+            &pool,
+        )?),
+    };
+    let source: Arc<dyn EventSource> = Arc::new(Stoppable::new(inner, Arc::clone(&stop)));
+    let info = source.info();
+    tracing::info!(source = %info.description, workers = config.workers, "backtest starting");
+    let dead: Arc<dyn DeadLetterSink> = match &args.dead_letters {
+        Some(path) => Arc::new(JsonlDeadLetters::new(path)),
+        None => Arc::new(MemoryDeadLetters::new(5)),
+    };
+    let bar = progress_bar(info.rows.unwrap_or(0), args.quiet || !control.print);
+    let gc = Arc::new(GcController::new(config.gc.clone(), config.workers).with_pool(pool.clone()));
+    // `kill -USR1 PID` asks for a compaction cycle, like calling runtime.GC().
+    #[cfg(unix)]
+    if control.signals {
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
+            .context("installing the SIGUSR1 handler")?;
+    }
+    let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let live = Arc::new(LiveMetrics::new(&config));
+    crate::serve::start_if(
+        args.metrics_addr.as_deref(),
+        args.admin_token.as_deref(),
+        || crate::serve::Telemetry {
+            trained: Arc::clone(&trained),
+            gc: Arc::clone(&gc),
+            checkpoints: None,
+            dead: Arc::clone(&dead),
+            pool: pool.clone(),
+            kafka: None,
+            live: Some(Arc::clone(&live)),
+            started: Instant::now(),
+        },
+    )?;
+    let checkpoints = match &args.save_model {
+        Some(dir) => Some(Arc::new(Checkpointer::new(CheckpointSettings {
+            dir: dir.clone(),
+            // Only the final checkpoint, and only the newest kept.
+            interval: None,
+            keep: 1,
+            config_hash: crate::stream::config_hash(&config)?,
+            config: Some(config.clone()),
+            source: [
+                ("kind".to_string(), "backtest".to_string()),
+                ("description".to_string(), info.description.clone()),
+            ]
+            .into_iter()
+            .collect(),
+        })?)),
+        None => None,
+    };
+    let options = RunOptions {
+        gc: Arc::clone(&gc),
+        checkpoints,
+        restore: None,
+        deltas: None,
+        publish_every: None,
+        cluster: args.cluster()?,
+        live: Some(live),
+    };
+    let throughput = std::cell::RefCell::new(crate::html::Throughput::new());
+    let started = Instant::now();
+    let report = run_dataflow(source, &config, Arc::clone(&dead), options, &|done| {
+        trained.store(done, Ordering::Relaxed);
+        throughput
+            .borrow_mut()
+            .push((started.elapsed().as_secs_f64(), done));
+        bar.set_position(done);
+        if let Some(progress) = &control.progress {
+            progress(done, info.rows);
+        }
+    })?;
+    bar.finish_and_clear();
+    let stopped = stop.load(Ordering::Relaxed);
+    if control.print {
+        print_outcome(args, &report, stopped, info.rows, &pool);
+    }
+    let mut summary = summary_json(&report, &info.description);
+    summary["stopped_early"] = stopped.into();
+    memory_summary(&mut summary, &report, &pool)?;
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.metrics_out {
+        write_metrics(&report, path, &pool)?;
+    }
+    if let Some(dir) = &args.report {
+        let page =
+            crate::html::write_report(dir, &report, &info.description, &throughput.borrow())?;
+        if control.print {
+            eprintln!("report: {}", page.display());
+        }
+    }
+    let windows = windows_batch(&report, &pool)?;
+    Ok(Outcome {
+        report,
+        summary,
+        windows,
+        stopped,
+    })
+}
+
+/// The CLI's table and warnings.
+fn print_outcome(
+    args: &BacktestArgs,
+    report: &BacktestReport,
+    stopped: bool,
+    rows: Option<u64>,
+    pool: &tidepool_pipeline::BufferPool,
+) {
+    if stopped {
+        eprintln!(
+            "stopped by a signal after {} of {} rows; the results below cover those",
+            report.rows,
+            rows.map_or("?".to_string(), |r| r.to_string())
+        );
+    }
+    print!("{}", summary_table(report));
+    let stats = pool.stats();
+    if args.pool {
+        println!(
+            "buffer pool: hit rate {:.3} ({} gets, {} misses), {} bytes held",
+            stats.hit_rate, stats.gets, stats.misses, stats.bytes_held
+        );
+    }
+    if report.dead_letters > 0 {
+        match &args.dead_letters {
+            Some(path) => eprintln!(
+                "warning: {} rows were rejected; see {}",
+                report.dead_letters,
+                path.display()
+            ),
+            None => eprintln!(
+                "warning: {} rows were rejected (write them out with --dead-letters PATH)",
+                report.dead_letters
+            ),
+        }
+    }
+    if report.reordered > 0 {
+        eprintln!(
+            "warning: {} events arrived after later ones and were processed late; sort the input with `tidepool import`",
+            report.reordered
+        );
+    }
+}
