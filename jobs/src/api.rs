@@ -1,6 +1,8 @@
-//! The library API: run a backtest on any source and get its report back, with the
-//! run's stop flag and progress in the caller's hands. The CLI's `backtest` and the
-//! Python package both run through [`backtest`].
+//! The library API and the run driver: run a backtest on any source and get its report
+//! back, with the run's stop flag and progress in the caller's hands. The CLI's
+//! `backtest` and the Python package both run through [`backtest`]; `train` shares its
+//! pieces (signals, the progress bar, the memory side of the summary, the output files,
+//! the configuration fingerprint of checkpoints).
 //!
 //! ```no_run
 //! use tidepool_jobs::api::{self, Control, Input};
@@ -16,17 +18,17 @@ use std::time::Instant;
 
 use anyhow::Context;
 use arrow_array::RecordBatch;
+use indicatif::{ProgressBar, ProgressStyle};
 use tidepool_connector_parquet::ArrowSource;
 use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
 use tidepool_operators::live::LiveMetrics;
-use tidepool_operators::{run_dataflow, BacktestReport, RunOptions};
+use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOptions};
 use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{
     DeadLetterSink, EventSource, JsonlDeadLetters, MemoryDeadLetters, Stoppable,
 };
 
 use crate::cli::BacktestArgs;
-use crate::commands::{memory_summary, progress_bar, stop_on_signals};
 use crate::report::{summary_json, summary_table, windows_batch, write_metrics};
 
 /// Where a backtest reads its events.
@@ -172,7 +174,7 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
             // Only the final checkpoint, and only the newest kept.
             interval: None,
             keep: 1,
-            config_hash: crate::stream::config_hash(&config)?,
+            config_hash: config_hash(&config)?,
             config: Some(config.clone()),
             source: [
                 ("kind".to_string(), "backtest".to_string()),
@@ -212,20 +214,15 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
     let mut summary = summary_json(&report, &info.description);
     summary["stopped_early"] = stopped.into();
     memory_summary(&mut summary, &report, &pool)?;
-    if let Some(path) = &args.summary_json {
-        let text = serde_json::to_string_pretty(&summary)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.metrics_out {
-        write_metrics(&report, path, &pool)?;
-    }
-    if let Some(dir) = &args.report {
-        let page =
-            crate::html::write_report(dir, &report, &info.description, &throughput.borrow())?;
-        if control.print {
-            eprintln!("report: {}", page.display());
-        }
-    }
+    write_outputs(
+        args,
+        &report,
+        &summary,
+        &pool,
+        &info.description,
+        &throughput.borrow(),
+        control.print,
+    )?;
     let windows = windows_batch(&report, &pool)?;
     Ok(Outcome {
         report,
@@ -233,6 +230,33 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
         windows,
         stopped,
     })
+}
+
+/// The files every run writes when asked, whatever its source: `--summary-json`
+/// (`summary`, complete), `--metrics-out` and `--report`.
+pub(crate) fn write_outputs(
+    args: &BacktestArgs,
+    report: &BacktestReport,
+    summary: &serde_json::Value,
+    pool: &tidepool_pipeline::BufferPool,
+    description: &str,
+    throughput: &crate::html::Throughput,
+    print: bool,
+) -> anyhow::Result<()> {
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(summary)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.metrics_out {
+        write_metrics(report, path, pool)?;
+    }
+    if let Some(dir) = &args.report {
+        let page = crate::html::write_report(dir, report, description, throughput)?;
+        if print {
+            eprintln!("report: {}", page.display());
+        }
+    }
+    Ok(())
 }
 
 /// The CLI's table and warnings.
@@ -276,5 +300,118 @@ fn print_outcome(
             "warning: {} events arrived after later ones and were processed late; sort the input with `tidepool import`",
             report.reordered
         );
+    }
+}
+
+/// SIGINT/SIGTERM set `flag` (the sources stop, the run drains and reports, exit 0); a
+/// second signal kills the process the default way.
+pub(crate) fn stop_on_signals(flag: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_default(sig, Arc::clone(flag))
+            .context("installing a signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(flag))
+            .context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+/// The process's peak resident set size (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The memory side of a summary, the same for every command: the buffer pool's
+/// counters, heap and RSS peaks, and the GC cycles.
+pub(crate) fn memory_summary(
+    summary: &mut serde_json::Value,
+    report: &BacktestReport,
+    pool: &tidepool_pipeline::BufferPool,
+) -> anyhow::Result<()> {
+    summary["pool"] = serde_json::to_value(pool.stats())?;
+    summary["pool"]["enabled"] = serde_json::Value::Bool(pool.config().enabled);
+    if let Some((gets, misses)) = report.pool_steady {
+        summary["pool"]["steady"] = serde_json::json!({
+            "gets": gets,
+            "misses": misses,
+            "hit_rate": if gets == 0 { 1.0 } else { 1.0 - misses as f64 / gets as f64 },
+        });
+    }
+    if let Some(peak) = tidepool_pipeline::memory::heap::heap_peak() {
+        summary["heap_peak_bytes"] = peak.into();
+    }
+    summary["gc"] = gc_summary(report)?;
+    if let Some(rss) = peak_rss_bytes() {
+        summary["rss_peak_bytes"] = rss.into();
+    }
+    Ok(())
+}
+
+/// The `gc` object of the summary JSON: counters without the long timeline and samples.
+pub(crate) fn gc_summary(report: &BacktestReport) -> anyhow::Result<serde_json::Value> {
+    let mut gc = serde_json::to_value(&report.gc)?;
+    if let Some(obj) = gc.as_object_mut() {
+        obj.remove("timeline");
+        obj.remove("heap_samples");
+        obj.insert("users_evicted".into(), report.users_evicted.into());
+        obj.insert("items_expired".into(), report.items_expired.into());
+    }
+    Ok(gc)
+}
+
+pub(crate) fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} events, {per_sec}, eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across builds and platforms, for the
+/// checkpoint's configuration fingerprint.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The fingerprint of what a checkpoint's state depends on: the variants, the seed, the
+/// protocol, retention and the popularity window (not workers, GC or tick).
+pub fn config_hash(config: &BacktestConfig) -> anyhow::Result<String> {
+    let relevant = serde_json::json!({
+        "variants": config.variants,
+        "seed": config.seed,
+        "eval": config.eval,
+        "state": config.state,
+        "popularity_window_ms": config.popularity_window_ms,
+    });
+    Ok(format!(
+        "{:016x}",
+        fnv1a(serde_json::to_string(&relevant)?.as_bytes())
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_hash_ignores_runtime_settings() {
+        let a = BacktestConfig::default();
+        let mut b = a.clone();
+        b.workers = 4;
+        b.tick_ms = Some(1);
+        assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+        b.variants[0].model.dim = 8;
+        assert_ne!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }

@@ -546,7 +546,7 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             dir: dir.path().to_path_buf(),
             interval: Some(std::time::Duration::from_secs(5)),
             keep: 2,
-            config_hash: crate::stream::config_hash(&config)?,
+            config_hash: crate::api::config_hash(&config)?,
             config: Some(config.clone()),
             source: Default::default(),
         })?);
@@ -715,6 +715,21 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         let mut inputs = vec![("synthetic", synthetic)];
+        if args.large_events > 0 {
+            // Tables far beyond the caches: every row a training step touches is a miss.
+            let large = dir.path().join("synthetic-1m.parquet");
+            generate_to(
+                &large,
+                GeneratorConfig {
+                    events: args.large_events,
+                    users: 1_000_000,
+                    items: 1_000_000,
+                    ..GeneratorConfig::default()
+                },
+                1 << 20,
+            )?;
+            inputs.push(("synthetic 1Mx1M", large));
+        }
         if ml.exists() {
             inputs.push(("ml-latest-small", ml.clone()));
         }

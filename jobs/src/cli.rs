@@ -1,19 +1,32 @@
-//! Command-line arguments. Every default comes from the library crates' `DEFAULT_*`
-//! constants, so the CLI and the libraries cannot disagree.
+//! Command-line arguments, and the library configuration they describe
+//! ([`BacktestArgs::config`], the source, the pool, the cluster). Every default comes
+//! from the library crates' `DEFAULT_*` constants, so the CLI and the libraries cannot
+//! disagree. This module depends on the library crates only: the other `jobs` modules
+//! build on it, never the other way round.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tidepool_connector_generator::GeneratorConfig;
+use tidepool_connector_generator::GeneratorSource;
 use tidepool_connector_parquet::{ColRef, IntTimeUnit, Preset};
+use tidepool_connector_parquet::{ColumnMapping, ParquetSource};
+use tidepool_operators::cluster::Cluster;
+use tidepool_operators::config::{recommended_variants, KnnConfig};
 use tidepool_operators::config::{
     DEFAULT_DIM, DEFAULT_EVAL_EVERY, DEFAULT_INIT_STD, DEFAULT_K, DEFAULT_KNN_ALPHA,
     DEFAULT_KNN_BACK, DEFAULT_KNN_DECAY, DEFAULT_KNN_HISTORY, DEFAULT_KNN_NEIGHBOURS,
     DEFAULT_KNN_PAIR_DECAY, DEFAULT_LR, DEFAULT_NEGATIVES, DEFAULT_REG, DEFAULT_ROUNDS_IN_FLIGHT,
     DEFAULT_SEED, DEFAULT_WARMUP,
 };
-use tidepool_operators::{LatePolicy, ModelKind, Optimizer};
+use tidepool_operators::{
+    BacktestConfig, EvalConfig, LatePolicy, ModelConfig, ModelKind, Optimizer, StateConfig,
+    VariantConfig,
+};
+use tidepool_pipeline::memory::gc::GcConfig;
+use tidepool_pipeline::{BufferPool, EventSource, PoolConfig};
 
 /// tidepool: streaming online learning for recommenders.
 #[derive(Debug, Parser)]
@@ -51,9 +64,9 @@ pub enum Command {
     Recommend(RecommendArgs),
     /// Run a job file (TOML): source, models, evaluation, pool, gc, state, checkpoints,
     /// outputs.
-    Run(crate::job::JobArgs),
+    Run(JobArgs),
     /// Check a job file without running it.
-    Validate(crate::job::JobArgs),
+    Validate(JobArgs),
 }
 
 /// Arguments of `tidepool recommend`.
@@ -585,6 +598,9 @@ pub struct BenchArgs {
     /// Synthetic events for the throughput runs.
     #[arg(long, default_value_t = 10_000_000)]
     pub events: u64,
+    /// Events of the large-catalogue throughput runs, 1 M users x 1 M items (0: skip).
+    #[arg(long, default_value_t = 5_000_000)]
+    pub large_events: u64,
     /// Directory holding ml-latest-small/ratings.csv (default: $TIDEPOOL_DATA_DIR or ../shared/data).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -636,4 +652,170 @@ pub struct BenchArgs {
     /// GC soak: write each run's heap plot into DIR/gc-<percent>[-limit]/heap.svg.
     #[arg(long, value_name = "DIR")]
     pub gc_report: Option<PathBuf>,
+}
+
+fn millis(d: std::time::Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+impl BacktestArgs {
+    /// This process's place in a cluster (`None` for one process).
+    pub fn cluster(&self) -> anyhow::Result<Option<Cluster>> {
+        if self.processes <= 1 && self.hostfile.is_none() {
+            return Ok(None);
+        }
+        let mut cluster = Cluster::new(self.processes, self.process, self.hostfile.as_deref())?;
+        cluster.connect_timeout = self.connect_timeout;
+        Ok(Some(cluster))
+    }
+
+    /// The library configuration these arguments describe.
+    pub fn config(&self) -> anyhow::Result<BacktestConfig> {
+        // No model flags: the recommended ensemble. Variants without --model are bpr's by
+        // default, as before.
+        let kind = self.model.unwrap_or(if self.variants.is_empty() {
+            ModelKind::Ensemble
+        } else {
+            ModelKind::Bpr
+        });
+        let mut model = ModelConfig {
+            kind,
+            dim: self.dim,
+            lr: self.lr,
+            reg: self.reg,
+            optimizer: self.optimizer,
+            item_bias: !self.no_item_bias,
+            negatives: self.negatives,
+            init_std: self.init_std,
+            sampler: self.sampler.clone(),
+            logq: self.logq,
+            ..ModelConfig::default()
+        };
+        model.knn = KnnConfig {
+            history: self.history,
+            decay: self.decay,
+            pair_decay: self.pair_decay,
+            back: self.back,
+            alpha: self.alpha,
+            neighbours: self.neighbours,
+            half_life_ms: match self.half_life {
+                Some(HalfLife(d)) => d.map(millis),
+                None => KnnConfig::default().half_life_ms,
+            },
+        };
+        let variants = if self.variants.is_empty() && kind == ModelKind::Ensemble {
+            recommended_variants(&model)
+        } else if self.variants.is_empty() {
+            vec![VariantConfig {
+                name: kind.name().into(),
+                model,
+            }]
+        } else {
+            self.variants
+                .iter()
+                .map(|spec| VariantConfig::parse(spec, &model))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(BacktestConfig {
+            variants,
+            eval: EvalConfig {
+                warmup: self.warmup,
+                eval_every: self.eval_every,
+                k: self.k,
+                window_ms: self.metrics_window.map(millis),
+            },
+            workers: self.workers,
+            seed: self.seed,
+            tick_ms: self.tick.map(millis),
+            rounds_in_flight: self.rounds_in_flight,
+            popularity_window_ms: millis(self.pop_window),
+            allowed_lateness_ms: self.allowed_lateness.map_or(0, millis),
+            late: self.late,
+            max_skew_ms: self.max_skew.and_then(|HalfLife(d)| d.map(millis)),
+            state: StateConfig {
+                user_ttl_ms: self.user_ttl.map(millis),
+                item_ttl_ms: self.item_ttl.map(millis),
+            },
+            gc: self.gc_config()?,
+        })
+    }
+
+    /// `[gc]` from the environment (`TIDEPOOL_GC`, `TIDEPOOL_MEMORY_LIMIT`,
+    /// `TIDEPOOL_GCTRACE`), overridden by the flags given.
+    pub fn gc_config(&self) -> anyhow::Result<GcConfig> {
+        let mut gc = GcConfig {
+            min_heap: self.gc_min_heap as u64,
+            force_interval_ms: millis(self.gc_force_interval).max(1) as u64,
+            ..GcConfig::default()
+        }
+        .with_env(|k| std::env::var(k).ok())?;
+        if let Some(p) = self.gc_percent {
+            gc.gc_percent = p.0;
+        }
+        if let Some(limit) = self.memory_limit {
+            gc.memory_limit = Some(limit as u64);
+        }
+        gc.trace |= self.gctrace;
+        Ok(gc)
+    }
+
+    /// The buffer pool these arguments describe, one shard per worker.
+    pub fn pool(&self) -> BufferPool {
+        BufferPool::new(PoolConfig {
+            enabled: self.pool,
+            floor: self.pool_floor,
+            ceiling: self.pool_ceiling,
+            shards: if self.pool_shards == 0 {
+                self.workers
+            } else {
+                self.pool_shards
+            },
+            retain_per_class: self.pool_retain,
+            poison: self.pool_poison,
+        })
+    }
+
+    /// The source: the Parquet inputs, or the generated default stream, building its
+    /// batches in `pool`.
+    pub fn source(&self, pool: &BufferPool) -> anyhow::Result<Arc<dyn EventSource>> {
+        if self.inputs.is_empty() {
+            let cfg = GeneratorConfig {
+                events: self.events,
+                users: self.users,
+                items: self.items,
+                user_churn: self.user_churn,
+                ..GeneratorConfig::default()
+            };
+            return Ok(Arc::new(GeneratorSource::new(cfg)?.with_pool(pool.clone())));
+        }
+        Ok(Arc::new(
+            ParquetSource::open(&self.inputs, self.mapping())?.with_pool(pool.clone()),
+        ))
+    }
+
+    /// Which columns of files (or in-memory batches) hold the event fields.
+    pub fn mapping(&self) -> ColumnMapping {
+        ColumnMapping {
+            user: self.user_col.clone(),
+            item: self.item_col.clone(),
+            ts: self.time_col.clone(),
+            int_time_unit: self.time_unit,
+            ..ColumnMapping::default()
+        }
+    }
+}
+
+/// Arguments of `tidepool run` and `tidepool validate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// The job file.
+    pub job: PathBuf,
+    /// Flags of the job's subcommand that override the file, e.g. `--process 1` for one
+    /// process of a cluster or `--workers 4`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "FLAGS"
+    )]
+    pub overrides: Vec<String>,
 }

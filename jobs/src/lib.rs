@@ -1,6 +1,7 @@
 //! The `tidepool` command line, as a library so tests drive exactly what users run.
 //!
-//! - [`api`]: the library entry point: a backtest on any source, its report back.
+//! - [`api`]: the library entry point and run driver: a backtest on any source, its
+//!   report back; the setup `train` shares.
 //! - [`cli`]: arguments (clap), defaults taken from the library crates.
 //! - [`commands`]: `backtest`, `import`, `generate`.
 //! - [`bench`]: `tidepool bench`, throughput measurements.
@@ -9,6 +10,10 @@
 //! - [`job`]: job files (`run`, `validate`).
 //! - [`serve`]: `/metrics`, `/healthz` and admin endpoints of a running job.
 //! - [`plot`]: charts for report directories (plotters, SVG).
+//!
+//! Layers, with no cycle: `cli` (arguments and the configuration they describe) <
+//! `report`, `html`, `plot`, `serve` < `api` (the driver) < `commands`, `stream` < `job`,
+//! `bench`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -13,7 +13,7 @@ use tidepool_connector_kafka::{
 };
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource};
 use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
-use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOptions};
+use tidepool_operators::{run_dataflow, BacktestReport, RunOptions};
 use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
 
@@ -29,30 +29,6 @@ const STREAM_LATENESS_MS: i64 = 300_000;
 
 /// Default bound on event times ahead of the wall clock in a followed stream.
 const STREAM_MAX_SKEW_MS: i64 = 3_600_000;
-
-/// FNV-1a, 64 bits: a hash that stays the same across builds and platforms, for the
-/// checkpoint's configuration fingerprint.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The fingerprint of what a checkpoint's state depends on: the variants, the seed, the
-/// protocol, retention and the popularity window (not workers, GC or tick).
-pub fn config_hash(config: &BacktestConfig) -> anyhow::Result<String> {
-    let relevant = serde_json::json!({
-        "variants": config.variants,
-        "seed": config.seed,
-        "eval": config.eval,
-        "state": config.state,
-        "popularity_window_ms": config.popularity_window_ms,
-    });
-    Ok(format!(
-        "{:016x}",
-        fnv1a(serde_json::to_string(&relevant)?.as_bytes())
-    ))
-}
 
 impl KafkaArgs {
     fn settings(&self, brokers: &str) -> KafkaSettings {
@@ -155,6 +131,54 @@ pub(crate) fn generated_events(
     }))
 }
 
+/// Refuses the backtest flags that would be silently ignored by `train`: the Parquet
+/// column mapping (Kafka payloads are mapped by the --*-field flags) and, with real
+/// brokers, the generated stream's sizes. A flag is seen as given when its value differs
+/// from the default.
+fn refuse_file_and_generator_flags(args: &TrainArgs) -> anyhow::Result<()> {
+    let defaults = crate::api::options(Vec::<String>::new())?;
+    let run = &args.run;
+    for (flag, given, field) in [
+        (
+            "--user-col",
+            run.user_col != defaults.user_col,
+            "--user-field",
+        ),
+        (
+            "--item-col",
+            run.item_col != defaults.item_col,
+            "--item-field",
+        ),
+        (
+            "--time-col",
+            run.time_col != defaults.time_col,
+            "--time-field",
+        ),
+        (
+            "--time-unit",
+            run.time_unit != defaults.time_unit,
+            "--field-time-unit",
+        ),
+    ] {
+        if given {
+            bail!("{flag} maps Parquet columns and does not apply to train; Kafka payloads are mapped with {field}");
+        }
+    }
+    if args.kafka.brokers != "embedded" {
+        for (flag, given) in [
+            ("--events", run.events != defaults.events),
+            ("--users", run.users != defaults.users),
+            ("--items", run.items != defaults.items),
+            ("--user-churn", run.user_churn != defaults.user_churn),
+        ] {
+            if given {
+                bail!("{flag} sizes the generated stream that fills an embedded cluster; it does not apply with --brokers {}", args.kafka.brokers);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `tidepool train`.
 pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     if args.run.save_model.is_some() {
@@ -163,6 +187,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     if !args.run.inputs.is_empty() {
         bail!("train reads Kafka; load files into a topic with `tidepool produce`, or replay them with `tidepool backtest`");
     }
+    refuse_file_and_generator_flags(args)?;
     let mut config = args.run.config()?;
     config.tick_ms = config.tick_ms.or(Some(STREAM_TICK_MS));
     if args.run.allowed_lateness.is_none() {
@@ -217,7 +242,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
                 dir: dir.clone(),
                 interval: Some(args.checkpoint_interval),
                 keep: args.keep_checkpoints,
-                config_hash: config_hash(&config)?,
+                config_hash: crate::api::config_hash(&config)?,
                 config: Some(config.clone()),
                 source: args.kafka.identity(&settings)?,
             })?
@@ -255,7 +280,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
     {
         use signal_hook::consts::{SIGUSR1, SIGUSR2};
         // SIGINT/SIGTERM end the readers; the run drains and writes a final checkpoint.
-        crate::commands::stop_on_signals(&source.stop_flag())?;
+        crate::api::stop_on_signals(&source.stop_flag())?;
         signal_hook::flag::register(SIGUSR1, gc.manual_flag())
             .context("installing the SIGUSR1 handler")?;
         if let Some(cp) = &checkpoints {
@@ -359,28 +384,24 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
                 .map_or_else(String::new, |id| format!(", resumed from {id}"))
         );
     }
-    if let Some(path) = &args.run.summary_json {
-        let mut summary = summary_json(&report, &description);
-        summary["kafka"] = serde_json::json!({
-            "messages": messages, "skipped": skipped, "dead_letters": rejected,
-            "offsets_lost_to_retention": lost,
-            "offsets_rewound": counters.offsets_rewound.load(Ordering::Relaxed),
-        });
-        summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
-        crate::commands::memory_summary(&mut summary, &report, &pool)?;
-        let text = serde_json::to_string_pretty(&summary)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    // Before, `train` accepted --metrics-out (it shares backtest's flags) and wrote
-    // nothing.
-    if let Some(path) = &args.run.metrics_out {
-        crate::report::write_metrics(&report, path, &pool)?;
-    }
     drop(embedded);
-    if let Some(dir) = &args.run.report {
-        let page = crate::html::write_report(dir, &report, &description, &throughput.borrow())?;
-        eprintln!("report: {}", page.display());
-    }
+    let mut summary = summary_json(&report, &description);
+    summary["kafka"] = serde_json::json!({
+        "messages": messages, "skipped": skipped, "dead_letters": rejected,
+        "offsets_lost_to_retention": lost,
+        "offsets_rewound": counters.offsets_rewound.load(Ordering::Relaxed),
+    });
+    summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
+    crate::api::memory_summary(&mut summary, &report, &pool)?;
+    crate::api::write_outputs(
+        &args.run,
+        &report,
+        &summary,
+        &pool,
+        &description,
+        &throughput.borrow(),
+        true,
+    )?;
     Ok(report)
 }
 
@@ -480,21 +501,4 @@ pub fn recommend_items(
         );
     };
     Ok(items)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_config_hash_ignores_runtime_settings() {
-        let a = BacktestConfig::default();
-        let mut b = a.clone();
-        b.workers = 4;
-        b.tick_ms = Some(1);
-        assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
-        b.variants[0].model.dim = 8;
-        assert_ne!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-    }
 }

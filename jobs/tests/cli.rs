@@ -619,3 +619,23 @@ fn the_library_api_replays_record_batches_like_a_file() {
         .to_string();
     assert!(err.contains("invalid value 'x' for '--dim <DIM>'"), "{err}");
 }
+
+/// `train` refuses the backtest flags it cannot honour instead of ignoring them.
+#[test]
+fn train_refuses_file_and_generator_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, message) in [
+        (
+            vec!["train", "--brokers", "embedded", "--user-col", "uid"],
+            "--user-col maps Parquet columns and does not apply to train; Kafka payloads are mapped with --user-field",
+        ),
+        (
+            vec!["train", "--brokers", "localhost:1", "--events", "5"],
+            "--events sizes the generated stream that fills an embedded cluster; it does not apply with --brokers localhost:1",
+        ),
+    ] {
+        let out = tidepool(&args, dir.path());
+        assert!(!out.status.success(), "{args:?}");
+        assert!(text(&out.stderr).contains(message), "{}", text(&out.stderr));
+    }
+}

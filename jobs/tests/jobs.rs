@@ -186,6 +186,34 @@ fn bad_job_files_get_golden_messages() {
             "error: bad.toml:5:1: components describes one ensemble and belongs in a [[variants]] entry",
         ),
         (
+            "[source]\nkind = \"generator\"\ntopic = \"events\"\n",
+            "error: bad.toml:3:1: `topic` does not apply to a generator source: it configures a Kafka source (kind = \"kafka\")",
+        ),
+        (
+            "[source]\nkind = \"parquet\"\ninputs = [\"x.parquet\"]\nevents = 5\n",
+            "error: bad.toml:4:1: `events` does not apply to a parquet source: it sizes a generated stream",
+        ),
+        (
+            "[source]\nkind = \"kafka\"\nbrokers = \"localhost:9092\"\nusers = 5\n",
+            "error: bad.toml:4:1: `users` does not apply to a kafka source: it sizes a generated stream",
+        ),
+        (
+            "[source]\nkind = \"kafka\"\nbrokers = \"embedded\"\nuser_col = \"u\"\n",
+            "error: bad.toml:4:1: `user_col` does not apply to a kafka source: it maps Parquet columns",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[checkpoint]\ndir = \"ckpt\"\n",
+            "error: bad.toml:5:1: `dir` does not apply to a generator source: checkpoints are tied to Kafka offsets",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[output]\npublish_topic = \"deltas\"\n",
+            "error: bad.toml:5:1: `publish_topic` does not apply to a generator source",
+        ),
+        (
+            "[source]\nkind = \"kafka\"\nbrokers = \"embedded\"\n\n[output]\nsave_model = \"m\"\n",
+            "error: bad.toml:6:1: `save_model` does not apply to a kafka source: a Kafka job checkpoints with [checkpoint] dir",
+        ),
+        (
             "[sauce]\nkind = 1\n",
             "error: bad.toml:1:2: unknown field `sauce`, expected one of `source`, `model`, `variants`, `eval`, `run`, `cluster`, `pool`, `gc`, `state`, `checkpoint`, `output`",
         ),

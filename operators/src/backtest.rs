@@ -154,6 +154,10 @@ pub struct BacktestReport {
     /// Allocator calls over the steady state (past the warm-up, before the final
     /// report), when the counting allocator is installed.
     pub allocs: Option<AllocWindow>,
+    /// The buffer pool over the same steady state: `(gets, misses)` counted from the
+    /// moment the allocation window opens (the pool fills while the first batches are in
+    /// flight; this is how it serves once filled).
+    pub pool_steady: Option<(u64, u64)>,
 }
 
 impl BacktestReport {
@@ -830,7 +834,10 @@ pub fn run_dataflow(
     };
 
     let processes = cluster.as_ref().map_or(1, |c| c.processes);
-    let mut meter = AllocMeter::new(alloc_warm_up(info.rows, processes));
+    let warm_up = alloc_warm_up(info.rows, processes);
+    let mut meter = AllocMeter::new(warm_up);
+    let pool = gc.pool().cloned();
+    let mut pool_from = None;
     // Progress ten times a second; the end is noticed within a few milliseconds, so
     // that short runs' `seconds` (and events/s) are not rounded up to 100 ms.
     let mut shown = Instant::now() - Duration::from_secs(1);
@@ -839,6 +846,11 @@ pub fn run_dataflow(
             shown = Instant::now();
             let n = processed.load(Ordering::Relaxed);
             meter.sample(n);
+            if let (Some(p), None) = (&pool, &pool_from) {
+                if n >= warm_up {
+                    pool_from = Some(p.stats());
+                }
+            }
             progress(n);
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -865,6 +877,10 @@ pub fn run_dataflow(
     let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
     report.gc = gc.stats();
     report.allocs = meter.window();
+    report.pool_steady = pool.zip(pool_from).map(|(p, from)| {
+        let now = p.stats();
+        (now.gets - from.gets, now.misses - from.misses)
+    });
     report.processes = processes;
     if !needs_counts {
         report.popularity_window_events = None;
@@ -1070,6 +1086,7 @@ fn assemble(
         seconds,
         variants: Vec::new(),
         allocs: None,
+        pool_steady: None,
     };
     let mut merged: Vec<(Quality, BTreeMap<i64, Quality>)> =
         vec![Default::default(); config.variants.len()];
