@@ -153,46 +153,46 @@ pub struct BacktestArgs {
     /// Model: bpr, mostpop, itemknn or ensemble. Without --model and --variant (or with
     /// --model ensemble) the recommended configuration runs: an ensemble over itemknn,
     /// bpr with dns:32 negatives and mostpop, each also reported on its own.
-    #[arg(long, value_parser = parse_lib::<ModelKind>)]
+    #[arg(long, env = "TIDEPOOL_MODEL", value_parser = parse_lib::<ModelKind>)]
     pub model: Option<ModelKind>,
     /// Timely worker threads (per process in a cluster).
-    #[arg(long, short = 'w', default_value_t = 1)]
+    #[arg(long, env = "TIDEPOOL_WORKERS", short = 'w', default_value_t = 1)]
     pub workers: usize,
     /// Processes of a timely cluster running this job together; start each with the
     /// same arguments and its own --process.
-    #[arg(long, short = 'n', default_value_t = 1)]
+    #[arg(long, env = "TIDEPOOL_PROCESSES", short = 'n', default_value_t = 1)]
     pub processes: usize,
     /// This process's index in the cluster, 0..processes.
-    #[arg(long, short = 'p', default_value_t = 0)]
+    #[arg(long, env = "TIDEPOOL_PROCESS", short = 'p', default_value_t = 0)]
     pub process: usize,
     /// `host:port` of every process, one per line in process order (default: 127.0.0.1
     /// ports 2101, 2102, ...).
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_HOSTFILE")]
     pub hostfile: Option<PathBuf>,
     /// Give up (exit 3) when the cluster's processes have not all connected by then.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
     /// Embedding dimension.
-    #[arg(long, default_value_t = DEFAULT_DIM)]
+    #[arg(long, env = "TIDEPOOL_DIM", default_value_t = DEFAULT_DIM)]
     pub dim: usize,
     /// Learning rate.
-    #[arg(long, default_value_t = DEFAULT_LR)]
+    #[arg(long, env = "TIDEPOOL_LR", default_value_t = DEFAULT_LR)]
     pub lr: f32,
     /// L2 regularisation.
-    #[arg(long, default_value_t = DEFAULT_REG)]
+    #[arg(long, env = "TIDEPOOL_REG", default_value_t = DEFAULT_REG)]
     pub reg: f32,
     /// Optimiser: sgd or adagrad.
-    #[arg(long, default_value = "adagrad", value_parser = parse_lib::<Optimizer>)]
+    #[arg(long, env = "TIDEPOOL_OPTIMIZER", default_value = "adagrad", value_parser = parse_lib::<Optimizer>)]
     pub optimizer: Optimizer,
     /// Train without an item bias term.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_NO_ITEM_BIAS")]
     pub no_item_bias: bool,
     /// Standard deviation of the initial embeddings.
-    #[arg(long, default_value_t = DEFAULT_INIT_STD)]
+    #[arg(long, env = "TIDEPOOL_INIT_STD", default_value_t = DEFAULT_INIT_STD)]
     pub init_std: f32,
     /// Negative sampler: uniform, pop[:ALPHA], decay:HALF_LIFE, dns:M[:BASE],
     /// inbatch[:B], mix:W*SPEC+W*SPEC...
-    #[arg(long, default_value = "uniform")]
+    #[arg(long, env = "TIDEPOOL_SAMPLER", default_value = "uniform")]
     pub sampler: String,
     /// Train several models side by side in one pass: NAME=SAMPLER[,key=value...]
     /// (keys: model, dim, lr, reg, optimizer, negatives, init_std, item_bias, logq,
@@ -202,162 +202,162 @@ pub struct BacktestArgs {
     #[arg(long = "variant", value_name = "NAME=SPEC")]
     pub variants: Vec<String>,
     /// bpr: correct negatives' scores by their sampling probability (logQ).
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_LOGQ")]
     pub logq: bool,
     /// itemknn: how many of a user's most recent items pair with a new one and score.
-    #[arg(long, default_value_t = DEFAULT_KNN_HISTORY)]
+    #[arg(long, env = "TIDEPOOL_HISTORY", default_value_t = DEFAULT_KNN_HISTORY)]
     pub history: usize,
     /// itemknn: weight of the k-th most recent item when scoring, decay^k, in (0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_DECAY, allow_negative_numbers = true)]
+    #[arg(long, env = "TIDEPOOL_DECAY", default_value_t = DEFAULT_KNN_DECAY, allow_negative_numbers = true)]
     pub decay: f32,
     /// itemknn: weight of a pair at sequence distance d, pair_decay^(d-1), in (0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_PAIR_DECAY, allow_negative_numbers = true)]
+    #[arg(long, env = "TIDEPOOL_PAIR_DECAY", default_value_t = DEFAULT_KNN_PAIR_DECAY, allow_negative_numbers = true)]
     pub pair_decay: f32,
     /// itemknn: weight of the backward pair relative to the forward one, in [0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_BACK, allow_negative_numbers = true)]
+    #[arg(long, env = "TIDEPOOL_BACK", default_value_t = DEFAULT_KNN_BACK, allow_negative_numbers = true)]
     pub back: f32,
     /// itemknn: asymmetric cosine exponent, in [0, 1].
-    #[arg(long, default_value_t = DEFAULT_KNN_ALPHA, allow_negative_numbers = true)]
+    #[arg(long, env = "TIDEPOOL_ALPHA", default_value_t = DEFAULT_KNN_ALPHA, allow_negative_numbers = true)]
     pub alpha: f32,
     /// itemknn: neighbours kept per item.
-    #[arg(long, default_value_t = DEFAULT_KNN_NEIGHBOURS)]
+    #[arg(long, env = "TIDEPOOL_NEIGHBOURS", default_value_t = DEFAULT_KNN_NEIGHBOURS)]
     pub neighbours: usize,
     /// itemknn: half-life of co-occurrence in event time, or `off` (default: 1000days).
-    #[arg(long, value_parser = parse_half_life)]
+    #[arg(long, env = "TIDEPOOL_HALF_LIFE", value_parser = parse_half_life)]
     pub half_life: Option<HalfLife>,
     /// Width of the sliding event-time window over which popularity samplers count.
-    #[arg(long, default_value = "30days", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_POP_WINDOW", default_value = "30days", value_parser = parse_duration)]
     pub pop_window: Duration,
     /// Negatives per positive.
-    #[arg(long, default_value_t = DEFAULT_NEGATIVES)]
+    #[arg(long, env = "TIDEPOOL_NEGATIVES", default_value_t = DEFAULT_NEGATIVES)]
     pub negatives: usize,
     /// Seed for initialisation and sampling.
-    #[arg(long, default_value_t = DEFAULT_SEED)]
+    #[arg(long, env = "TIDEPOOL_SEED", default_value_t = DEFAULT_SEED)]
     pub seed: u64,
     /// Share of the events (from the start) trained on but never scored.
-    #[arg(long, default_value_t = DEFAULT_WARMUP, value_parser = parse_fraction)]
+    #[arg(long, env = "TIDEPOOL_WARMUP", default_value_t = DEFAULT_WARMUP, value_parser = parse_fraction)]
     pub warmup: f64,
     /// Score every N-th event after warm-up; 1 = all, 0 = no evaluation.
-    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY)]
+    #[arg(long, env = "TIDEPOOL_EVAL_EVERY", default_value_t = DEFAULT_EVAL_EVERY)]
     pub eval_every: u64,
     /// Cut-off K of recall@K and NDCG@K.
-    #[arg(long, short = 'k', default_value_t = DEFAULT_K)]
+    #[arg(long, env = "TIDEPOOL_K", short = 'k', default_value_t = DEFAULT_K)]
     pub k: usize,
     /// Width of one timely round in event time (default: derived from the input).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_TICK", value_parser = parse_duration)]
     pub tick: Option<Duration>,
     /// Width of a metrics window in event time (default: about 100 windows).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_METRICS_WINDOW", value_parser = parse_duration)]
     pub metrics_window: Option<Duration>,
     /// Rounds a source may run ahead of the learner.
-    #[arg(long, default_value_t = DEFAULT_ROUNDS_IN_FLIGHT)]
+    #[arg(long, env = "TIDEPOOL_ROUNDS_IN_FLIGHT", default_value_t = DEFAULT_ROUNDS_IN_FLIGHT)]
     pub rounds_in_flight: u64,
     /// Write the summary as one JSON object here.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_SUMMARY_JSON")]
     pub summary_json: Option<PathBuf>,
     /// Write per-window metrics here (.parquet for Parquet, anything else CSV).
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_METRICS_OUT")]
     pub metrics_out: Option<PathBuf>,
     /// Write dead letters (rejected rows, with reasons) here as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_DEAD_LETTERS")]
     pub dead_letters: Option<PathBuf>,
     /// Input column holding the user id.
-    #[arg(long, default_value = "user_id")]
+    #[arg(long, env = "TIDEPOOL_USER_COL", default_value = "user_id")]
     pub user_col: String,
     /// Input column holding the item id.
-    #[arg(long, default_value = "item_id")]
+    #[arg(long, env = "TIDEPOOL_ITEM_COL", default_value = "item_id")]
     pub item_col: String,
     /// Input column holding the event time.
-    #[arg(long, default_value = "ts")]
+    #[arg(long, env = "TIDEPOOL_TIME_COL", default_value = "ts")]
     pub time_col: String,
     /// Unit of an integer time column: s or ms.
-    #[arg(long, default_value = "ms", value_parser = parse_lib::<IntTimeUnit>)]
+    #[arg(long, env = "TIDEPOOL_TIME_UNIT", default_value = "ms", value_parser = parse_lib::<IntTimeUnit>)]
     pub time_unit: IntTimeUnit,
     /// Generated stream (no INPUT): events.
-    #[arg(long, default_value_t = GeneratorConfig::default().events)]
+    #[arg(long, env = "TIDEPOOL_EVENTS", default_value_t = GeneratorConfig::default().events)]
     pub events: u64,
     /// Generated stream (no INPUT): users.
-    #[arg(long, default_value_t = GeneratorConfig::default().users)]
+    #[arg(long, env = "TIDEPOOL_USERS", default_value_t = GeneratorConfig::default().users)]
     pub users: u64,
     /// Generated stream (no INPUT): items.
-    #[arg(long, default_value_t = GeneratorConfig::default().items)]
+    #[arg(long, env = "TIDEPOOL_ITEMS", default_value_t = GeneratorConfig::default().items)]
     pub items: u64,
     /// Do not draw a progress bar.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_QUIET")]
     pub quiet: bool,
     /// The sharded Arrow buffer pool: on or off (to compare).
-    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    #[arg(long, env = "TIDEPOOL_POOL", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub pool: bool,
     /// Smallest pooled size class.
-    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    #[arg(long, env = "TIDEPOOL_POOL_FLOOR", default_value = "4KiB", value_parser = parse_size)]
     pub pool_floor: usize,
     /// Largest pooled size class; bigger buffers are allocated unpooled (and counted).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, env = "TIDEPOOL_POOL_CEILING", default_value = "64MiB", value_parser = parse_size)]
     pub pool_ceiling: usize,
     /// Bytes the pool keeps per size class.
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, env = "TIDEPOOL_POOL_RETAIN", default_value = "256MiB", value_parser = parse_size)]
     pub pool_retain: usize,
     /// Overwrite returned buffers with a poison pattern (catches use after return).
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_POOL_POISON")]
     pub pool_poison: bool,
     /// Pool shards; 0 means one per worker.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "TIDEPOOL_POOL_SHARDS", default_value_t = 0)]
     pub pool_shards: usize,
     /// Generated stream (no INPUT): replace the user population with new ids this many
     /// times over the stream (ever-new users).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "TIDEPOOL_USER_CHURN", default_value_t = 0)]
     pub user_churn: u64,
     /// GC trigger: compact state when the live heap grows by this many percent over the
     /// heap after the last cycle, or off (default: $TIDEPOOL_GC, else 100).
     #[arg(long = "gc", value_name = "off|PERCENT", value_parser = parse_gc_percent)]
     pub gc_percent: Option<GcPercent>,
     /// No ratio-triggered cycle below this live heap.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, env = "TIDEPOOL_GC_MIN_HEAP", default_value = "64MiB", value_parser = parse_size)]
     pub gc_min_heap: usize,
     /// Soft memory limit: compact earlier as the live heap approaches it (default:
     /// $TIDEPOOL_MEMORY_LIMIT, else none).
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<usize>,
     /// A cycle runs when none ran for this long (wall time), also while input is idle.
-    #[arg(long, default_value = "2min", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_GC_FORCE_INTERVAL", default_value = "2min", value_parser = parse_duration)]
     pub gc_force_interval: Duration,
     /// Print one line per GC cycle on stderr (also $TIDEPOOL_GCTRACE=1).
     #[arg(long)]
     pub gctrace: bool,
     /// Evict users idle this long in event time (history and embedding); default: keep.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_USER_TTL", value_parser = parse_duration)]
     pub user_ttl: Option<Duration>,
     /// Expire items idle this long in event time (catalogue entry and embedding row);
     /// default: keep.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_ITEM_TTL", value_parser = parse_duration)]
     pub item_ttl: Option<Duration>,
     /// How far behind the newest event time an event may arrive and still be processed
     /// in its place (default: 0 for backtest, 5min for train).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_ALLOWED_LATENESS", value_parser = parse_duration)]
     pub allowed_lateness: Option<Duration>,
     /// Events later than that: train (in the current round, counted as reordered) or
     /// dead-letter (reason `late`).
-    #[arg(long, default_value = "train", value_parser = parse_lib::<LatePolicy>)]
+    #[arg(long, env = "TIDEPOOL_LATE", default_value = "train", value_parser = parse_lib::<LatePolicy>)]
     pub late: LatePolicy,
     /// Events whose time lies more than this ahead of the wall clock go to the dead
     /// letters (reason `skew`); `off` for no bound. Default: off for backtests, 1h for train.
-    #[arg(long, value_parser = parse_half_life)]
+    #[arg(long, env = "TIDEPOOL_MAX_SKEW", value_parser = parse_half_life)]
     pub max_skew: Option<HalfLife>,
     /// Serve /metrics (Prometheus), /healthz and the admin endpoints (POST
     /// /admin/gc?percent=N|off, /admin/compact, /admin/checkpoint) here: a port (bound to
     /// 127.0.0.1) or an explicit IP:PORT; port 0 picks a free one (printed on stderr).
-    #[arg(long, value_name = "[IP:]PORT")]
+    #[arg(long, env = "TIDEPOOL_METRICS_ADDR", value_name = "[IP:]PORT")]
     pub metrics_addr: Option<String>,
     /// Token the admin calls must send (`Authorization: Bearer TOKEN`); required when
     /// --metrics-addr is not loopback. Also read from TIDEPOOL_ADMIN_TOKEN.
     #[arg(long, value_name = "TOKEN")]
     pub admin_token: Option<String>,
     /// Write a report directory: heap.svg (live heap over time, GC cycles marked).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "TIDEPOOL_REPORT", value_name = "DIR")]
     pub report: Option<PathBuf>,
     /// Backtest: save the final model as a checkpoint under DIR, to serve it with
     /// `tidepool recommend --checkpoint DIR` (train checkpoints with --checkpoint-dir).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "TIDEPOOL_SAVE_MODEL", value_name = "DIR")]
     pub save_model: Option<PathBuf>,
 }
 
@@ -366,44 +366,44 @@ pub struct BacktestArgs {
 pub struct KafkaArgs {
     /// Bootstrap servers, or `embedded` for an in-process cluster (librdkafka's mock
     /// cluster: the real protocol on a loopback port).
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_BROKERS")]
     pub brokers: String,
     /// Topic.
-    #[arg(long, default_value = "events")]
+    #[arg(long, env = "TIDEPOOL_TOPIC", default_value = "events")]
     pub topic: String,
     /// Consumer group (offsets are committed there after each checkpoint).
-    #[arg(long, default_value = "tidepool")]
+    #[arg(long, env = "TIDEPOOL_GROUP", default_value = "tidepool")]
     pub group: String,
     /// Partitions of the topic created in an embedded cluster.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "TIDEPOOL_PARTITIONS", default_value_t = 4)]
     pub partitions: i32,
     /// When a partition's offsets go backwards (topic recreated, offsets reset): `fail`
     /// (stop with an error, the default) or `continue` (warn, count, train on).
-    #[arg(long, default_value = "fail")]
+    #[arg(long, env = "TIDEPOOL_ON_REWIND", default_value = "fail")]
     pub on_rewind: tidepool_connector_kafka::Rewind,
     /// librdkafka setting passed through, KEY=VALUE (repeatable): SASL, SSL, timeouts.
     #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_config: Vec<(String, String)>,
     /// JSON field holding the user id.
-    #[arg(long, default_value = "user_id")]
+    #[arg(long, env = "TIDEPOOL_USER_FIELD", default_value = "user_id")]
     pub user_field: String,
     /// JSON field holding the item id.
-    #[arg(long, default_value = "item_id")]
+    #[arg(long, env = "TIDEPOOL_ITEM_FIELD", default_value = "item_id")]
     pub item_field: String,
     /// JSON field holding the event time, or `kafka` for the message timestamp.
-    #[arg(long, default_value = "ts")]
+    #[arg(long, env = "TIDEPOOL_TIME_FIELD", default_value = "ts")]
     pub time_field: String,
     /// Unit of the time field: s or ms.
-    #[arg(long, default_value = "ms", value_parser = parse_lib::<tidepool_connector_kafka::TimeUnit>)]
+    #[arg(long, env = "TIDEPOOL_FIELD_TIME_UNIT", default_value = "ms", value_parser = parse_lib::<tidepool_connector_kafka::TimeUnit>)]
     pub field_time_unit: tidepool_connector_kafka::TimeUnit,
     /// JSON field holding the event type.
-    #[arg(long, default_value = "event_type")]
+    #[arg(long, env = "TIDEPOOL_TYPE_FIELD", default_value = "event_type")]
     pub type_field: String,
     /// Train only on these event types (repeatable); others are skipped and counted.
     #[arg(long = "type", value_parser = parse_event_type)]
     pub types: Vec<tidepool_pipeline::EventType>,
     /// Messages larger than this are dead letters.
-    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    #[arg(long, env = "TIDEPOOL_MAX_MESSAGE_BYTES", default_value = "64KiB", value_parser = parse_size)]
     pub max_message_bytes: usize,
 }
 
@@ -451,36 +451,36 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Directory for checkpoints; without it nothing survives a restart.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Time between periodic checkpoints (a final one is always written).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_CHECKPOINT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub checkpoint_interval: Duration,
     /// Checkpoints kept.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "TIDEPOOL_KEEP_CHECKPOINTS", default_value_t = 2)]
     pub keep_checkpoints: usize,
     /// Load a checkpoint even if it was written by a different model configuration.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_FORCE_CHECKPOINT")]
     pub force_checkpoint: bool,
     /// Send dead letters to this topic (JSON, keyed by the record's location) instead of
     /// --dead-letters or memory.
-    #[arg(long)]
+    #[arg(long, env = "TIDEPOOL_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
     /// Publish changed embedding rows to this topic at every checkpoint (needs
     /// --checkpoint-dir); key `variant/entity/id`, value JSON.
-    #[arg(long, requires = "checkpoint_dir")]
+    #[arg(long, env = "TIDEPOOL_PUBLISH_TOPIC", requires = "checkpoint_dir")]
     pub publish_topic: Option<String>,
     /// Also (or instead) write changed embedding rows at every checkpoint as Parquet files
     /// into this directory (needs --checkpoint-dir); see docs/kafka.md for the columns.
-    #[arg(long, requires = "checkpoint_dir")]
+    #[arg(long, env = "TIDEPOOL_PUBLISH_DIR", requires = "checkpoint_dir")]
     pub publish_dir: Option<PathBuf>,
     /// Publish changed rows this often between checkpoints too (default: at checkpoints
     /// only); needs --publish-topic or --publish-dir.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_PUBLISH_INTERVAL", value_parser = parse_duration)]
     pub publish_interval: Option<Duration>,
     /// When to stop: never, end (the end offsets at start), idle:DURATION. Default: end
     /// with --brokers embedded, never otherwise.
-    #[arg(long, value_parser = parse_stop)]
+    #[arg(long, env = "TIDEPOOL_STOP_AT", value_parser = parse_stop)]
     pub stop_at: Option<StopWhen>,
     /// The model, sampler, evaluation, GC and output settings (as for backtest; the
     /// generated-stream settings fill an embedded cluster).

@@ -427,6 +427,11 @@ fn rel(base: &Path, p: &str) -> String {
     }
 }
 
+/// The environment variable of a flag: `--gc-min-heap` is `TIDEPOOL_GC_MIN_HEAP`.
+fn env_name(flag: &str) -> String {
+    format!("TIDEPOOL_{}", flag.replace('-', "_").to_uppercase())
+}
+
 /// Refuses keys that mean nothing for the job's source kind (a Kafka topic in a
 /// Parquet job, generator sizes with real brokers, ...), naming the key and where it is:
 /// a key that is silently dropped is a setting the user believes is in force.
@@ -526,6 +531,12 @@ fn to_command(
     // Each flag remembers the (section, key) it came from, for clap's errors.
     let mut origin: Vec<(String, String, String)> = Vec::new();
     let mut flag = |argv: &mut Vec<String>, section: &str, key: &str, name: &str, value: String| {
+        // Layering: defaults < file < environment < flags. A `TIDEPOOL_*` variable set
+        // for this option beats the file (clap reads it when no flag is given), and the
+        // flags after the file beat both.
+        if std::env::var_os(env_name(name)).is_some() {
+            return;
+        }
         origin.push((format!("--{name}"), section.to_string(), key.to_string()));
         argv.push(format!("--{name}"));
         argv.push(value);

@@ -229,3 +229,68 @@ fn bad_job_files_get_golden_messages() {
         );
     }
 }
+
+/// Configuration layers: defaults < job file < `TIDEPOOL_*` environment < flags.
+#[test]
+fn settings_layer_defaults_file_environment_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("job.toml"),
+        "[source]\nkind = \"generator\"\nevents = 3000\n\n[model]\nkind = \"bpr\"\ndim = 16\n\n[output]\nsummary_json = \"summary.json\"\n",
+    )
+    .unwrap();
+    let dim_of = |env: &[(&str, &str)], flags: &[&str]| -> u64 {
+        let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .args(["run", "job.toml", "--quiet"])
+            .args(flags)
+            .envs(env.iter().copied())
+            .current_dir(dir.path())
+            .output()
+            .expect("tidepool runs");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        summary["variants"][0]["model_config"]["dim"]
+            .as_u64()
+            .unwrap()
+    };
+    // Default 64 < file 16 < environment 24 < flag 32.
+    assert_eq!(dim_of(&[], &[]), 16);
+    assert_eq!(dim_of(&[("TIDEPOOL_DIM", "24")], &[]), 24);
+    assert_eq!(dim_of(&[("TIDEPOOL_DIM", "24")], &["--dim", "32"]), 32);
+    // Without the file's key, the environment beats the default.
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "backtest",
+            "--events",
+            "3000",
+            "--model",
+            "bpr",
+            "--quiet",
+            "--summary-json",
+            "s.json",
+        ])
+        .env("TIDEPOOL_DIM", "8")
+        .current_dir(dir.path())
+        .output()
+        .expect("tidepool runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
+    assert_eq!(s["variants"][0]["model_config"]["dim"], 8);
+    // A bad value in the environment is an error naming the flag, like a bad flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["backtest", "--events", "3000"])
+        .env("TIDEPOOL_DIM", "wide")
+        .current_dir(dir.path())
+        .output()
+        .expect("tidepool runs");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid value 'wide' for '--dim <DIM>'"),
+        "{}",
+        text(&out.stderr)
+    );
+}
