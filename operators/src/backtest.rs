@@ -334,29 +334,20 @@ fn alloc_warm_up(rows: Option<u64>, processes: usize) -> u64 {
     rows.map_or(100_000, |r| r / processes.max(1) as u64 / 5)
 }
 
-/// The dataflow behind every command: replays or follows `source`, scoring then
-/// training, with GC cycles and (optionally) checkpoints. A source without a known size
-/// (a live stream) gets no warm-up: every event after the first is scored per
-/// `eval_every`.
-pub fn run_dataflow(
-    source: Arc<dyn EventSource>,
-    config: &BacktestConfig,
-    dead: Arc<dyn DeadLetterSink>,
-    options: RunOptions,
-    progress: &dyn Fn(u64),
-) -> Result<BacktestReport> {
-    config.validate()?;
-    let RunOptions {
-        gc,
-        checkpoints,
-        restore,
-        deltas,
-        publish_every,
-        cluster,
-        live,
-    } = options;
-    let cluster = cluster.filter(|c| c.processes > 1);
-    let info = source.info();
+/// What a run's timing rests on, from the source's statistics and the configuration:
+/// the tick (a timely round's width in event time), the evaluation protocol, and the
+/// popularity window in ticks.
+struct Plan {
+    clock: Clock,
+    protocol: Protocol,
+    tick_ms: i64,
+    window_ticks: u64,
+    /// Whether a sampler needs the windowed popularity counts.
+    needs_counts: bool,
+}
+
+/// Stage 1 of [`run_dataflow`]: the plan.
+fn plan(config: &BacktestConfig, info: &tidepool_pipeline::SourceInfo) -> Plan {
     let rows = info.rows.unwrap_or(0);
     let needs_counts = config.variants.iter().any(|v| {
         SamplerSpec::parse(&v.model.sampler).is_ok_and(|s| s.build().needs_window_counts())
@@ -403,6 +394,247 @@ pub fn run_dataflow(
     let window_ticks = (config.popularity_window_ms as u64)
         .div_ceil(tick_ms as u64)
         .max(1);
+    Plan {
+        clock,
+        protocol,
+        tick_ms,
+        window_ticks,
+        needs_counts,
+    }
+}
+
+/// Stage 2 of [`run_dataflow`]: timely's configuration: threads in this process, or
+/// this process's place in a cluster; differential's idle merging.
+fn timely_config(cluster: Option<&Cluster>, workers: usize) -> timely::Config {
+    let mut timely_config = match cluster {
+        None => timely::Config::process(workers),
+        Some(c) => timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: workers,
+                process: c.process,
+                addresses: c.addresses.clone(),
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        },
+    };
+    differential_dataflow::configure(
+        &mut timely_config.worker,
+        &differential_dataflow::Config::default().idle_merge_effort(Some(IDLE_MERGE_EFFORT)),
+    );
+    timely_config
+}
+
+/// The prequential operator's state on one worker: rounds of events, popularity count
+/// changes and GC cycle tickets waiting for their time, and other processes' row
+/// changes; [`Prequential::advance`] runs whatever became complete, in time order.
+struct Prequential {
+    rounds: Stash<EventBatch>,
+    /// A round's events, copied out of the shared batches to be put in replay order
+    /// (kept: its capacity is reused).
+    round_events: Vec<Event>,
+    live_counts: Vec<Quality>,
+    changes: Stash<CountChange>,
+    cycles: Stash<CycleTicket>,
+    remote: Vec<RowBatch>,
+    /// The co-occurrence gauge walks every neighbour list: once a second is plenty for a
+    /// gauge, and every round is not.
+    bytes_shown: Option<Instant>,
+    processed: Arc<AtomicU64>,
+    live: Option<Arc<crate::live::LiveMetrics>>,
+    gc: Arc<GcController>,
+}
+
+impl Prequential {
+    fn new(
+        processed: Arc<AtomicU64>,
+        live: Option<Arc<crate::live::LiveMetrics>>,
+        gc: Arc<GcController>,
+    ) -> Self {
+        Self {
+            rounds: Stash::default(),
+            round_events: Vec::new(),
+            live_counts: Vec::new(),
+            changes: Stash::default(),
+            cycles: Stash::default(),
+            remote: Vec::new(),
+            bytes_shown: None,
+            processed,
+            live,
+            gc,
+        }
+    }
+
+    /// Applies other processes' row changes, then runs every GC cycle whose time has
+    /// come (`before_done`: everything before it is in) and every complete round
+    /// (`done`), earliest first, each after the popularity changes before it. Row
+    /// changes a round makes for other processes go to `emit` under its capability.
+    fn advance(
+        &mut self,
+        learner: &mut Learner,
+        mut trace: Option<&mut PopularityTrace>,
+        done: &dyn Fn(&u64) -> bool,
+        before_done: &dyn Fn(&u64) -> bool,
+        emit: &mut dyn FnMut(&Capability<u64>, Vec<RowBatch>),
+    ) {
+        // Other processes' changes land as they come: additive, so their order does not
+        // matter.
+        for batch in self.remote.drain(..) {
+            learner.apply_rows(&batch);
+        }
+        loop {
+            let round = self.rounds.first_time().filter(|t| done(t));
+            let cycle = self.cycles.first_time().filter(|t| before_done(t));
+            match (round, cycle) {
+                (_, Some(c)) if round.is_none_or(|r| c <= r) => {
+                    let mut before = self.changes.take_before(c);
+                    learner.apply_counts(&mut before);
+                    for ticket in self.cycles.take_before(c + 1) {
+                        run_cycle(learner, trace.as_deref_mut(), c, &self.gc, ticket);
+                    }
+                }
+                (Some(time), _) => {
+                    // Popularity as of the rounds before this one.
+                    let mut before = self.changes.take_before(time);
+                    learner.apply_counts(&mut before);
+                    if let Some((cap, batches)) = self.rounds.take(time) {
+                        self.round_events.clear();
+                        for b in &batches {
+                            b.extend_into(&mut self.round_events);
+                        }
+                        // The blocks go back to the pool now.
+                        self.rounds.recycle(batches);
+                        let owned = learner.process_round(time, &mut self.round_events);
+                        self.processed.fetch_add(owned, Ordering::Relaxed);
+                        self.publish_live(learner);
+                        let changes = learner.take_row_changes();
+                        if !changes.is_empty() {
+                            emit(&cap, changes);
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// The live metrics after a round: counters, ensemble weights, and (once a second)
+    /// the co-occurrence gauge.
+    fn publish_live(&mut self, learner: &mut Learner) {
+        let Some(live) = &self.live else {
+            return;
+        };
+        learner.take_live(&mut self.live_counts);
+        live.add(&self.live_counts);
+        learner.each_weights(|v, w| live.set_weights(v, w));
+        if self
+            .bytes_shown
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.bytes_shown = Some(Instant::now());
+            live.set_cooccurrence_bytes(learner.knn_bytes());
+        }
+    }
+}
+
+/// What watching the workers saw.
+struct Watched {
+    /// Every worker's outcome (in a cluster, the first local worker's holds the whole
+    /// cluster's), or the first error.
+    outcomes: Result<Vec<WorkerOutcome>>,
+    allocs: Option<AllocWindow>,
+    pool_steady: Option<(u64, u64)>,
+}
+
+/// Stage 4 of [`run_dataflow`]: reports progress ten times a second while the workers
+/// run, meters allocator calls and pool gets over the steady state (from `warm_up`
+/// events on), and joins the workers.
+fn watch(
+    guards: timely::communication::WorkerGuards<Result<Vec<WorkerOutcome>>>,
+    processed: &AtomicU64,
+    progress: &dyn Fn(u64),
+    warm_up: u64,
+    pool: Option<&BufferPool>,
+) -> Watched {
+    let mut meter = AllocMeter::new(warm_up);
+    let mut pool_from = None;
+    // The end is noticed within a few milliseconds, so that short runs' `seconds` (and
+    // events/s) are not rounded up to 100 ms.
+    let mut shown = Instant::now() - Duration::from_secs(1);
+    while !guards.guards().iter().all(|g| g.is_finished()) {
+        if shown.elapsed() >= Duration::from_millis(100) {
+            shown = Instant::now();
+            let n = processed.load(Ordering::Relaxed);
+            meter.sample(n);
+            if let (Some(p), None) = (pool, &pool_from) {
+                if n >= warm_up {
+                    pool_from = Some(p.stats());
+                }
+            }
+            progress(n);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    progress(processed.load(Ordering::Relaxed));
+    let mut outcomes = Vec::new();
+    let mut first_error = None;
+    for joined in guards.join() {
+        match joined {
+            Ok(Ok(mut outcome)) => outcomes.append(&mut outcome),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(panic) => {
+                first_error.get_or_insert(Error::Internal(format!("a worker panicked: {panic}")));
+            }
+        }
+    }
+    Watched {
+        outcomes: first_error.map_or(Ok(outcomes), Err),
+        allocs: meter.window(),
+        pool_steady: pool.zip(pool_from).map(|(p, from)| {
+            let now = p.stats();
+            (now.gets - from.gets, now.misses - from.misses)
+        }),
+    }
+}
+
+/// The dataflow behind every command: replays or follows `source`, scoring then
+/// training, with GC cycles and (optionally) checkpoints. A source without a known size
+/// (a live stream) gets no warm-up: every event after the first is scored per
+/// `eval_every`.
+///
+/// Stages: `plan` (tick, protocol, popularity window), item tables (restored from a
+/// checkpoint if any), `timely_config`, the workers (each builds the prequential
+/// dataflow, then ingests its share of the source and drains, checkpointing on the
+/// way), `watch` (progress, steady-state meters, join) and `assemble` (the report).
+pub fn run_dataflow(
+    source: Arc<dyn EventSource>,
+    config: &BacktestConfig,
+    dead: Arc<dyn DeadLetterSink>,
+    options: RunOptions,
+    progress: &dyn Fn(u64),
+) -> Result<BacktestReport> {
+    config.validate()?;
+    let RunOptions {
+        gc,
+        checkpoints,
+        restore,
+        deltas,
+        publish_every,
+        cluster,
+        live,
+    } = options;
+    let cluster = cluster.filter(|c| c.processes > 1);
+    let info = source.info();
+    let Plan {
+        clock,
+        protocol,
+        tick_ms,
+        window_ticks,
+        needs_counts,
+    } = plan(config, &info);
     let tables: Vec<_> = config
         .variants
         .iter()
@@ -436,19 +668,7 @@ pub fn run_dataflow(
         let checkpoints = checkpoints.clone();
         let tables = tables.clone();
         let deltas = deltas.clone();
-        let mut timely_config = match &cluster {
-            None => timely::Config::process(config.workers),
-            Some(c) => timely::Config {
-                communication: timely::CommunicationConfig::Cluster {
-                    threads: config.workers,
-                    process: c.process,
-                    addresses: c.addresses.clone(),
-                    report: false,
-                    zerocopy: false,
-                },
-                worker: timely::WorkerConfig::default(),
-            },
-        };
+        let timely_config = timely_config(cluster.as_ref(), config.workers);
         let connected = Arc::new(AtomicBool::new(false));
         if let Some(c) = &cluster {
             crate::cluster::connect_watchdog(c, Arc::clone(&connected));
@@ -459,10 +679,7 @@ pub fn run_dataflow(
             processes: c.processes,
             workers: config.workers,
         });
-        differential_dataflow::configure(
-            &mut timely_config.worker,
-            &differential_dataflow::Config::default().idle_merge_effort(Some(IDLE_MERGE_EFFORT)),
-        );
+        // Stage 3: the workers.
         timely::execute(timely_config, move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
             if !connected.swap(true, Ordering::AcqRel) {
@@ -549,18 +766,15 @@ pub fn run_dataflow(
                         Pipeline,
                         "Prequential",
                         move |_, _| {
-                            let mut rounds = Stash::<EventBatch>::default();
-                            // A round's events, copied out of the shared batches to be
-                            // put in replay order (kept: its capacity is reused).
-                            let mut round_events = Vec::<Event>::new();
-                            let mut live_counts = Vec::new();
-                            let mut changes = Stash::<CountChange>::default();
-                            let mut cycles = Stash::<CycleTicket>::default();
-                            let mut remote = Vec::<RowBatch>::new();
-                            // The co-occurrence gauge walks every neighbour list: once a
-                            // second is plenty for a gauge, and every round is not.
-                            let mut bytes_shown: Option<Instant> = None;
+                            let mut state = Prequential::new(processed, live, gc);
                             move |(events, events_frontier), (side, side_frontier), output| {
+                                let Prequential {
+                                    rounds,
+                                    changes,
+                                    cycles,
+                                    remote,
+                                    ..
+                                } = &mut state;
                                 events.for_each(|cap, data| {
                                     rounds.stash(cap.retain_least(output.output_index()), data);
                                 });
@@ -602,65 +816,18 @@ pub fn run_dataflow(
                                 let Some(learner) = learner.as_mut() else {
                                     return;
                                 };
-                                // Other processes' changes land as they come: additive,
-                                // so their order does not matter.
-                                for batch in remote.drain(..) {
-                                    learner.apply_rows(&batch);
-                                }
-                                loop {
-                                    let round = rounds.first_time().filter(|t| done(t));
-                                    let cycle = cycles.first_time().filter(|t| before_done(t));
-                                    match (round, cycle) {
-                                        (_, Some(c)) if round.is_none_or(|r| c <= r) => {
-                                            let mut before = changes.take_before(c);
-                                            learner.apply_counts(&mut before);
-                                            for ticket in cycles.take_before(c + 1) {
-                                                run_cycle(learner, trace.as_mut(), c, &gc, ticket);
-                                            }
-                                        }
-                                        (Some(time), _) => {
-                                            // Popularity as of the rounds before this one.
-                                            let mut before = changes.take_before(time);
-                                            learner.apply_counts(&mut before);
-                                            if let Some((cap, batches)) = rounds.take(time) {
-                                                round_events.clear();
-                                                for b in &batches {
-                                                    b.extend_into(&mut round_events);
-                                                }
-                                                // The blocks go back to the pool now.
-                                                rounds.recycle(batches);
-                                                let owned =
-                                                    learner.process_round(time, &mut round_events);
-                                                processed.fetch_add(owned, Ordering::Relaxed);
-                                                if let Some(live) = &live {
-                                                    learner.take_live(&mut live_counts);
-                                                    live.add(&live_counts);
-                                                    learner.each_weights(|v, w| {
-                                                        live.set_weights(v, w)
-                                                    });
-                                                    if bytes_shown.is_none_or(|t| {
-                                                        t.elapsed() >= Duration::from_secs(1)
-                                                    }) {
-                                                        bytes_shown = Some(Instant::now());
-                                                        live.set_cooccurrence_bytes(
-                                                            learner.knn_bytes(),
-                                                        );
-                                                    }
-                                                }
-                                                let changes = learner.take_row_changes();
-                                                if !changes.is_empty() {
-                                                    output
-                                                        .session(&cap)
-                                                        .give_iterator(changes.into_iter());
-                                                }
-                                            }
-                                        }
-                                        _ => break,
-                                    }
-                                }
+                                state.advance(
+                                    learner,
+                                    trace.as_mut(),
+                                    &done,
+                                    &before_done,
+                                    &mut |cap, changes| {
+                                        output.session(cap).give_iterator(changes.into_iter());
+                                    },
+                                );
                                 // Changes with no round after them only matter at the end.
                                 if events_frontier.is_empty() && side_frontier.is_empty() {
-                                    let mut rest = changes.take_before(u64::MAX);
+                                    let mut rest = state.changes.take_before(u64::MAX);
                                     learner.apply_counts(&mut rest);
                                 }
                             }
@@ -834,53 +1001,20 @@ pub fn run_dataflow(
     };
 
     let processes = cluster.as_ref().map_or(1, |c| c.processes);
-    let warm_up = alloc_warm_up(info.rows, processes);
-    let mut meter = AllocMeter::new(warm_up);
-    let pool = gc.pool().cloned();
-    let mut pool_from = None;
-    // Progress ten times a second; the end is noticed within a few milliseconds, so
-    // that short runs' `seconds` (and events/s) are not rounded up to 100 ms.
-    let mut shown = Instant::now() - Duration::from_secs(1);
-    while !guards.guards().iter().all(|g| g.is_finished()) {
-        if shown.elapsed() >= Duration::from_millis(100) {
-            shown = Instant::now();
-            let n = processed.load(Ordering::Relaxed);
-            meter.sample(n);
-            if let (Some(p), None) = (&pool, &pool_from) {
-                if n >= warm_up {
-                    pool_from = Some(p.stats());
-                }
-            }
-            progress(n);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    progress(processed.load(Ordering::Relaxed));
+    let watched = watch(
+        guards,
+        &processed,
+        progress,
+        alloc_warm_up(info.rows, processes),
+        gc.pool(),
+    );
     let seconds = started.elapsed().as_secs_f64();
-    let mut outcomes = Vec::new();
-    let mut first_error = None;
-    for joined in guards.join() {
-        match joined {
-            Ok(Ok(mut outcome)) => outcomes.append(&mut outcome),
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(panic) => {
-                first_error.get_or_insert(Error::Internal(format!("a worker panicked: {panic}")));
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
+    let outcomes = watched.outcomes?;
     dead.flush()?;
     let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
     report.gc = gc.stats();
-    report.allocs = meter.window();
-    report.pool_steady = pool.zip(pool_from).map(|(p, from)| {
-        let now = p.stats();
-        (now.gets - from.gets, now.misses - from.misses)
-    });
+    report.allocs = watched.allocs;
+    report.pool_steady = watched.pool_steady;
     report.processes = processes;
     if !needs_counts {
         report.popularity_window_events = None;
