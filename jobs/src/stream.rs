@@ -276,6 +276,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         .on_rewind(args.kafka.on_rewind)
         .with_pool(pool.clone());
     let counters = source.counters();
+    let stopped = source.stop_flag();
     #[cfg(unix)]
     {
         use signal_hook::consts::{SIGUSR1, SIGUSR2};
@@ -392,6 +393,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         "offsets_rewound": counters.offsets_rewound.load(Ordering::Relaxed),
     });
     summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
+    // As in a backtest: whether a signal ended the run (a `--stop-at` end is not early).
+    summary["stopped_early"] = stopped.load(Ordering::Relaxed).into();
     crate::api::memory_summary(&mut summary, &report, &pool)?;
     crate::api::write_outputs(
         &args.run,

@@ -177,6 +177,51 @@ fn train_follows_the_topic_and_beats_mostpop() {
     assert_eq!(windowed, n, "{csv}");
     let page = std::fs::read_to_string(dir.path().join("rep/report.html")).unwrap();
     assert!(page.contains("<td>bpr</td>") && page.contains("<td>pop</td>"));
+    // The same outputs as a backtest: every summary key a backtest writes (train adds
+    // its Kafka and checkpoint objects), the same metrics columns, the same report files.
+    let bt = tempfile::tempdir().unwrap();
+    let backtest = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args([
+            "backtest",
+            "--events",
+            "5000",
+            "--quiet",
+            "--variant",
+            "bpr=uniform",
+        ])
+        .args([
+            "--summary-json",
+            "s.json",
+            "--report",
+            "rep",
+            "--metrics-out",
+            "m.csv",
+        ])
+        .current_dir(bt.path())
+        .output()
+        .unwrap();
+    ok(backtest);
+    let (trained, replayed) = (summary(dir.path(), "s.json"), summary(bt.path(), "s.json"));
+    let keys = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    let missing: Vec<_> = keys(&replayed)
+        .difference(&keys(&trained))
+        .cloned()
+        .collect();
+    assert!(missing.is_empty(), "train's summary lacks {missing:?}");
+    let header = |d: &std::path::Path| {
+        let csv = std::fs::read_to_string(d.join("m.csv")).unwrap();
+        csv.lines().next().unwrap().to_string()
+    };
+    assert_eq!(header(dir.path()), header(bt.path()));
+    let files = |d: &std::path::Path| -> std::collections::BTreeSet<_> {
+        std::fs::read_dir(d.join("rep"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    assert_eq!(files(dir.path()), files(bt.path()));
     let s = summary(dir.path(), "s.json");
     assert_eq!(s["events"], n, "{s}");
     assert_eq!(s["kafka"]["messages"], n, "{s}");
