@@ -445,9 +445,11 @@ impl Outbox<'_> {
         if self.pending.is_empty() {
             return;
         }
-        input
-            .events
-            .send(EventBatch::from_events(&self.pending, self.pool));
+        input.events.send(EventBatch::from_events_in(
+            &self.pending,
+            SEND_BATCH,
+            self.pool,
+        ));
         self.pending.clear();
         input.poll_gc(self.gc);
     }

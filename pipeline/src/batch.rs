@@ -88,7 +88,15 @@ impl PartialEq for EventBatch {
 impl EventBatch {
     /// A batch holding `events`, in a block from `pool`.
     pub fn from_events(events: &[Event], pool: &BufferPool) -> Self {
-        let mut b = EventBatchBuilder::new(events.len(), pool);
+        Self::from_events_in(events, events.len(), pool)
+    }
+
+    /// A batch holding `events` in a block with room for `cap` of them (at least
+    /// `events.len()`): a sender whose batches vary in length asks for one capacity, so
+    /// every block comes from one size class of the pool and any returned block fits the
+    /// next batch.
+    pub fn from_events_in(events: &[Event], cap: usize, pool: &BufferPool) -> Self {
+        let mut b = EventBatchBuilder::new(cap.max(events.len()), pool);
         for e in events {
             b.push(e);
         }
