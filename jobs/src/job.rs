@@ -432,91 +432,97 @@ fn env_name(flag: &str) -> String {
     format!("TIDEPOOL_{}", flag.replace('-', "_").to_uppercase())
 }
 
+/// Keys of one section that apply to some source kinds only: (section, whether they
+/// apply to this job, why not, each key and whether the file sets it).
+type Rule<'a> = (&'a str, bool, &'a str, &'a [(&'a str, bool)]);
+
 /// Refuses keys that mean nothing for the job's source kind (a Kafka topic in a
 /// Parquet job, generator sizes with real brokers, ...), naming the key and where it is:
 /// a key that is silently dropped is a setting the user believes is in force.
 fn check_applies(job: &Job, kind: &str, at: &dyn Fn(&str, &str) -> String) -> anyhow::Result<()> {
-    let s = &job.source;
-    let embedded = s.brokers.as_deref() == Some("embedded");
-    let set = |v: bool, section: &'static str, key: &'static str, applies: bool, why: &str| {
-        if v && !applies {
+    let (s, c, o) = (&job.source, &job.checkpoint, &job.output);
+    let kafka = kind == "kafka";
+    let generated = kind == "generator" || (kafka && s.brokers.as_deref() == Some("embedded"));
+    let rules: [Rule; 6] = [
+        (
+            "source",
+            generated,
+            "it sizes a generated stream (kind = \"generator\", or a kafka source with brokers = \"embedded\")",
+            &[
+                ("events", s.events.is_some()),
+                ("users", s.users.is_some()),
+                ("items", s.items.is_some()),
+                ("user_churn", s.user_churn.is_some()),
+            ],
+        ),
+        (
+            "source",
+            kind == "parquet",
+            "it maps Parquet columns (kind = \"parquet\"); Kafka payloads are mapped by user_field, item_field, time_field",
+            &[
+                ("inputs", s.inputs.is_some()),
+                ("user_col", s.user_col.is_some()),
+                ("item_col", s.item_col.is_some()),
+                ("time_col", s.time_col.is_some()),
+                ("time_unit", s.time_unit.is_some()),
+            ],
+        ),
+        (
+            "source",
+            kafka,
+            "it configures a Kafka source (kind = \"kafka\")",
+            &[
+                ("brokers", s.brokers.is_some()),
+                ("topic", s.topic.is_some()),
+                ("group", s.group.is_some()),
+                ("partitions", s.partitions.is_some()),
+                ("stop_at", s.stop_at.is_some()),
+                ("on_rewind", s.on_rewind.is_some()),
+                ("user_field", s.user_field.is_some()),
+                ("item_field", s.item_field.is_some()),
+                ("time_field", s.time_field.is_some()),
+                ("type_field", s.type_field.is_some()),
+                ("types", s.types.is_some()),
+                ("config", s.config.is_some()),
+            ],
+        ),
+        (
+            "checkpoint",
+            kafka,
+            "checkpoints are tied to Kafka offsets; a backtest saves its final model with [output] save_model",
+            &[
+                ("dir", c.dir.is_some()),
+                ("interval", c.interval.is_some()),
+                ("keep", c.keep.is_some()),
+            ],
+        ),
+        (
+            "output",
+            kafka,
+            "model deltas and dead-letter topics belong to Kafka jobs",
+            &[
+                ("dead_letter_topic", o.dead_letter_topic.is_some()),
+                ("publish_topic", o.publish_topic.is_some()),
+                ("publish_dir", o.publish_dir.is_some()),
+                ("publish_interval", o.publish_interval.is_some()),
+            ],
+        ),
+        (
+            "output",
+            !kafka,
+            "a Kafka job checkpoints with [checkpoint] dir",
+            &[("save_model", o.save_model.is_some())],
+        ),
+    ];
+    for (section, applies, why, keys) in rules {
+        if let Some((key, _)) = keys.iter().find(|(_, set)| *set).filter(|_| !applies) {
             bail!(
                 "{}: `{key}` does not apply to a {kind} source: {why}",
                 at(section, key)
             );
         }
-        Ok(())
-    };
-    let kafka = kind == "kafka";
-    let generated = kind == "generator" || (kafka && embedded);
-    let parquet = kind == "parquet";
-    let gen_why = "it sizes a generated stream (kind = \"generator\", or a kafka source with brokers = \"embedded\")";
-    let parquet_why = "it maps Parquet columns (kind = \"parquet\"); Kafka payloads are mapped by user_field, item_field, time_field";
-    let kafka_why = "it configures a Kafka source (kind = \"kafka\")";
-    for (v, key) in [
-        (s.events.is_some(), "events"),
-        (s.users.is_some(), "users"),
-        (s.items.is_some(), "items"),
-        (s.user_churn.is_some(), "user_churn"),
-    ] {
-        set(v, "source", key, generated, gen_why)?;
     }
-    for (v, key) in [
-        (s.inputs.is_some(), "inputs"),
-        (s.user_col.is_some(), "user_col"),
-        (s.item_col.is_some(), "item_col"),
-        (s.time_col.is_some(), "time_col"),
-        (s.time_unit.is_some(), "time_unit"),
-    ] {
-        set(v, "source", key, parquet, parquet_why)?;
-    }
-    for (v, key) in [
-        (s.brokers.is_some(), "brokers"),
-        (s.topic.is_some(), "topic"),
-        (s.group.is_some(), "group"),
-        (s.partitions.is_some(), "partitions"),
-        (s.stop_at.is_some(), "stop_at"),
-        (s.on_rewind.is_some(), "on_rewind"),
-        (s.user_field.is_some(), "user_field"),
-        (s.item_field.is_some(), "item_field"),
-        (s.time_field.is_some(), "time_field"),
-        (s.type_field.is_some(), "type_field"),
-        (s.types.is_some(), "types"),
-        (s.config.is_some(), "config"),
-    ] {
-        set(v, "source", key, kafka, kafka_why)?;
-    }
-    let c = &job.checkpoint;
-    let ckpt_why = "checkpoints are tied to Kafka offsets; a backtest saves its final model with [output] save_model";
-    for (v, key) in [
-        (c.dir.is_some(), "dir"),
-        (c.interval.is_some(), "interval"),
-        (c.keep.is_some(), "keep"),
-    ] {
-        set(v, "checkpoint", key, kafka, ckpt_why)?;
-    }
-    let o = &job.output;
-    for (v, key) in [
-        (o.dead_letter_topic.is_some(), "dead_letter_topic"),
-        (o.publish_topic.is_some(), "publish_topic"),
-        (o.publish_dir.is_some(), "publish_dir"),
-        (o.publish_interval.is_some(), "publish_interval"),
-    ] {
-        set(
-            v,
-            "output",
-            key,
-            kafka,
-            "model deltas and dead-letter topics belong to Kafka jobs",
-        )?;
-    }
-    set(
-        o.save_model.is_some(),
-        "output",
-        "save_model",
-        !kafka,
-        "a Kafka job checkpoints with [checkpoint] dir",
-    )
+    Ok(())
 }
 
 /// Builds argv for the subcommand, so clap applies its own parsers, defaults and

@@ -131,13 +131,16 @@ pub(crate) fn generated_events(
     }))
 }
 
-/// Refuses the backtest flags that would be silently ignored by `train`: the Parquet
-/// column mapping (Kafka payloads are mapped by the --*-field flags) and, with real
+/// Refuses the backtest flags that would be silently ignored by `train`: --save-model,
+/// the Parquet column mapping (Kafka payloads are mapped by the --*-field flags) and, with real
 /// brokers, the generated stream's sizes. A flag is seen as given when its value differs
 /// from the default.
 fn refuse_file_and_generator_flags(args: &TrainArgs) -> anyhow::Result<()> {
     let defaults = crate::api::options(Vec::<String>::new())?;
     let run = &args.run;
+    if run.save_model.is_some() {
+        bail!("--save-model is for backtests; train writes checkpoints with --checkpoint-dir");
+    }
     for (flag, given, field) in [
         (
             "--user-col",
@@ -181,9 +184,6 @@ fn refuse_file_and_generator_flags(args: &TrainArgs) -> anyhow::Result<()> {
 
 /// Runs `tidepool train`.
 pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
-    if args.run.save_model.is_some() {
-        bail!("--save-model is for backtests; train writes checkpoints with --checkpoint-dir");
-    }
     if !args.run.inputs.is_empty() {
         bail!("train reads Kafka; load files into a topic with `tidepool produce`, or replay them with `tidepool backtest`");
     }

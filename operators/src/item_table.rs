@@ -107,18 +107,10 @@ struct Chunk {
 }
 
 impl Chunk {
-    /// Row `r`: its embedding and bias, and its accumulators (empty without Adagrad).
+    /// Row `r`: `[embedding, bias, accumulators]`.
     #[inline]
-    fn row(&self, r: usize, layout: RowLayout) -> (&[AtomicU32], &[AtomicU32]) {
-        let stride = layout.stride();
-        self.values[r * stride..(r + 1) * stride].split_at(layout.dim + 1)
-    }
-
-    /// Row `r`'s values in row order (`[embedding, bias, accumulators]`).
-    #[inline]
-    fn row_iter(&self, r: usize, layout: RowLayout) -> impl Iterator<Item = &AtomicU32> {
-        let (a, b) = self.row(r, layout);
-        a.iter().chain(b)
+    fn row(&self, r: usize, stride: usize) -> &[AtomicU32] {
+        &self.values[r * stride..(r + 1) * stride]
     }
 
     fn new(stride: usize) -> Self {
@@ -136,7 +128,7 @@ impl Chunk {
 
     /// Marks row `r` changed, after its values were stored: for the next delta
     /// publication and for the scoring copies. The release pairs with the acquire in
-    /// [`ScoringCopy::refresh`], so a copy that sees the new version sees the values.
+    /// [`ItemRows::refresh_copy`], so a copy that sees the new version sees the values.
     #[inline]
     fn changed(&self, r: usize) {
         self.dirty[r].store(true, Ordering::Release);
@@ -207,7 +199,7 @@ impl ItemTable {
             if chunk.states[r].load(Ordering::Acquire) != READY {
                 continue;
             }
-            let row = chunk.row_iter(r, self.layout);
+            let row = chunk.row(r, stride);
             for (o, v) in out[item * stride..(item + 1) * stride].iter_mut().zip(row) {
                 *o = f32::from_bits(v.load(Ordering::Relaxed));
             }
@@ -218,13 +210,14 @@ impl ItemTable {
     /// The Frobenius norm of the embeddings and biases of every initialised row: one
     /// number that says whether two replicas of a table hold the same model.
     pub fn norm(&self) -> f64 {
+        let (stride, dim) = (self.layout.stride(), self.layout.dim);
         let mut sum = 0.0f64;
         for chunk in self.chunk_list().iter().flatten() {
             for (r, state) in chunk.states.iter().enumerate() {
                 if state.load(Ordering::Acquire) != READY {
                     continue;
                 }
-                for v in chunk.row(r, self.layout).0 {
+                for v in &chunk.row(r, stride)[..=dim] {
                     let v = f64::from(f32::from_bits(v.load(Ordering::Relaxed)));
                     sum += v * v;
                 }
@@ -236,7 +229,7 @@ impl ItemTable {
     /// The embedding (and bias) of every row written since the last call, among items
     /// `0..n`, clearing the marks: `(dense item, dim values, bias)`.
     pub(crate) fn take_dirty(&self, n: usize) -> Vec<(u32, Vec<f32>, f32)> {
-        let dim = self.layout.dim;
+        let (stride, dim) = (self.layout.stride(), self.layout.dim);
         let mut out = Vec::new();
         for (c, chunk) in self.chunk_list().iter().enumerate() {
             let Some(chunk) = chunk else { continue };
@@ -248,7 +241,7 @@ impl ItemTable {
                 if !chunk.dirty[r].swap(false, Ordering::AcqRel) {
                     continue;
                 }
-                let row = chunk.row(r, self.layout).0;
+                let row = chunk.row(r, stride);
                 let v: Vec<f32> = row[..dim]
                     .iter()
                     .map(|x| f32::from_bits(x.load(Ordering::Relaxed)))
@@ -279,7 +272,8 @@ impl ItemTable {
             }
             let chunk = list[c].get_or_insert_with(|| Arc::new(Chunk::new(stride)));
             for (slot, v) in chunk
-                .row_iter(r, self.layout)
+                .row(r, stride)
+                .iter()
                 .zip(&rows[item * stride..(item + 1) * stride])
             {
                 slot.store(v.to_bits(), Ordering::Relaxed);
@@ -343,8 +337,8 @@ impl ItemRows {
     /// Adds another process's change to a row (not recorded: it is not this process's
     /// change to pass on).
     pub(crate) fn add(&mut self, item: u32, delta: &[f32]) {
-        let (a, b) = self.row(item);
-        for (slot, d) in a.iter().chain(b).zip(delta) {
+        let row = self.row(item);
+        for (slot, d) in row.iter().zip(delta) {
             let v = f32::from_bits(slot.load(Ordering::Relaxed)) + d;
             slot.store(v.to_bits(), Ordering::Relaxed);
         }
@@ -401,16 +395,15 @@ impl ItemRows {
         }
     }
 
-    /// The row's embedding and bias, and its accumulators, initialised if this is the
-    /// first use anywhere in the process.
+    /// The row's values, initialised if this is the first use anywhere in the process.
     #[inline]
-    fn row(&mut self, item: u32) -> (&[AtomicU32], &[AtomicU32]) {
+    fn row(&mut self, item: u32) -> &[AtomicU32] {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         if self.chunk(c).states[r].load(Ordering::Acquire) != READY {
             self.initialise(item);
         }
-        let layout = self.table.layout;
-        self.chunk(c).row(r, layout)
+        let stride = self.stride;
+        self.chunk(c).row(r, stride)
     }
 
     /// Releases the chunks all of whose rows are expired, given liveness by dense
@@ -458,7 +451,7 @@ impl ItemRows {
                     table.init_std,
                     &mut self.scratch,
                 );
-                for (slot, v) in chunk.row_iter(r, table.layout).zip(&self.scratch) {
+                for (slot, v) in chunk.row(r, self.stride).iter().zip(&self.scratch) {
                     slot.store(v.to_bits(), Ordering::Relaxed);
                 }
                 state.store(READY, Ordering::Release);
@@ -476,10 +469,7 @@ impl ItemRows {
     pub(crate) fn prefetch(&self, item: u32) {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         if let Some(Some(chunk)) = self.chunks.get(c) {
-            let stride = self.stride;
-            if let Some(row) = chunk.values.get(r * stride..(r + 1) * stride) {
-                crate::prefetch::values(row);
-            }
+            crate::prefetch::values(chunk.row(r, self.stride));
         }
     }
 
@@ -488,13 +478,8 @@ impl ItemRows {
     /// optimiser's accumulators behind.
     #[inline]
     pub(crate) fn load(&mut self, item: u32, out: &mut [f32]) {
-        let (a, b) = self.row(item);
-        // Two plain loops, not a chained iterator: this runs ten times per event.
-        let (oa, ob) = out.split_at_mut(a.len().min(out.len()));
-        for (o, v) in oa.iter_mut().zip(a) {
-            *o = f32::from_bits(v.load(Ordering::Relaxed));
-        }
-        for (o, v) in ob.iter_mut().zip(b) {
+        let row = self.row(item);
+        for (o, v) in out.iter_mut().zip(row) {
             *o = f32::from_bits(v.load(Ordering::Relaxed));
         }
     }
@@ -505,12 +490,8 @@ impl ItemRows {
         if self.log.is_some() {
             self.record(item, values);
         }
-        let (a, b) = self.row(item);
-        let (va, vb) = values.split_at(a.len().min(values.len()));
-        for (slot, v) in a.iter().zip(va) {
-            slot.store(v.to_bits(), Ordering::Relaxed);
-        }
-        for (slot, v) in b.iter().zip(vb) {
+        let row = self.row(item);
+        for (slot, v) in row.iter().zip(values) {
             slot.store(v.to_bits(), Ordering::Relaxed);
         }
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
@@ -524,9 +505,8 @@ impl ItemRows {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         self.row(item);
         let chunk = Arc::clone(self.chunk(c));
-        let layout = self.table.layout;
-        let row = chunk.row_iter(r, layout);
         let stride = self.stride;
+        let row = chunk.row(r, stride);
         let Some(log) = self.log.as_mut() else {
             return;
         };
@@ -571,7 +551,7 @@ impl ItemRows {
                     continue;
                 }
                 copy.seen[r] = version;
-                let head = chunk.row(r, self.table.layout).0;
+                let head = &chunk.row(r, self.stride)[..=dim];
                 let (block, lane) = (r / LANES, r % LANES);
                 let base = block * (dim + 1) * LANES + lane;
                 for (d, v) in head.iter().enumerate() {

@@ -100,7 +100,6 @@ pub fn auto_window(span_ms: i64) -> i64 {
         .unwrap_or_else(|| (span_ms / 200).max(1))
 }
 
-/// One variant's model, sampler and metrics on one worker.
 /// How many events ahead the learner hints the rows training will touch: far enough for
 /// the misses to be served before the event comes up, near enough to stay in cache.
 pub(crate) const PREFETCH_AHEAD: usize = 4;
@@ -108,6 +107,7 @@ pub(crate) const PREFETCH_AHEAD: usize = 4;
 /// History slots hinted ahead (1 KiB): a heavy user's region is not hinted whole.
 const PREFETCH_HISTORY: usize = 256;
 
+/// One variant's model, sampler and metrics on one worker.
 struct Variant {
     name: String,
     model: Model,
@@ -874,8 +874,11 @@ impl Learner {
                 .for_each(|v| v.sampler.refresh(&live));
         }
         let mut owned = 0;
+        // The hints are for the factor models' rows and the samplers' history probes;
+        // without a model that samples negatives, the lookups ahead would be wasted.
+        let hint = self.variants.iter().any(|v| v.model.wants_negatives());
         for (i, event) in events.iter().enumerate() {
-            if let Some(ahead) = events.get(i + PREFETCH_AHEAD) {
+            if let Some(ahead) = events.get(i + PREFETCH_AHEAD).filter(|_| hint) {
                 self.prefetch(ahead);
             }
             let index = self.seen;

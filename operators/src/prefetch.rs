@@ -1,11 +1,11 @@
 //! Cache prefetch hints for the training loop.
 //!
 //! A training step touches rows scattered over tables much larger than the L2 cache
-//! (the user's row, the positive's row, the user's map slot). The learner hints the rows
+//! (the user's row, the item rows, the user's history slots). The learner hints the rows
 //! of an event a few places ahead, so their misses overlap with the current event's
 //! arithmetic instead of stalling it one after another.
 
-/// Hints that the `len` values starting at `values` will be read soon. A no-op where the
+/// Hints that `values` will be read soon: one prefetch per cache line. A no-op where the
 /// target has no prefetch instruction.
 #[inline(always)]
 pub(crate) fn values<T>(values: &[T]) {

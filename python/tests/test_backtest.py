@@ -94,6 +94,17 @@ def test_bad_options_raise_value_error_with_the_cli_message(tidepool_bin):
         assert str(raised.value).strip() == cli.stderr.strip(), (str(raised.value), cli.stderr)
 
 
+def test_switches_and_on_off_options_map_to_their_flags():
+    flags = tidepool.options_to_flags(
+        dict(pool=False, pool_poison=True, no_item_bias=False, dim=8, variants={"a": "uniform"})
+    )
+    assert flags == ["--pool", "off", "--pool-poison", "--dim", "8", "--variant", "a=uniform"]
+    assert tidepool.options_to_flags(dict(pool=True)) == ["--pool", "on"]
+    # Both spellings run: the pool off shows in the summary.
+    report = tidepool.backtest(None, model="mostpop", events=5_000, pool=False, pool_poison=True, progress=False)
+    assert report.summary["pool"]["enabled"] is False
+
+
 def test_a_configuration_the_library_refuses_is_a_value_error():
     with pytest.raises(ValueError, match="dim"):
         tidepool.backtest(None, model="bpr", dim=0, progress=False)

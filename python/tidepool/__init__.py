@@ -89,13 +89,13 @@ def options_to_flags(options: Dict[str, Any]) -> List[str]:
                 flags += ["--variant", "{}={}".format(variant, spec)]
             continue
         flag = "--" + name.replace("_", "-")
-        if value is True:
+        if isinstance(value, bool) and name in _ON_OFF:
+            # An option whose value is a word: --pool on|off.
+            flags += [flag, "on" if value else "off"]
+        elif value is True:
             flags.append(flag)
         elif value is False:
-            # A switch left off; an option whose value is a word (--pool on|off) takes
-            # "off" instead.
-            if name in _ON_OFF:
-                flags += [flag, "off"]
+            pass  # a switch left off
         elif isinstance(value, (list, tuple)):
             for v in value:
                 flags += [flag, str(v)]
@@ -105,7 +105,7 @@ def options_to_flags(options: Dict[str, Any]) -> List[str]:
 
 
 # Options that take on/off as their value rather than being switches.
-_ON_OFF = {"pool", "pool_poison"}
+_ON_OFF = {"pool"}
 
 
 class _Progress:
