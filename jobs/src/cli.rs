@@ -93,19 +93,21 @@ pub struct RecommendArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HalfLife(pub Option<Duration>);
 
-fn parse_half_life(s: &str) -> Result<HalfLife, String> {
+pub(crate) fn parse_half_life(s: &str) -> Result<HalfLife, String> {
     match s {
         "off" | "none" => Ok(HalfLife(None)),
         s => parse_duration(s).map(|d| HalfLife(Some(d))),
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 2min, 1h, 7days)"))
 }
 
 /// Parses with the library's `FromStr`, whose errors already list the valid choices.
-fn parse_lib<T: std::str::FromStr<Err = tidepool_pipeline::Error>>(s: &str) -> Result<T, String> {
+pub(crate) fn parse_lib<T: std::str::FromStr<Err = tidepool_pipeline::Error>>(
+    s: &str,
+) -> Result<T, String> {
     s.parse()
         .map_err(|e: tidepool_pipeline::Error| e.to_string())
 }
@@ -117,7 +119,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .map_err(|e| e.to_string())
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "true" => Ok(true),
         "off" | "false" => Ok(false),
@@ -135,8 +137,11 @@ fn parse_delimiter(s: &str) -> Result<u8, String> {
     }
 }
 
-fn parse_fraction(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+pub(crate) fn parse_fraction(s: &str) -> Result<f64, String> {
+    check_fraction(s.parse().map_err(|_| format!("{s:?} is not a number"))?)
+}
+
+pub(crate) fn check_fraction(v: f64) -> Result<f64, String> {
     if (0.0..1.0).contains(&v) {
         Ok(v)
     } else {
@@ -201,6 +206,10 @@ pub struct BacktestArgs {
     /// variant's defaults.
     #[arg(long = "variant", value_name = "NAME=SPEC")]
     pub variants: Vec<String>,
+    /// Variants as typed tables (a job file's `[[variants]]`), used when no --variant is
+    /// given.
+    #[arg(skip)]
+    pub variant_tables: Vec<ModelTable>,
     /// bpr: correct negatives' scores by their sampling probability (logQ).
     #[arg(long, env = "TIDEPOOL_LOGQ")]
     pub logq: bool,
@@ -407,14 +416,14 @@ pub struct KafkaArgs {
     pub max_message_bytes: usize,
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-fn parse_event_type(s: &str) -> Result<tidepool_pipeline::EventType, String> {
+pub(crate) fn parse_event_type(s: &str) -> Result<tidepool_pipeline::EventType, String> {
     tidepool_pipeline::EventType::from_name(s).ok_or_else(|| {
         format!("unknown event type {s:?}; valid: view, click, cart, purchase, rating")
     })
@@ -431,7 +440,7 @@ pub enum StopWhen {
     Idle(Duration),
 }
 
-fn parse_stop(s: &str) -> Result<StopWhen, String> {
+pub(crate) fn parse_stop(s: &str) -> Result<StopWhen, String> {
     match s {
         "never" => Ok(StopWhen::Never),
         "end" => Ok(StopWhen::End),
@@ -468,11 +477,11 @@ pub struct TrainArgs {
     pub dead_letter_topic: Option<String>,
     /// Publish changed embedding rows to this topic at every checkpoint (needs
     /// --checkpoint-dir); key `variant/entity/id`, value JSON.
-    #[arg(long, env = "TIDEPOOL_PUBLISH_TOPIC", requires = "checkpoint_dir")]
+    #[arg(long, env = "TIDEPOOL_PUBLISH_TOPIC")]
     pub publish_topic: Option<String>,
     /// Also (or instead) write changed embedding rows at every checkpoint as Parquet files
     /// into this directory (needs --checkpoint-dir); see docs/kafka.md for the columns.
-    #[arg(long, env = "TIDEPOOL_PUBLISH_DIR", requires = "checkpoint_dir")]
+    #[arg(long, env = "TIDEPOOL_PUBLISH_DIR")]
     pub publish_dir: Option<PathBuf>,
     /// Publish changed rows this often between checkpoints too (default: at checkpoints
     /// only); needs --publish-topic or --publish-dir.
@@ -514,7 +523,7 @@ pub struct ProduceArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GcPercent(pub Option<u32>);
 
-fn parse_gc_percent(s: &str) -> Result<GcPercent, String> {
+pub(crate) fn parse_gc_percent(s: &str) -> Result<GcPercent, String> {
     tidepool_pipeline::memory::gc::parse_gc_percent(s)
         .map(GcPercent)
         .map_err(|e| e.to_string())
@@ -673,7 +682,8 @@ impl BacktestArgs {
     pub fn config(&self) -> anyhow::Result<BacktestConfig> {
         // No model flags: the recommended ensemble. Variants without --model are bpr's by
         // default, as before.
-        let kind = self.model.unwrap_or(if self.variants.is_empty() {
+        let no_variants = self.variants.is_empty() && self.variant_tables.is_empty();
+        let kind = self.model.unwrap_or(if no_variants {
             ModelKind::Ensemble
         } else {
             ModelKind::Bpr
@@ -703,18 +713,23 @@ impl BacktestArgs {
                 None => KnnConfig::default().half_life_ms,
             },
         };
-        let variants = if self.variants.is_empty() && kind == ModelKind::Ensemble {
-            recommended_variants(&model)
-        } else if self.variants.is_empty() {
-            vec![VariantConfig {
-                name: kind.name().into(),
-                model,
-            }]
-        } else {
+        let variants = if !self.variants.is_empty() {
             self.variants
                 .iter()
                 .map(|spec| VariantConfig::parse(spec, &model))
                 .collect::<Result<_, _>>()?
+        } else if !self.variant_tables.is_empty() {
+            self.variant_tables
+                .iter()
+                .map(|table| table.variant(&model))
+                .collect::<Result<_, _>>()?
+        } else if kind == ModelKind::Ensemble {
+            recommended_variants(&model)
+        } else {
+            vec![VariantConfig {
+                name: kind.name().into(),
+                model,
+            }]
         };
         Ok(BacktestConfig {
             variants,
@@ -802,6 +817,112 @@ impl BacktestArgs {
             int_time_unit: self.time_unit,
             ..ColumnMapping::default()
         }
+    }
+}
+
+/// A model as a job file writes it: `[model]` (each variant's defaults) and each
+/// `[[variants]]` entry, which adds `name` and the ensemble keys. Lives here rather than
+/// in [`crate::job`] because [`BacktestArgs`] carries a job's variants typed.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTable {
+    /// Variant name (variants only).
+    pub name: Option<String>,
+    /// `bpr`, `mostpop`, `itemknn` or `ensemble`.
+    pub kind: Option<String>,
+    /// Embedding dimension.
+    pub dim: Option<usize>,
+    /// Learning rate.
+    pub lr: Option<f32>,
+    /// L2 regularisation.
+    pub reg: Option<f32>,
+    /// `sgd` or `adagrad`.
+    pub optimizer: Option<String>,
+    /// Negatives per positive.
+    pub negatives: Option<usize>,
+    /// Initial embedding standard deviation.
+    pub init_std: Option<f32>,
+    /// Item bias on or off.
+    pub item_bias: Option<bool>,
+    /// Negative sampler spec.
+    pub sampler: Option<String>,
+    /// bpr: logQ correction of non-uniform negatives.
+    pub logq: Option<bool>,
+    /// itemknn: recent items per user.
+    pub history: Option<usize>,
+    /// itemknn: recency weight when scoring.
+    pub decay: Option<f32>,
+    /// itemknn: weight by sequence distance.
+    pub pair_decay: Option<f32>,
+    /// itemknn: backward pair weight.
+    pub back: Option<f32>,
+    /// itemknn: asymmetric cosine exponent.
+    pub alpha: Option<f32>,
+    /// itemknn: neighbours per item.
+    pub neighbours: Option<usize>,
+    /// itemknn: half-life in event time, or "off".
+    pub half_life: Option<String>,
+    /// ensemble (variants only): the variants mixed.
+    pub components: Option<Vec<String>>,
+    /// ensemble (variants only): learn from every N-th event.
+    pub learn_every: Option<u64>,
+    /// ensemble (variants only): the weights' learning rate.
+    pub mix_lr: Option<f32>,
+    /// ensemble (variants only): `rank` or `z`.
+    pub norm: Option<String>,
+    /// ensemble (variants only): `hedge`, `top` or `softmax`.
+    pub objective: Option<String>,
+}
+
+impl ModelTable {
+    /// The variant this `[[variants]]` table describes over the defaults `base`. Errors
+    /// start with `variant NAME: KEY` so the job loader can point at the key.
+    pub fn variant(&self, base: &ModelConfig) -> anyhow::Result<VariantConfig> {
+        let name = self.name.as_deref().unwrap_or_default();
+        let bad = |key: &str, value: &str, e: String| {
+            let e = e.trim_start_matches("invalid configuration: ");
+            anyhow::anyhow!("variant {name}: {key} = {value:?}: {e}")
+        };
+        let mut m = base.clone();
+        if let Some(v) = &self.kind {
+            m.kind = parse_lib(v).map_err(|e| bad("kind", v, e))?;
+        }
+        if let Some(v) = &self.optimizer {
+            m.optimizer = parse_lib(v).map_err(|e| bad("optimizer", v, e))?;
+        }
+        if let Some(v) = &self.half_life {
+            let HalfLife(d) = parse_half_life(v).map_err(|e| bad("half_life", v, e))?;
+            m.knn.half_life_ms = d.map(millis);
+        }
+        if let Some(v) = &self.norm {
+            m.ensemble.norm = parse_lib(v).map_err(|e| bad("norm", v, e))?;
+        }
+        if let Some(v) = &self.objective {
+            m.ensemble.objective = parse_lib(v).map_err(|e| bad("objective", v, e))?;
+        }
+        if let Some(v) = &self.sampler {
+            m.sampler = v.clone();
+        }
+        if let Some(v) = &self.components {
+            m.ensemble.components = v.clone();
+        }
+        let set = |slot: &mut f32, v: Option<f32>| *slot = v.unwrap_or(*slot);
+        set(&mut m.lr, self.lr);
+        set(&mut m.reg, self.reg);
+        set(&mut m.init_std, self.init_std);
+        set(&mut m.knn.decay, self.decay);
+        set(&mut m.knn.pair_decay, self.pair_decay);
+        set(&mut m.knn.back, self.back);
+        set(&mut m.knn.alpha, self.alpha);
+        set(&mut m.ensemble.lr, self.mix_lr);
+        m.dim = self.dim.unwrap_or(m.dim);
+        m.negatives = self.negatives.unwrap_or(m.negatives);
+        m.knn.history = self.history.unwrap_or(m.knn.history);
+        m.knn.neighbours = self.neighbours.unwrap_or(m.knn.neighbours);
+        m.ensemble.learn_every = self.learn_every.unwrap_or(m.ensemble.learn_every);
+        m.item_bias = self.item_bias.unwrap_or(m.item_bias);
+        m.logq = self.logq.unwrap_or(m.logq);
+        Ok(VariantConfig::new(name, m)?)
     }
 }
 

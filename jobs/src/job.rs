@@ -1,19 +1,27 @@
 //! Job files: `tidepool run JOB.toml` and `tidepool validate JOB.toml`.
 //!
-//! A job file sets the same settings as the command line, under the same names and with
-//! the same defaults: it is read into the subcommand's own arguments (a generated or
-//! Parquet source runs as `backtest`, a Kafka source as `train`), starting from the
-//! command line's defaults, so there is one set of names, defaults and checks. Unknown
-//! keys are errors; every error names `file:line:column` and, for a bad value, the valid
+//! A job file deserializes into [`Job`], typed and with unknown keys refused. It is then
+//! layered into the arguments of the subcommand it describes (a generated or Parquet
+//! source runs as `backtest`, a Kafka source as `train`): clap reads the flags given after
+//! the file and the `TIDEPOOL_*` environment over its defaults, and each key the file sets
+//! is written into the typed arguments with the option's own parser unless a flag or the
+//! option's variable set it, so the order is defaults < file < environment < flags and
+//! there is one set of names, defaults and checks. Keys that do not apply to the source
+//! kind are refused. Every error names `file:line:column` and, for a bad value, the valid
 //! forms.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::bail;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{
+    check_fraction, parse_duration, parse_event_type, parse_gc_percent, parse_half_life, parse_lib,
+    parse_size, parse_stop, BacktestArgs, Cli, Command, ModelTable, TrainArgs,
+};
 
 /// `[source]`.
 #[derive(Debug, Default, Deserialize)]
@@ -63,58 +71,6 @@ pub struct SourceSection {
     pub types: Option<Vec<String>>,
     /// Kafka: librdkafka settings passed through.
     pub config: Option<std::collections::BTreeMap<String, String>>,
-}
-
-/// `[model]` (and each `[[variants]]`, which adds `name`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    /// Variant name (variants only).
-    pub name: Option<String>,
-    /// `bpr`, `mostpop`, `itemknn` or `ensemble`.
-    pub kind: Option<String>,
-    /// Embedding dimension.
-    pub dim: Option<usize>,
-    /// Learning rate.
-    pub lr: Option<f32>,
-    /// L2 regularisation.
-    pub reg: Option<f32>,
-    /// `sgd` or `adagrad`.
-    pub optimizer: Option<String>,
-    /// Negatives per positive.
-    pub negatives: Option<usize>,
-    /// Initial embedding standard deviation.
-    pub init_std: Option<f32>,
-    /// Item bias on or off.
-    pub item_bias: Option<bool>,
-    /// Negative sampler spec.
-    pub sampler: Option<String>,
-    /// bpr: logQ correction of non-uniform negatives.
-    pub logq: Option<bool>,
-    /// itemknn: recent items per user.
-    pub history: Option<usize>,
-    /// itemknn: recency weight when scoring.
-    pub decay: Option<f32>,
-    /// itemknn: weight by sequence distance.
-    pub pair_decay: Option<f32>,
-    /// itemknn: backward pair weight.
-    pub back: Option<f32>,
-    /// itemknn: asymmetric cosine exponent.
-    pub alpha: Option<f32>,
-    /// itemknn: neighbours per item.
-    pub neighbours: Option<usize>,
-    /// itemknn: half-life in event time, or "off".
-    pub half_life: Option<String>,
-    /// ensemble (variants only): the variants mixed.
-    pub components: Option<Vec<String>>,
-    /// ensemble (variants only): learn from every N-th event.
-    pub learn_every: Option<u64>,
-    /// ensemble (variants only): the weights' learning rate.
-    pub mix_lr: Option<f32>,
-    /// ensemble (variants only): `rank` or `z`.
-    pub norm: Option<String>,
-    /// ensemble (variants only): `hedge`, `top` or `softmax`.
-    pub objective: Option<String>,
 }
 
 /// `[eval]`.
@@ -255,10 +211,10 @@ pub struct Job {
     pub source: SourceSection,
     /// The model (each variant's defaults).
     #[serde(default)]
-    pub model: ModelSection,
+    pub model: ModelTable,
     /// Models trained side by side.
     #[serde(default)]
-    pub variants: Vec<ModelSection>,
+    pub variants: Vec<ModelTable>,
     /// The prequential protocol.
     #[serde(default)]
     pub eval: EvalSection,
@@ -317,6 +273,27 @@ fn locate(path: &Path, text: &str, section: &str, key: &str) -> String {
     path.display().to_string()
 }
 
+impl Job {
+    /// The command this job describes (a backtest or a Kafka `train`), with `overrides`
+    /// as flags over it, for jobs built in code. Errors name `[section] key`; relative
+    /// paths are taken from `base`. [`load`] does the same for a file, with its
+    /// `file:line:column`.
+    pub fn command(&self, base: &Path, overrides: &[String]) -> anyhow::Result<Command> {
+        if let Some(i) = self.variants.iter().position(|v| v.name.is_none()) {
+            bail!("[[variants]] {}: a variant needs a name", i + 1);
+        }
+        let command = build(self, base, overrides, &|section: &str, key: &str| {
+            format!("[{section}] {key}")
+        })?;
+        match &command {
+            Command::Backtest(args) => args.config()?.validate()?,
+            Command::Train(args) => drop(crate::stream::check(args)?),
+            _ => {}
+        }
+        Ok(command)
+    }
+}
+
 /// Reads and checks a job file; returns the command it describes.
 pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Command> {
     let text =
@@ -331,8 +308,12 @@ pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Command> {
             .unwrap_or_else(|| path.display().to_string());
         anyhow::anyhow!("{at}: {}", e.message().trim())
     })?;
+    if let Some(i) = job.variants.iter().position(|v| v.name.is_none()) {
+        let at = locate_nth(path, &text, "variants", i, "name");
+        bail!("{at}: variant {} needs a name", i + 1);
+    }
     let base = path.parent().unwrap_or(Path::new("."));
-    let command = to_command(&job, base, overrides, &|section: &str, key: &str| {
+    let command = build(&job, base, overrides, &|section: &str, key: &str| {
         locate(path, &text, section, key)
     })?;
     // The models' values are checked by the library; point its message at the line.
@@ -415,15 +396,6 @@ fn locate_nth(path: &Path, text: &str, section: &str, n: usize, key: &str) -> St
             format!("{}:{l}:{c}", path.display())
         }
         None => path.display().to_string(),
-    }
-}
-
-fn rel(base: &Path, p: &str) -> String {
-    let path = Path::new(p);
-    if path.is_absolute() {
-        p.to_string()
-    } else {
-        base.join(path).display().to_string()
     }
 }
 
@@ -525,28 +497,297 @@ fn check_applies(job: &Job, kind: &str, at: &dyn Fn(&str, &str) -> String) -> an
     Ok(())
 }
 
-/// Builds argv for the subcommand, so clap applies its own parsers, defaults and
-/// checks; `at` locates a key for error messages.
-fn to_command(
+/// The job file as a layer over what clap read: each key the file sets is parsed with the
+/// option's own parser and written into the subcommand's typed arguments, unless the
+/// command line or the option's `TIDEPOOL_*` variable set that option.
+struct FileLayer<'a> {
+    /// The subcommand's matches: which options came from where.
+    matches: &'a ArgMatches,
+    /// The subcommand, to find an option's long name (its variable is named after it).
+    command: &'a clap::Command,
+    /// Locates a key for messages.
+    at: &'a dyn Fn(&str, &str) -> String,
+    /// The job file's directory: relative paths in the file are relative to it.
+    base: &'a Path,
+}
+
+impl FileLayer<'_> {
+    /// Whether the file's value for option `id` is in force. Layering: defaults < file <
+    /// environment < flags, so a flag or the option's variable beats the file.
+    fn in_force(&self, id: &str) -> bool {
+        if matches!(
+            self.matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            return false;
+        }
+        // Some options read their variable themselves (--gc reads TIDEPOOL_GC).
+        let long = self
+            .command
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .and_then(|a| a.get_long());
+        long.is_none_or(|l| std::env::var_os(env_name(l)).is_none())
+    }
+
+    /// Writes `value` (the file's `[section] key`) into `slot`, the option `id`, through
+    /// `convert`; a value `convert` refuses is an error at the key.
+    fn put<T: std::fmt::Debug, U>(
+        &self,
+        (section, key): (&str, &str),
+        id: &str,
+        value: Option<T>,
+        convert: impl FnOnce(T) -> Result<U, String>,
+        slot: &mut U,
+    ) -> anyhow::Result<()> {
+        let Some(value) = value else { return Ok(()) };
+        if !self.in_force(id) {
+            return Ok(());
+        }
+        let shown = format!("{value:?}");
+        *slot = convert(value).map_err(|e| {
+            let e = e.trim_start_matches("invalid configuration: ");
+            anyhow::anyhow!(
+                "{}: invalid value {shown} for `{key}`: {e}",
+                (self.at)(section, key)
+            )
+        })?;
+        Ok(())
+    }
+
+    /// A path from the file, relative to the job file.
+    fn path(&self, p: &str) -> PathBuf {
+        let path = Path::new(p);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    /// The settings every job has: source mapping or generator, model, variants, eval,
+    /// run, cluster, pool, gc, state and outputs. One line per key, as a table.
+    #[rustfmt::skip]
+    fn run(&self, job: &Job, a: &mut BacktestArgs) -> anyhow::Result<()> {
+        let s = &job.source;
+        let src = |key| ("source", key);
+        let inputs = s.inputs.as_ref().map(|i| {
+            i.iter()
+                .map(|p| self.path(p).display().to_string())
+                .collect()
+        });
+        self.put(src("inputs"), "inputs", inputs, Ok, &mut a.inputs)?;
+        self.put(src("user_col"), "user_col", s.user_col.clone(), Ok, &mut a.user_col)?;
+        self.put(src("item_col"), "item_col", s.item_col.clone(), Ok, &mut a.item_col)?;
+        self.put(src("time_col"), "time_col", s.time_col.clone(), Ok, &mut a.time_col)?;
+        let unit = s.time_unit.as_deref();
+        self.put(src("time_unit"), "time_unit", unit, parse_lib, &mut a.time_unit)?;
+        self.put(src("events"), "events", s.events, Ok, &mut a.events)?;
+        self.put(src("users"), "users", s.users, Ok, &mut a.users)?;
+        self.put(src("items"), "items", s.items, Ok, &mut a.items)?;
+        self.put(src("user_churn"), "user_churn", s.user_churn, Ok, &mut a.user_churn)?;
+
+        let m = &job.model;
+        for (key, set) in [
+            ("components", m.components.is_some()),
+            ("learn_every", m.learn_every.is_some()),
+            ("mix_lr", m.mix_lr.is_some()),
+            ("norm", m.norm.is_some()),
+            ("objective", m.objective.is_some()),
+        ] {
+            if set {
+                bail!(
+                    "{}: {key} describes one ensemble and belongs in a [[variants]] entry with kind = \"ensemble\" ([model] with kind = \"ensemble\" runs the recommended ensemble)",
+                    (self.at)("model", key)
+                );
+            }
+        }
+        if m.name.is_some() {
+            bail!(
+                "{}: name belongs in a [[variants]] entry; [model] holds every variant's defaults",
+                (self.at)("model", "name")
+            );
+        }
+        let model = |key| ("model", key);
+        let kind = m.kind.as_deref();
+        self.put(model("kind"), "model", kind, |v| parse_lib(v).map(Some), &mut a.model)?;
+        self.put(model("dim"), "dim", m.dim, Ok, &mut a.dim)?;
+        self.put(model("lr"), "lr", m.lr, Ok, &mut a.lr)?;
+        self.put(model("reg"), "reg", m.reg, Ok, &mut a.reg)?;
+        let opt = m.optimizer.as_deref();
+        self.put(model("optimizer"), "optimizer", opt, parse_lib, &mut a.optimizer)?;
+        self.put(model("negatives"), "negatives", m.negatives, Ok, &mut a.negatives)?;
+        self.put(model("init_std"), "init_std", m.init_std, Ok, &mut a.init_std)?;
+        let no_bias = m.item_bias.map(|b| !b);
+        self.put(model("item_bias"), "no_item_bias", no_bias, Ok, &mut a.no_item_bias)?;
+        self.put(model("sampler"), "sampler", m.sampler.clone(), Ok, &mut a.sampler)?;
+        self.put(model("logq"), "logq", m.logq, Ok, &mut a.logq)?;
+        self.put(model("history"), "history", m.history, Ok, &mut a.history)?;
+        self.put(model("decay"), "decay", m.decay, Ok, &mut a.decay)?;
+        self.put(model("pair_decay"), "pair_decay", m.pair_decay, Ok, &mut a.pair_decay)?;
+        self.put(model("back"), "back", m.back, Ok, &mut a.back)?;
+        self.put(model("alpha"), "alpha", m.alpha, Ok, &mut a.alpha)?;
+        self.put(model("neighbours"), "neighbours", m.neighbours, Ok, &mut a.neighbours)?;
+        let half_life = m.half_life.as_deref();
+        let some_half_life = |v| parse_half_life(v).map(Some);
+        self.put(model("half_life"), "half_life", half_life, some_half_life, &mut a.half_life)?;
+        // --variant on the command line replaces the file's variants as a whole.
+        let tables = (!job.variants.is_empty()).then(|| job.variants.clone());
+        self.put(("variants", "name"), "variants", tables, Ok, &mut a.variant_tables)?;
+
+        let e = &job.eval;
+        let eval = |key| ("eval", key);
+        self.put(eval("warmup"), "warmup", e.warmup, check_fraction, &mut a.warmup)?;
+        self.put(eval("eval_every"), "eval_every", e.eval_every, Ok, &mut a.eval_every)?;
+        self.put(eval("k"), "k", e.k, Ok, &mut a.k)?;
+        let window = e.window.as_deref();
+        self.put(eval("window"), "metrics_window", window, duration, &mut a.metrics_window)?;
+
+        let r = &job.run;
+        let run = |key| ("run", key);
+        self.put(run("workers"), "workers", r.workers, Ok, &mut a.workers)?;
+        self.put(run("seed"), "seed", r.seed, Ok, &mut a.seed)?;
+        self.put(run("tick"), "tick", r.tick.as_deref(), duration, &mut a.tick)?;
+        let rif = r.rounds_in_flight;
+        self.put(run("rounds_in_flight"), "rounds_in_flight", rif, Ok, &mut a.rounds_in_flight)?;
+        let lateness = r.allowed_lateness.as_deref();
+        let slot = &mut a.allowed_lateness;
+        self.put(run("allowed_lateness"), "allowed_lateness", lateness, duration, slot)?;
+        self.put(run("late"), "late", r.late.as_deref(), parse_lib, &mut a.late)?;
+        let skew = r.max_skew.as_deref();
+        let some_skew = |v| parse_half_life(v).map(Some);
+        self.put(run("max_skew"), "max_skew", skew, some_skew, &mut a.max_skew)?;
+        let window = r.popularity_window.as_deref();
+        let slot = &mut a.pop_window;
+        self.put(run("popularity_window"), "pop_window", window, parse_duration, slot)?;
+        self.put(run("quiet"), "quiet", r.quiet, Ok, &mut a.quiet)?;
+
+        let c = &job.cluster;
+        let cluster = |key| ("cluster", key);
+        self.put(cluster("processes"), "processes", c.processes, Ok, &mut a.processes)?;
+        self.put(cluster("process"), "process", c.process, Ok, &mut a.process)?;
+        let hostfile = c.hostfile.as_deref().map(|h| Some(self.path(h)));
+        self.put(cluster("hostfile"), "hostfile", hostfile, Ok, &mut a.hostfile)?;
+
+        let p = &job.pool;
+        let pool = |key| ("pool", key);
+        self.put(pool("enabled"), "pool", p.enabled, Ok, &mut a.pool)?;
+        self.put(pool("floor"), "pool_floor", p.floor.as_deref(), parse_size, &mut a.pool_floor)?;
+        let ceiling = p.ceiling.as_deref();
+        self.put(pool("ceiling"), "pool_ceiling", ceiling, parse_size, &mut a.pool_ceiling)?;
+        let retain = p.retain.as_deref();
+        self.put(pool("retain"), "pool_retain", retain, parse_size, &mut a.pool_retain)?;
+        self.put(pool("shards"), "pool_shards", p.shards, Ok, &mut a.pool_shards)?;
+        self.put(pool("poison"), "pool_poison", p.poison, Ok, &mut a.pool_poison)?;
+
+        let g = &job.gc;
+        let gc = |key| ("gc", key);
+        // A percentage or "off": TOML writes the first as a number, the second as a string.
+        let percent = g.gc_percent.as_ref().map(|v| match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+        let some_percent = |v: String| parse_gc_percent(&v).map(Some);
+        self.put(gc("gc_percent"), "gc_percent", percent, some_percent, &mut a.gc_percent)?;
+        let min_heap = g.min_heap.as_deref();
+        self.put(gc("min_heap"), "gc_min_heap", min_heap, parse_size, &mut a.gc_min_heap)?;
+        let limit = g.memory_limit.as_deref();
+        let some_size = |v| parse_size(v).map(Some);
+        self.put(gc("memory_limit"), "memory_limit", limit, some_size, &mut a.memory_limit)?;
+        let force = g.force_interval.as_deref();
+        let slot = &mut a.gc_force_interval;
+        self.put(gc("force_interval"), "gc_force_interval", force, parse_duration, slot)?;
+        self.put(gc("trace"), "gctrace", g.trace, Ok, &mut a.gctrace)?;
+
+        let st = &job.state;
+        let state = |key| ("state", key);
+        let ttl = st.user_ttl.as_deref();
+        self.put(state("user_ttl"), "user_ttl", ttl, duration, &mut a.user_ttl)?;
+        let ttl = st.item_ttl.as_deref();
+        self.put(state("item_ttl"), "item_ttl", ttl, duration, &mut a.item_ttl)?;
+
+        let o = &job.output;
+        let path = |p: &Option<String>| p.as_deref().map(|p| Some(self.path(p)));
+        let out = |key| ("output", key);
+        let summary = path(&o.summary_json);
+        self.put(out("summary_json"), "summary_json", summary, Ok, &mut a.summary_json)?;
+        let metrics = path(&o.metrics_out);
+        self.put(out("metrics_out"), "metrics_out", metrics, Ok, &mut a.metrics_out)?;
+        let dead = path(&o.dead_letters);
+        self.put(out("dead_letters"), "dead_letters", dead, Ok, &mut a.dead_letters)?;
+        self.put(out("report"), "report", path(&o.report), Ok, &mut a.report)?;
+        let model_dir = path(&o.save_model);
+        self.put(out("save_model"), "save_model", model_dir, Ok, &mut a.save_model)?;
+        Ok(())
+    }
+
+    /// The Kafka settings of a `kind = "kafka"` job: connection, payload mapping,
+    /// checkpoints and what is published. One line per key, as a table.
+    #[rustfmt::skip]
+    fn kafka(&self, job: &Job, t: &mut TrainArgs) -> anyhow::Result<()> {
+        let s = &job.source;
+        let k = &mut t.kafka;
+        let src = |key| ("source", key);
+        self.put(src("brokers"), "brokers", s.brokers.clone(), Ok, &mut k.brokers)?;
+        self.put(src("topic"), "topic", s.topic.clone(), Ok, &mut k.topic)?;
+        self.put(src("group"), "group", s.group.clone(), Ok, &mut k.group)?;
+        self.put(src("partitions"), "partitions", s.partitions, Ok, &mut k.partitions)?;
+        let stop = s.stop_at.as_deref();
+        self.put(src("stop_at"), "stop_at", stop, |v| parse_stop(v).map(Some), &mut t.stop_at)?;
+        let rewind = s.on_rewind.as_deref();
+        self.put(src("on_rewind"), "on_rewind", rewind, str::parse, &mut k.on_rewind)?;
+        let field = s.user_field.clone();
+        self.put(src("user_field"), "user_field", field, Ok, &mut k.user_field)?;
+        let field = s.item_field.clone();
+        self.put(src("item_field"), "item_field", field, Ok, &mut k.item_field)?;
+        let field = s.time_field.clone();
+        self.put(src("time_field"), "time_field", field, Ok, &mut k.time_field)?;
+        let field = s.type_field.clone();
+        self.put(src("type_field"), "type_field", field, Ok, &mut k.type_field)?;
+        let types = |v: &Vec<String>| v.iter().map(|t| parse_event_type(t)).collect();
+        self.put(src("types"), "types", s.types.as_ref(), types, &mut k.types)?;
+        let config = s.config.clone().map(|c| c.into_iter().collect());
+        self.put(src("config"), "kafka_config", config, Ok, &mut k.kafka_config)?;
+
+        let c = &job.checkpoint;
+        let ckpt = |key| ("checkpoint", key);
+        let dir = c.dir.as_deref().map(|d| Some(self.path(d)));
+        self.put(ckpt("dir"), "checkpoint_dir", dir, Ok, &mut t.checkpoint_dir)?;
+        let every = c.interval.as_deref();
+        let slot = &mut t.checkpoint_interval;
+        self.put(ckpt("interval"), "checkpoint_interval", every, parse_duration, slot)?;
+        self.put(ckpt("keep"), "keep_checkpoints", c.keep, Ok, &mut t.keep_checkpoints)?;
+
+        let o = &job.output;
+        let out = |key| ("output", key);
+        let topic = o.dead_letter_topic.clone().map(Some);
+        let slot = &mut t.dead_letter_topic;
+        self.put(out("dead_letter_topic"), "dead_letter_topic", topic, Ok, slot)?;
+        let topic = o.publish_topic.clone().map(Some);
+        self.put(out("publish_topic"), "publish_topic", topic, Ok, &mut t.publish_topic)?;
+        let dir = o.publish_dir.as_deref().map(|d| Some(self.path(d)));
+        self.put(out("publish_dir"), "publish_dir", dir, Ok, &mut t.publish_dir)?;
+        let every = o.publish_interval.as_deref();
+        let slot = &mut t.publish_interval;
+        self.put(out("publish_interval"), "publish_interval", every, duration, slot)?;
+        Ok(())
+    }
+}
+
+/// An optional duration option.
+fn duration(v: &str) -> Result<Option<Duration>, String> {
+    parse_duration(v).map(Some)
+}
+
+/// The command a job describes: the subcommand's arguments as clap reads them from the
+/// flags after the file and the environment (over its defaults), with the file's keys
+/// layered in between. `at` locates a key for error messages.
+fn build(
     job: &Job,
     base: &Path,
     overrides: &[String],
     at: &dyn Fn(&str, &str) -> String,
 ) -> anyhow::Result<Command> {
-    let mut argv: Vec<String> = vec!["tidepool".into()];
-    // Each flag remembers the (section, key) it came from, for clap's errors.
-    let mut origin: Vec<(String, String, String)> = Vec::new();
-    let mut flag = |argv: &mut Vec<String>, section: &str, key: &str, name: &str, value: String| {
-        // Layering: defaults < file < environment < flags. A `TIDEPOOL_*` variable set
-        // for this option beats the file (clap reads it when no flag is given), and the
-        // flags after the file beat both.
-        if std::env::var_os(env_name(name)).is_some() {
-            return;
-        }
-        origin.push((format!("--{name}"), section.to_string(), key.to_string()));
-        argv.push(format!("--{name}"));
-        argv.push(value);
-    };
     let s = &job.source;
     let kafka = match s.kind.as_str() {
         "generator" | "parquet" => false,
@@ -557,371 +798,53 @@ fn to_command(
         ),
     };
     check_applies(job, &s.kind, at)?;
-    argv.push(if kafka { "train" } else { "backtest" }.into());
-    if kafka {
-        let brokers = s.brokers.clone().ok_or_else(|| {
-            anyhow::anyhow!("{}: a kafka source needs brokers", at("source", "kind"))
-        })?;
-        flag(&mut argv, "source", "brokers", "brokers", brokers);
-        for (key, name, v) in [
-            ("topic", "topic", &s.topic),
-            ("group", "group", &s.group),
-            ("stop_at", "stop-at", &s.stop_at),
-            ("on_rewind", "on-rewind", &s.on_rewind),
-            ("user_field", "user-field", &s.user_field),
-            ("item_field", "item-field", &s.item_field),
-            ("time_field", "time-field", &s.time_field),
-            ("type_field", "type-field", &s.type_field),
-        ] {
-            if let Some(v) = v {
-                flag(&mut argv, "source", key, name, v.clone());
-            }
-        }
-        if let Some(p) = s.partitions {
-            flag(
-                &mut argv,
-                "source",
-                "partitions",
-                "partitions",
-                p.to_string(),
-            );
-        }
-        for t in s.types.iter().flatten() {
-            flag(&mut argv, "source", "types", "type", t.clone());
-        }
-        for (k, v) in s.config.iter().flatten() {
-            flag(
-                &mut argv,
-                "source",
-                "config",
-                "kafka-config",
-                format!("{k}={v}"),
-            );
-        }
-        let c = &job.checkpoint;
-        if let Some(d) = &c.dir {
-            flag(
-                &mut argv,
-                "checkpoint",
-                "dir",
-                "checkpoint-dir",
-                rel(base, d),
-            );
-        }
-        if let Some(i) = &c.interval {
-            flag(
-                &mut argv,
-                "checkpoint",
-                "interval",
-                "checkpoint-interval",
-                i.clone(),
-            );
-        }
-        if let Some(k) = c.keep {
-            flag(
-                &mut argv,
-                "checkpoint",
-                "keep",
-                "keep-checkpoints",
-                k.to_string(),
-            );
-        }
-        if let Some(t) = &job.output.dead_letter_topic {
-            flag(
-                &mut argv,
-                "output",
-                "dead_letter_topic",
-                "dead-letter-topic",
-                t.clone(),
-            );
-        }
-        if let Some(t) = &job.output.publish_topic {
-            flag(
-                &mut argv,
-                "output",
-                "publish_topic",
-                "publish-topic",
-                t.clone(),
-            );
-        }
-        if let Some(d) = &job.output.publish_dir {
-            flag(
-                &mut argv,
-                "output",
-                "publish_dir",
-                "publish-dir",
-                rel(base, d),
-            );
-        }
-        if let Some(i) = &job.output.publish_interval {
-            flag(
-                &mut argv,
-                "output",
-                "publish_interval",
-                "publish-interval",
-                i.clone(),
-            );
-        }
-    }
-    for (key, name, v) in [
-        ("user_col", "user-col", &s.user_col),
-        ("item_col", "item-col", &s.item_col),
-        ("time_col", "time-col", &s.time_col),
-        ("time_unit", "time-unit", &s.time_unit),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "source", key, name, v.clone());
-        }
-    }
-    for (key, name, v) in [
-        ("events", "events", s.events),
-        ("users", "users", s.users),
-        ("items", "items", s.items),
-        ("user_churn", "user-churn", s.user_churn),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "source", key, name, v.to_string());
-        }
-    }
-    let m = &job.model;
-    let strings = [
-        ("kind", "model", &m.kind),
-        ("optimizer", "optimizer", &m.optimizer),
-        ("sampler", "sampler", &m.sampler),
-    ];
-    for (key, name, v) in strings {
-        if let Some(v) = v {
-            flag(&mut argv, "model", key, name, v.clone());
-        }
-    }
-    for (key, set) in [
-        ("components", m.components.is_some()),
-        ("learn_every", m.learn_every.is_some()),
-        ("mix_lr", m.mix_lr.is_some()),
-        ("norm", m.norm.is_some()),
-        ("objective", m.objective.is_some()),
-    ] {
-        if set {
-            bail!(
-                "{}: {key} describes one ensemble and belongs in a [[variants]] entry with kind = \"ensemble\" ([model] with kind = \"ensemble\" runs the recommended ensemble)",
-                at("model", key)
-            );
-        }
-    }
-    if m.logq == Some(true) {
-        argv.push("--logq".into());
-    }
-    let numbers = [
-        ("dim", "dim", m.dim.map(|v| v.to_string())),
-        ("lr", "lr", m.lr.map(|v| v.to_string())),
-        ("reg", "reg", m.reg.map(|v| v.to_string())),
-        ("negatives", "negatives", m.negatives.map(|v| v.to_string())),
-        ("init_std", "init-std", m.init_std.map(|v| v.to_string())),
-        ("history", "history", m.history.map(|v| v.to_string())),
-        ("decay", "decay", m.decay.map(|v| v.to_string())),
-        (
-            "pair_decay",
-            "pair-decay",
-            m.pair_decay.map(|v| v.to_string()),
-        ),
-        ("back", "back", m.back.map(|v| v.to_string())),
-        ("alpha", "alpha", m.alpha.map(|v| v.to_string())),
-        (
-            "neighbours",
-            "neighbours",
-            m.neighbours.map(|v| v.to_string()),
-        ),
-        ("half_life", "half-life", m.half_life.clone()),
-    ];
-    for (key, name, v) in numbers {
-        if let Some(v) = v {
-            flag(&mut argv, "model", key, name, v);
-        }
-    }
-    if m.item_bias == Some(false) {
-        argv.push("--no-item-bias".into());
-    }
-    for (i, v) in job.variants.iter().enumerate() {
-        let name = v.name.clone().ok_or_else(|| {
-            anyhow::anyhow!("{}: variant {} needs a name", at("variants", "name"), i + 1)
-        })?;
-        let mut spec = format!("{name}={}", v.sampler.clone().unwrap_or_default());
-        for (k, val) in [
-            ("model", v.kind.clone()),
-            ("dim", v.dim.map(|x| x.to_string())),
-            ("lr", v.lr.map(|x| x.to_string())),
-            ("reg", v.reg.map(|x| x.to_string())),
-            ("optimizer", v.optimizer.clone()),
-            ("negatives", v.negatives.map(|x| x.to_string())),
-            ("init_std", v.init_std.map(|x| x.to_string())),
-            ("item_bias", v.item_bias.map(|x| x.to_string())),
-            ("logq", v.logq.map(|x| x.to_string())),
-            ("history", v.history.map(|x| x.to_string())),
-            ("decay", v.decay.map(|x| x.to_string())),
-            ("pair_decay", v.pair_decay.map(|x| x.to_string())),
-            ("back", v.back.map(|x| x.to_string())),
-            ("alpha", v.alpha.map(|x| x.to_string())),
-            ("neighbours", v.neighbours.map(|x| x.to_string())),
-            ("half_life", v.half_life.clone()),
-            ("components", v.components.as_ref().map(|c| c.join("+"))),
-            ("learn_every", v.learn_every.map(|x| x.to_string())),
-            ("mix_lr", v.mix_lr.map(|x| x.to_string())),
-            ("norm", v.norm.clone()),
-            ("objective", v.objective.clone()),
-        ] {
-            if let Some(val) = val {
-                spec.push_str(&format!(",{k}={val}"));
-            }
-        }
-        flag(&mut argv, "variants", "name", "variant", spec);
-    }
-    let e = &job.eval;
-    for (key, name, v) in [
-        ("warmup", "warmup", e.warmup.map(|v| v.to_string())),
-        (
-            "eval_every",
-            "eval-every",
-            e.eval_every.map(|v| v.to_string()),
-        ),
-        ("k", "k", e.k.map(|v| v.to_string())),
-        ("window", "metrics-window", e.window.clone()),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "eval", key, name, v);
-        }
-    }
-    let r = &job.run;
-    for (key, name, v) in [
-        ("workers", "workers", r.workers.map(|v| v.to_string())),
-        ("seed", "seed", r.seed.map(|v| v.to_string())),
-        ("tick", "tick", r.tick.clone()),
-        (
-            "rounds_in_flight",
-            "rounds-in-flight",
-            r.rounds_in_flight.map(|v| v.to_string()),
-        ),
-        (
-            "allowed_lateness",
-            "allowed-lateness",
-            r.allowed_lateness.clone(),
-        ),
-        ("late", "late", r.late.clone()),
-        ("max_skew", "max-skew", r.max_skew.clone()),
-        (
-            "popularity_window",
-            "pop-window",
-            r.popularity_window.clone(),
-        ),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "run", key, name, v);
-        }
-    }
-    if r.quiet == Some(true) {
-        argv.push("--quiet".into());
-    }
-    let c = &job.cluster;
-    for (key, name, v) in [
-        ("processes", "processes", c.processes.map(|v| v.to_string())),
-        ("process", "process", c.process.map(|v| v.to_string())),
-        (
-            "hostfile",
-            "hostfile",
-            c.hostfile.as_deref().map(|h| rel(base, h)),
-        ),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "cluster", key, name, v);
-        }
-    }
-    let p = &job.pool;
-    for (key, name, v) in [
-        (
-            "enabled",
-            "pool",
-            p.enabled.map(|b| if b { "on" } else { "off" }.to_string()),
-        ),
-        ("floor", "pool-floor", p.floor.clone()),
-        ("ceiling", "pool-ceiling", p.ceiling.clone()),
-        ("retain", "pool-retain", p.retain.clone()),
-        ("shards", "pool-shards", p.shards.map(|v| v.to_string())),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "pool", key, name, v);
-        }
-    }
-    if p.poison == Some(true) {
-        argv.push("--pool-poison".into());
-    }
-    let g = &job.gc;
-    let percent = g.gc_percent.as_ref().map(|v| match v {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let sub = if kafka { "train" } else { "backtest" };
+    // The brokers may come from the file: clap must not insist on the flag.
+    let cli = Cli::command().mut_subcommand("train", |c| {
+        c.mut_arg("brokers", |a| a.required(false).default_value(""))
     });
-    for (key, name, v) in [
-        ("gc_percent", "gc", percent),
-        ("min_heap", "gc-min-heap", g.min_heap.clone()),
-        ("memory_limit", "memory-limit", g.memory_limit.clone()),
-        (
-            "force_interval",
-            "gc-force-interval",
-            g.force_interval.clone(),
-        ),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "gc", key, name, v);
-        }
-    }
-    if g.trace == Some(true) {
-        argv.push("--gctrace".into());
-    }
-    for (key, name, v) in [
-        ("user_ttl", "user-ttl", &job.state.user_ttl),
-        ("item_ttl", "item-ttl", &job.state.item_ttl),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "state", key, name, v.clone());
-        }
-    }
-    let o = &job.output;
-    for (key, name, v) in [
-        ("summary_json", "summary-json", &o.summary_json),
-        ("metrics_out", "metrics-out", &o.metrics_out),
-        ("dead_letters", "dead-letters", &o.dead_letters),
-        ("report", "report", &o.report),
-        ("save_model", "save-model", &o.save_model),
-    ] {
-        if let Some(v) = v {
-            flag(&mut argv, "output", key, name, rel(base, v));
-        }
-    }
-    if !kafka {
-        for input in s.inputs.iter().flatten() {
-            argv.push(rel(base, input));
-        }
-        if s.kind == "parquet" && s.inputs.as_ref().is_none_or(Vec::is_empty) {
-            bail!("{}: a parquet source needs inputs", at("source", "kind"));
-        }
-    }
-    // Flags after the file name win over the file (clap keeps the last occurrence).
-    argv.extend(overrides.iter().cloned());
-    let cli = Cli::try_parse_from(&argv).map_err(|e| {
-        // Point at the key the offending flag came from.
+    let argv = ["tidepool", sub]
+        .into_iter()
+        .map(String::from)
+        .chain(overrides.iter().cloned());
+    let matches = cli.clone().try_get_matches_from(argv).map_err(|e| {
         let msg = e.to_string();
         let first = msg
             .lines()
             .next()
             .unwrap_or("")
-            .trim_start_matches("error: ")
-            .to_string();
-        let place = origin
-            .iter()
-            .find(|(f, _, _)| msg.contains(&format!("'{f} ")) || msg.contains(&format!("'{f}'")))
-            .map(|(_, section, key)| at(section, key))
-            .unwrap_or_else(|| at("", ""));
-        anyhow::anyhow!("{place}: {first}")
+            .trim_start_matches("error: ");
+        anyhow::anyhow!("{}: {first}", at("", ""))
     })?;
-    Ok(cli.command)
+    let mut command = Cli::from_arg_matches(&matches)?.command;
+    let (Some(sub_matches), Some(sub_command)) =
+        (matches.subcommand_matches(sub), cli.find_subcommand(sub))
+    else {
+        bail!("{}: not a runnable job", at("", ""));
+    };
+    let layer = FileLayer {
+        matches: sub_matches,
+        command: sub_command,
+        at,
+        base,
+    };
+    match &mut command {
+        Command::Backtest(args) => {
+            layer.run(job, args)?;
+            if s.kind == "parquet" && args.inputs.is_empty() {
+                bail!("{}: a parquet source needs inputs", at("source", "kind"));
+            }
+        }
+        Command::Train(args) => {
+            layer.kafka(job, args)?;
+            layer.run(job, &mut args.run)?;
+            if args.kafka.brokers.is_empty() {
+                bail!("{}: a kafka source needs brokers", at("source", "kind"));
+            }
+        }
+        _ => bail!("{}: not a runnable job", at("", "")),
+    }
+    Ok(command)
 }
 
 /// `tidepool validate`: checks a job file and says what it would run.
@@ -938,8 +861,7 @@ pub fn validate(path: &Path, overrides: &[String]) -> anyhow::Result<()> {
             )
         }
         Command::Train(args) => {
-            let config = args.run.config()?;
-            config.validate()?;
+            let config = crate::stream::check(args)?;
             format!(
                 "Kafka retraining from {} with {} variant(s) on {}",
                 args.kafka.brokers,

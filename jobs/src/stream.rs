@@ -13,7 +13,7 @@ use tidepool_connector_kafka::{
 };
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource};
 use tidepool_operators::checkpoint::{CheckpointSettings, Checkpointer};
-use tidepool_operators::{run_dataflow, BacktestReport, RunOptions};
+use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOptions};
 use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
 
@@ -182,8 +182,10 @@ fn refuse_file_and_generator_flags(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `tidepool train`.
-pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
+/// Checks `train`'s arguments without touching Kafka and returns the run's
+/// configuration, with the streaming defaults (tick, lateness, skew bound) where the
+/// arguments leave them open. `tidepool validate` runs the same checks.
+pub fn check(args: &TrainArgs) -> anyhow::Result<BacktestConfig> {
     if !args.run.inputs.is_empty() {
         bail!("train reads Kafka; load files into a topic with `tidepool produce`, or replay them with `tidepool backtest`");
     }
@@ -197,10 +199,27 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         config.max_skew_ms = Some(STREAM_MAX_SKEW_MS);
     }
     config.validate()?;
+    if args.checkpoint_dir.is_none() {
+        if let Some(flag) = [
+            ("--publish-topic", args.publish_topic.is_some()),
+            ("--publish-dir", args.publish_dir.is_some()),
+        ]
+        .iter()
+        .find_map(|(flag, set)| set.then_some(flag))
+        {
+            bail!("{flag} publishes the rows each checkpoint changed: it needs --checkpoint-dir");
+        }
+    }
     if args.publish_interval.is_some() && args.publish_topic.is_none() && args.publish_dir.is_none()
     {
         bail!("--publish-interval needs somewhere to publish: --publish-topic or --publish-dir");
     }
+    Ok(config)
+}
+
+/// Runs `tidepool train`.
+pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
+    let config = check(args)?;
     let embedded = if args.kafka.brokers == "embedded" {
         Some(embedded_demo(args)?)
     } else {

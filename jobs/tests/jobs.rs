@@ -151,7 +151,7 @@ fn bad_job_files_get_golden_messages() {
         ),
         (
             "[source]\nkind = \"generator\"\n\n[model]\nkind = \"svd\"\n",
-            "error: bad.toml:5:1: invalid value 'svd' for '--model <MODEL>': invalid configuration: unknown model \"svd\"; valid: bpr, mostpop",
+            "error: bad.toml:5:1: invalid value \"svd\" for `kind`: unknown model \"svd\"; valid: bpr, mostpop",
         ),
         (
             "[source]\nkind = \"files\"\n",
@@ -159,11 +159,11 @@ fn bad_job_files_get_golden_messages() {
         ),
         (
             "[source]\nkind = \"generator\"\n[gc]\ngc_percent = \"lots\"\n",
-            "error: bad.toml:4:1: invalid value 'lots' for '--gc <off|PERCENT>': invalid configuration: gc percent \"lots\" must be off or a whole number, e.g. 100",
+            "error: bad.toml:4:1: invalid value \"lots\" for `gc_percent`: gc percent \"lots\" must be off or a whole number, e.g. 100",
         ),
         (
             "[source]\nkind = \"generator\"\n\n[state]\nuser_ttl = \"7 fortnights\"\n",
-            "error: bad.toml:5:1: invalid value '7 fortnights' for '--user-ttl <USER_TTL>': unknown time unit \"fortnights\"",
+            "error: bad.toml:5:1: invalid value \"7 fortnights\" for `user_ttl`: unknown time unit \"fortnights\"",
         ),
         (
             "[source]\nkind = \"parquet\"\n",
@@ -214,6 +214,38 @@ fn bad_job_files_get_golden_messages() {
             "error: bad.toml:6:1: `save_model` does not apply to a kafka source: a Kafka job checkpoints with [checkpoint] dir",
         ),
         (
+            "[source]\nkind = \"generator\"\n\n[eval]\nk = 10\nwarmup = 1.5\n",
+            "error: bad.toml:6:1: invalid value 1.5 for `warmup`: must be in [0, 1), got 1.5",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[pool]\nretain = \"lots\"\n",
+            "error: bad.toml:5:1: invalid value \"lots\" for `retain`:",
+        ),
+        (
+            "[source]\nkind = \"kafka\"\nbrokers = \"embedded\"\nstop_at = \"later\"\n",
+            "error: bad.toml:4:1: invalid value \"later\" for `stop_at`: \"later\": valid: never, end, idle:DURATION",
+        ),
+        (
+            "[source]\nkind = \"kafka\"\nbrokers = \"embedded\"\ntypes = [\"view\", \"like\"]\n",
+            "error: bad.toml:4:1: invalid value [\"view\", \"like\"] for `types`: unknown event type \"like\"",
+        ),
+        (
+            "[source]\nkind = \"kafka\"\ntopic = \"t\"\n",
+            "error: bad.toml:2:1: a kafka source needs brokers",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[model]\nname = \"a\"\n",
+            "error: bad.toml:5:1: name belongs in a [[variants]] entry",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[[variants]]\nname = \"a\"\nkind = \"mostpop\"\n\n[[variants]]\nname = \"mix\"\nkind = \"ensemble\"\ncomponents = [\"a\"]\n  norm = \"max\"\n",
+            "error: bad.toml:12:3: variant mix: norm = \"max\": unknown norm \"max\"; valid: rank, z",
+        ),
+        (
+            "[source]\nkind = \"generator\"\n\n[[variants]]\nkind = \"mostpop\"\n",
+            "error: bad.toml:4:1: variant 1 needs a name",
+        ),
+        (
             "[sauce]\nkind = 1\n",
             "error: bad.toml:1:2: unknown field `sauce`, expected one of `source`, `model`, `variants`, `eval`, `run`, `cluster`, `pool`, `gc`, `state`, `checkpoint`, `output`",
         ),
@@ -230,6 +262,19 @@ fn bad_job_files_get_golden_messages() {
     }
 }
 
+/// Runs `dir/job.toml` with `env` and `flags`, and reads the summary it writes.
+fn run_job(dir: &Path, env: &[(&str, &str)], flags: &[&str], summary: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["run", "job.toml"])
+        .args(flags)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .expect("tidepool runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(dir.join(summary)).unwrap()).unwrap()
+}
+
 /// Configuration layers: defaults < job file < `TIDEPOOL_*` environment < flags.
 #[test]
 fn settings_layer_defaults_file_environment_flags() {
@@ -240,18 +285,8 @@ fn settings_layer_defaults_file_environment_flags() {
     )
     .unwrap();
     let dim_of = |env: &[(&str, &str)], flags: &[&str]| -> u64 {
-        let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-            .args(["run", "job.toml", "--quiet"])
-            .args(flags)
-            .envs(env.iter().copied())
-            .current_dir(dir.path())
-            .output()
-            .expect("tidepool runs");
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
-        )
-        .unwrap();
+        let flags = [&["--quiet"], flags].concat();
+        let summary = run_job(dir.path(), env, &flags, "summary.json");
         summary["variants"][0]["model_config"]["dim"]
             .as_u64()
             .unwrap()
@@ -292,5 +327,166 @@ fn settings_layer_defaults_file_environment_flags() {
         text(&out.stderr).contains("invalid value 'wide' for '--dim <DIM>'"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// Every key that sizes, maps or publishes for one source kind is refused, at its line,
+/// in a job of another kind, and accepted where it applies.
+#[test]
+fn every_key_is_refused_where_it_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let kinds = [
+        ("generator", "kind = \"generator\"\n"),
+        ("parquet", "kind = \"parquet\"\ninputs = [\"x.parquet\"]\n"),
+        ("kafka", "kind = \"kafka\"\nbrokers = \"localhost:9092\"\n"),
+        ("embedded", "kind = \"kafka\"\nbrokers = \"embedded\"\n"),
+    ];
+    let generated: &[&str] = &["generator", "embedded"];
+    let kafka: &[&str] = &["kafka", "embedded"];
+    let keys: &[(&str, &str, &str, &[&str])] = &[
+        ("source", "events", "5", generated),
+        ("source", "users", "5", generated),
+        ("source", "items", "5", generated),
+        ("source", "user_churn", "1", generated),
+        ("source", "inputs", "[\"y.parquet\"]", &["parquet"]),
+        ("source", "user_col", "\"u\"", &["parquet"]),
+        ("source", "item_col", "\"i\"", &["parquet"]),
+        ("source", "time_col", "\"t\"", &["parquet"]),
+        ("source", "time_unit", "\"s\"", &["parquet"]),
+        ("source", "topic", "\"t\"", kafka),
+        ("source", "group", "\"g\"", kafka),
+        ("source", "partitions", "2", kafka),
+        ("source", "stop_at", "\"end\"", kafka),
+        ("source", "on_rewind", "\"continue\"", kafka),
+        ("source", "user_field", "\"u\"", kafka),
+        ("source", "item_field", "\"i\"", kafka),
+        ("source", "time_field", "\"t\"", kafka),
+        ("source", "type_field", "\"e\"", kafka),
+        ("source", "types", "[\"view\"]", kafka),
+        ("source", "config", "{ \"client.id\" = \"x\" }", kafka),
+        ("checkpoint", "dir", "\"ckpt\"", kafka),
+        ("checkpoint", "interval", "\"10s\"", kafka),
+        ("checkpoint", "keep", "3", kafka),
+        ("output", "dead_letter_topic", "\"dead\"", kafka),
+        ("output", "publish_topic", "\"deltas\"", kafka),
+        ("output", "publish_dir", "\"deltas\"", kafka),
+        ("output", "publish_interval", "\"5s\"", kafka),
+        (
+            "output",
+            "save_model",
+            "\"model\"",
+            &["generator", "parquet"],
+        ),
+    ];
+    for (kind, source) in kinds {
+        for (section, key, value, applies) in keys {
+            if source.contains(&format!("{key} =")) {
+                continue;
+            }
+            let mut job = format!("[source]\n{source}");
+            let line = if *section == "source" {
+                job.lines().count() + 1
+            } else {
+                job.push_str(&format!("\n[{section}]\n"));
+                job.lines().count() + 1
+            };
+            job.push_str(&format!("{key} = {value}\n"));
+            if *key == "publish_interval" && applies.contains(&kind) {
+                job.push_str("publish_dir = \"deltas\"\n");
+            }
+            if key.starts_with("publish") && applies.contains(&kind) {
+                // Publishing needs checkpoints, where it applies at all.
+                job.push_str("\n[checkpoint]\ndir = \"ckpt\"\n");
+            }
+            std::fs::write(dir.path().join("job.toml"), &job).unwrap();
+            let out = tidepool(&["validate", "job.toml"], dir.path());
+            let stderr = text(&out.stderr);
+            if applies.contains(&kind) {
+                assert!(out.status.success(), "{kind}: {key}\n{job}\n{stderr}");
+            } else {
+                let want = format!("error: job.toml:{line}:1: `{key}` does not apply to a");
+                assert!(
+                    stderr.starts_with(&want),
+                    "{kind}: {key}\ngot:  {stderr}\nwant: {want}"
+                );
+            }
+        }
+    }
+}
+
+/// Flags after the file replace the file's list settings as a whole (variants), and an
+/// option that reads its variable itself (`TIDEPOOL_GC`) still beats the file.
+#[test]
+fn flags_replace_the_files_variants_and_the_environment_beats_its_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("job.toml"),
+        "[source]\nkind = \"generator\"\nevents = 2000\n\n\
+         [[variants]]\nname = \"pop\"\nkind = \"mostpop\"\n\n\
+         [[variants]]\nname = \"bpr\"\nkind = \"bpr\"\ndim = 8\n\n\
+         [gc]\ngc_percent = 50\n\n[run]\nquiet = true\n[output]\nsummary_json = \"s.json\"\n",
+    )
+    .unwrap();
+    let summary = |env: &[(&str, &str)], flags: &[&str]| run_job(dir.path(), env, flags, "s.json");
+    let names = |s: &serde_json::Value| -> Vec<String> {
+        s["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let s = summary(&[], &[]);
+    assert_eq!(names(&s), ["pop", "bpr"]);
+    assert_eq!(s["variants"][1]["model_config"]["dim"], 8);
+    assert_eq!(s["config"]["gc"]["gc_percent"], 50);
+    let s = summary(
+        &[("TIDEPOOL_GC", "off")],
+        &["--variant", "solo=uniform,dim=4"],
+    );
+    assert_eq!(names(&s), ["solo"]);
+    assert_eq!(s["variants"][0]["model_config"]["dim"], 4);
+    assert_eq!(s["config"]["gc"]["gc_percent"], serde_json::Value::Null);
+}
+
+/// The library side of job files: a `Job` built in code becomes the command it
+/// describes, flags layered over it, and runs through `api::backtest`.
+#[test]
+fn a_job_built_in_code_runs_through_the_library() {
+    use tidepool_jobs::api::{self, Control, Input};
+    use tidepool_jobs::cli::{Command as Cmd, ModelTable};
+    use tidepool_jobs::job::{Job, SourceSection, StateSection};
+    let job = Job {
+        source: SourceSection {
+            kind: "generator".into(),
+            events: Some(3000),
+            ..Default::default()
+        },
+        model: ModelTable {
+            kind: Some("mostpop".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let flags = ["--workers".to_string(), "2".into(), "--quiet".into()];
+    let Cmd::Backtest(args) = job.command(Path::new("."), &flags).unwrap() else {
+        panic!("a generator job is a backtest");
+    };
+    assert_eq!(args.workers, 2);
+    assert_eq!(args.events, 3000);
+    let outcome = api::backtest(&args, Input::FromArgs, Control::library()).unwrap();
+    assert_eq!(outcome.summary["events"], 3000);
+    assert_eq!(outcome.summary["variants"][0]["name"], "mostpop");
+    let bad = Job {
+        state: StateSection {
+            user_ttl: Some("soon".into()),
+            ..Default::default()
+        },
+        ..job
+    };
+    let err = bad.command(Path::new("."), &[]).unwrap_err().to_string();
+    assert!(
+        err.starts_with("[state] user_ttl: invalid value \"soon\" for `user_ttl`"),
+        "{err}"
     );
 }

@@ -63,6 +63,7 @@ use crate::cluster::{Cluster, Replication, RowBatch};
 use crate::config::{BacktestConfig, ModelConfig, TARGET_EVENTS_PER_ROUND};
 use crate::coord::{forward_requests, Coordinator, Handlers, Stage};
 use crate::ingest::{auto_tick, drive, Clock, Feed, IngestStats, Inputs};
+use crate::item_table::ItemTable;
 use crate::learner::{Learner, Protocol, WorkerResult};
 use crate::live::LiveMetrics;
 use crate::model::Model;
@@ -337,6 +338,7 @@ fn alloc_warm_up(rows: Option<u64>, processes: usize) -> u64 {
 /// What a run's timing rests on, from the source's statistics and the configuration:
 /// the tick (a timely round's width in event time), the evaluation protocol, and the
 /// popularity window in ticks.
+#[derive(Clone, Copy)]
 struct Plan {
     clock: Clock,
     protocol: Protocol,
@@ -464,6 +466,26 @@ impl Prequential {
             live,
             gc,
         }
+    }
+
+    /// Sorts a batch of the side input into its stashes: count changes and cycle tickets
+    /// wait for their time (`None`: the batch came without a capability and only rows
+    /// are kept), other processes' rows for the next round.
+    fn take_side(&mut self, time: Option<u64>, data: impl Iterator<Item = Side>) {
+        let mut tickets = Vec::new();
+        for item in data {
+            match item {
+                // A count change is kept by its own time: differential sends changes of
+                // several times under the earliest one's capability (at the end, every
+                // pending retraction at once), and a change must not reach a round
+                // before its time.
+                Side::Count(change) if time.is_some() => self.changes.push_at(change.1, change),
+                Side::Count(_) => {}
+                Side::Cycle(t) => tickets.push(t),
+                Side::Rows(r) => self.remote.push(r),
+            }
+        }
+        self.cycles.stash_at(time, &mut tickets);
     }
 
     /// Applies other processes' row changes, then runs every GC cycle whose time has
@@ -628,13 +650,7 @@ pub fn run_dataflow(
     } = options;
     let cluster = cluster.filter(|c| c.processes > 1);
     let info = source.info();
-    let Plan {
-        clock,
-        protocol,
-        tick_ms,
-        window_ticks,
-        needs_counts,
-    } = plan(config, &info);
+    let plan = plan(config, &info);
     let tables: Vec<_> = config
         .variants
         .iter()
@@ -650,7 +666,6 @@ pub fn run_dataflow(
     }
 
     let processed = Arc::new(AtomicU64::new(0));
-    let cancel = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     // The run's batches live in the pool the GC rotates; a caller without one gets a
     // default pool.
@@ -658,347 +673,38 @@ pub fn run_dataflow(
         .pool()
         .cloned()
         .unwrap_or_else(|| BufferPool::new(tidepool_pipeline::PoolConfig::default()));
-    let guards = {
-        let config = config.clone();
-        let pool = pool.clone();
-        let processed = Arc::clone(&processed);
-        let cancel = Arc::clone(&cancel);
-        let dead = Arc::clone(&dead);
-        let gc = Arc::clone(&gc);
-        let checkpoints = checkpoints.clone();
-        let tables = tables.clone();
-        let deltas = deltas.clone();
-        let timely_config = timely_config(cluster.as_ref(), config.workers);
-        let connected = Arc::new(AtomicBool::new(false));
-        if let Some(c) = &cluster {
-            crate::cluster::connect_watchdog(c, Arc::clone(&connected));
-            crate::cluster::exit_when_a_peer_is_lost(c.process);
-        }
-        let replication = cluster.as_ref().map(|c| Replication {
+    let connected = Arc::new(AtomicBool::new(false));
+    if let Some(c) = &cluster {
+        crate::cluster::connect_watchdog(c, Arc::clone(&connected));
+        crate::cluster::exit_when_a_peer_is_lost(c.process);
+    }
+    let run = Run {
+        source,
+        config: config.clone(),
+        plan,
+        dead: Arc::clone(&dead),
+        gc: Arc::clone(&gc),
+        pool,
+        checkpoints: checkpoints.clone(),
+        restore,
+        deltas,
+        publish_every,
+        live,
+        tables: tables.clone(),
+        replication: cluster.as_ref().map(|c| Replication {
             process: c.process,
             processes: c.processes,
             workers: config.workers,
-        });
-        // Stage 3: the workers.
-        timely::execute(timely_config, move |worker| {
-            let (index, peers) = (worker.index(), worker.peers());
-            if !connected.swap(true, Ordering::AcqRel) {
-                if let Some(r) = &replication {
-                    tracing::info!(
-                        process = r.process,
-                        "connected to every process of the cluster"
-                    );
-                }
-            }
-            // Buffers built or dropped on this thread use its shard of the pool, and
-            // batches from other processes are rebuilt in it.
-            tidepool_pipeline::BufferPool::register_worker(index);
-            pool.install_current();
-            let learner = Rc::new(RefCell::new(Some(Learner::new(
-                index,
-                peers,
-                protocol,
-                config.seed,
-                &config.variants,
-                &tables,
-                config.state.clone(),
-            ))));
-            if let Some(loaded) = &restore {
-                if let Some(l) = learner.borrow_mut().as_mut() {
-                    l.restore(&loaded.shared, loaded.parts.clone(), config.seed);
-                }
-            }
-            // Removals become tombstones where rows are published: users by their
-            // owner, items by worker 0, which publishes the item tables.
-            if let (true, Some(l)) = (deltas.is_some(), learner.borrow_mut().as_mut()) {
-                l.track_removals(index == 0);
-            }
-            if let (Some(replication), Some(l)) = (replication, learner.borrow_mut().as_mut()) {
-                l.replicate(replication);
-            }
-            // Worker 0 writes the shared part of checkpoints, window log included.
-            if let (true, true, Some(l)) = (
-                needs_counts && checkpoints.is_some(),
-                index == 0,
-                learner.borrow_mut().as_mut(),
-            ) {
-                l.keep_window(window_ticks, clock);
-            }
-            let mut replay_input = timely::dataflow::InputHandle::<
-                u64,
-                CapacityContainerBuilder<Vec<(u64, u64, isize)>>,
-            >::new();
-            let mut input = Inputs::new();
-            let probe = ProbeHandle::new();
-            worker.dataflow::<u64, _, _>(|scope| {
-                let learner = Rc::clone(&learner);
-                let processed = Arc::clone(&processed);
-                let gc = Arc::clone(&gc);
-                let live = live.clone();
-                let events = scope.input_from(&mut input.events);
-                let control = scope
-                    .input_from(&mut input.control)
-                    .broadcast()
-                    .map(Side::Cycle);
-                let (counts, mut trace): (_, Option<PopularityTrace>) = if needs_counts {
-                    let replay = scope.input_from(&mut replay_input);
-                    let (counts, trace) = events
-                        .clone()
-                        .windowed_counts_replayed(replay, window_ticks);
-                    (counts.inner.broadcast().map(Side::Count), Some(trace))
-                } else {
-                    (empty(scope), None)
-                };
-                let side = counts.concat(control);
-                // In a cluster, item-row changes loop back one round later (see
-                // crate::cluster); alone, the loop is not built and rounds pipeline.
-                let (rows_loop, side) = if replication.is_some() {
-                    let (handle, rows) = scope.feedback::<Vec<RowBatch>>(1);
-                    (Some(handle), side.concat(rows.map(Side::Rows)))
-                } else {
-                    (None, side)
-                };
-                let changes_out = events
-                    .broadcast()
-                    .binary_frontier::<_, CapacityContainerBuilder<Vec<RowBatch>>, _, _, _, _>(
-                        side,
-                        Pipeline,
-                        Pipeline,
-                        "Prequential",
-                        move |_, _| {
-                            let mut state = Prequential::new(processed, live, gc);
-                            move |(events, events_frontier), (side, side_frontier), output| {
-                                let Prequential {
-                                    rounds,
-                                    changes,
-                                    cycles,
-                                    remote,
-                                    ..
-                                } = &mut state;
-                                events.for_each(|cap, data| {
-                                    rounds.stash(cap.retain_least(output.output_index()), data);
-                                });
-                                side.for_each(|cap, data| {
-                                    // Only the time is kept: holding a capability for
-                                    // changes would hold back the probe, and with it the
-                                    // sources, until the next round (a deadlock when the
-                                    // sources wait for the probe).
-                                    let time =
-                                        cap.retain_least(output.output_index()).map(|c| *c.time());
-                                    let (mut counts, mut tickets) = (Vec::new(), Vec::new());
-                                    for item in data.drain(..) {
-                                        match item {
-                                            Side::Count(c) => counts.push(c),
-                                            Side::Cycle(t) => tickets.push(t),
-                                            Side::Rows(r) => remote.push(r),
-                                        }
-                                    }
-                                    // A count change is kept by its own time: differential
-                                    // sends changes of several times under the earliest
-                                    // one's capability (at the end, every pending
-                                    // retraction at once), and a change must not reach
-                                    // a round before its time.
-                                    if time.is_some() {
-                                        for change in counts.drain(..) {
-                                            changes.push_at(change.1, change);
-                                        }
-                                    }
-                                    cycles.stash_at(time, &mut tickets);
-                                });
-                                let done = |t: &u64| {
-                                    !events_frontier.less_equal(t) && !side_frontier.less_equal(t)
-                                };
-                                // Everything before `t` is in: a cycle stamped `t` may run.
-                                let before_done = |t: &u64| {
-                                    !events_frontier.less_than(t) && !side_frontier.less_than(t)
-                                };
-                                let mut learner = learner.borrow_mut();
-                                let Some(learner) = learner.as_mut() else {
-                                    return;
-                                };
-                                state.advance(
-                                    learner,
-                                    trace.as_mut(),
-                                    &done,
-                                    &before_done,
-                                    &mut |cap, changes| {
-                                        output.session(cap).give_iterator(changes.into_iter());
-                                    },
-                                );
-                                // Changes with no round after them only matter at the end.
-                                if events_frontier.is_empty() && side_frontier.is_empty() {
-                                    let mut rest = state.changes.take_before(u64::MAX);
-                                    learner.apply_counts(&mut rest);
-                                }
-                            }
-                        },
-                    )
-                    .probe_with(&probe);
-                if let Some(handle) = rows_loop {
-                    changes_out
-                        .exchange(|batch: &RowBatch| batch.target)
-                        .connect_loop(handle);
-                }
-            });
-
-            // A restored popularity window re-enters the count before the first round.
-            if let (0, Some(loaded)) = (index, &restore) {
-                for record in Learner::window_replay(&loaded.shared, clock) {
-                    replay_input.send(record);
-                }
-            }
-            drop(replay_input);
-            let coord = RefCell::new(Coordinator::build(
-                worker,
-                Handlers {
-                    checkpoints: checkpoints.clone(),
-                    gc: Arc::clone(&gc),
-                    cancel: Arc::clone(&cancel),
-                },
-            ));
-            // A failing worker tells the cluster, or the others would wait for it.
-            let fail = || {
-                cancel.store(true, Ordering::Relaxed);
-                coord.borrow_mut().abort();
-            };
-            let mut stats = IngestStats::default();
-            // The input time this worker's input had when it closed: the events it sent
-            // last are at that time, so a checkpoint cut must lie beyond it even after
-            // the input is gone (a worker that has read all its partitions can be far
-            // ahead in event time of one still reading).
-            let closed_at = std::cell::Cell::new(None::<u64>);
-            let ctx = checkpoints.as_deref().map(|cp| CheckpointCtx {
-                cp,
-                coord: &coord,
-                learner: &learner,
-                probe: &probe,
-                tables: &tables,
-                cancel: &cancel,
-                deltas: deltas.as_deref(),
-                dead: dead.as_ref(),
-                replicated: replication.is_some(),
-            });
-            let mut last_publish = Instant::now();
-            let mut hook = |worker: &mut timely::worker::Worker,
-                            input: Option<&mut Inputs>,
-                            stats: &IngestStats,
-                            flushed: bool|
-             -> Result<()> {
-                // Between checkpoints: a user's rows change only on its owner, and item
-                // rows are read as they are (Hogwild!), so no cut is needed; the
-                // checkpoint's own publication is the consistent one.
-                if let (Some(sink), Some(every), Some(ctx)) =
-                    (deltas.as_deref(), publish_every, &ctx)
-                {
-                    if last_publish.elapsed() >= every {
-                        last_publish = Instant::now();
-                        let changed = learner
-                            .borrow_mut()
-                            .as_mut()
-                            .map(|l| l.take_deltas(ctx.cp.next_id(), index == 0))
-                            .unwrap_or_default();
-                        sink.publish(&changed)?;
-                    }
-                }
-                let Some(ctx) = &ctx else {
-                    return Ok(());
-                };
-                // A worker still holding events back joins at its next batch.
-                if !flushed || !ctx.cp.pending() {
-                    return Ok(());
-                }
-                take_checkpoint(worker, input, closed_at.get(), stats, ctx)
-            };
-            let local_first = index % config.workers == 0;
-            let must_flush = || {
-                // Requests made to another process (signals, admin) go to worker 0.
-                if local_first && index != 0 {
-                    forward_requests(&mut coord.borrow_mut(), checkpoints.as_deref(), &gc);
-                }
-                checkpoints.as_ref().is_some_and(|cp| {
-                    if index == 0 {
-                        if let Some(id) = cp.poll() {
-                            coord.borrow_mut().start(id);
-                        }
-                    }
-                    cp.pending()
-                })
-            };
-            let ingest = source.open(index, peers).and_then(|reader| {
-                let feed = Feed {
-                    clock,
-                    rounds_in_flight: config.rounds_in_flight,
-                    dead: dead.as_ref(),
-                    cancel: &cancel,
-                    gc: (index == 0).then_some(gc.as_ref()),
-                    late: config.late,
-                    allowed_lateness_ms: config.allowed_lateness_ms,
-                    max_skew_ms: config.max_skew_ms,
-                    must_flush: &must_flush,
-                    live: live.as_deref(),
-                    checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
-                    pool: &pool,
-                };
-                drive(
-                    worker, &mut input, &probe, reader, &feed, &mut stats, &mut hook,
-                )
-            });
-            if ingest.is_err() {
-                fail();
-            }
-            // Closing the input lets the frontier run out; the dataflow must still be
-            // stepped to completion so that the other workers can finish too (and join
-            // a checkpoint one of them started).
-            closed_at.set(Some(*input.events.time()));
-            drop(input);
-            let mut drained = Ok(());
-            while !probe.done() {
-                worker.step_or_park(Some(Duration::from_millis(10)));
-                // Joins a checkpoint worker 0 started before its input closed. No new
-                // one starts now: every worker must see the same sequence of
-                // checkpoints, and the last is the final one below.
-                if drained.is_ok() {
-                    drained = hook(worker, None, &stats, true);
-                }
-            }
-            // The final checkpoint: every worker is here, every event trained.
-            if let (Some(ctx), true) = (&ctx, ingest.is_ok() && drained.is_ok()) {
-                if !cancel.load(Ordering::Relaxed) {
-                    drained = take_checkpoint(worker, None, closed_at.get(), &stats, ctx);
-                }
-            }
-            if drained.is_err() {
-                fail();
-            }
-            coord.borrow_mut().close();
-            let outcome = learner
-                .borrow_mut()
-                .take()
-                .ok_or_else(|| Error::Internal("learner taken twice".into()))
-                .and_then(|learner| {
-                    ingest?;
-                    drained?;
-                    Ok(WorkerOutcome {
-                        ingest: stats,
-                        learner: learner.finish(),
-                    })
-                });
-            if replication.is_none() {
-                return outcome.map(|o| vec![o]);
-            }
-            // Every process reports on the whole cluster; a worker that failed still
-            // takes part, or the others would wait for it.
-            let all = gather(worker, outcome.as_ref().ok().cloned());
-            outcome.map(|_| {
-                if index % config.workers == 0 {
-                    all
-                } else {
-                    Vec::new()
-                }
-            })
-        })
-        .map_err(|e| Error::Internal(format!("timely could not start its workers: {e}")))?
+        }),
+        processed: Arc::clone(&processed),
+        cancel: Arc::new(AtomicBool::new(false)),
+        connected,
     };
+    let guards = timely::execute(
+        timely_config(cluster.as_ref(), config.workers),
+        move |worker| run.worker(worker),
+    )
+    .map_err(|e| Error::Internal(format!("timely could not start its workers: {e}")))?;
 
     let processes = cluster.as_ref().map_or(1, |c| c.processes);
     let watched = watch(
@@ -1011,12 +717,12 @@ pub fn run_dataflow(
     let seconds = started.elapsed().as_secs_f64();
     let outcomes = watched.outcomes?;
     dead.flush()?;
-    let mut report = assemble(config, protocol, tick_ms, seconds, outcomes);
+    let mut report = assemble(config, plan.protocol, plan.tick_ms, seconds, outcomes);
     report.gc = gc.stats();
     report.allocs = watched.allocs;
     report.pool_steady = watched.pool_steady;
     report.processes = processes;
-    if !needs_counts {
+    if !plan.needs_counts {
         report.popularity_window_events = None;
     }
     for (v, table) in report.variants.iter_mut().zip(&tables) {
@@ -1032,13 +738,387 @@ pub fn run_dataflow(
     Ok(report)
 }
 
+/// Stage 3 of [`run_dataflow`]: what every worker of a run shares, moved into timely's
+/// worker closure once. [`Run::worker`] is one worker's life: [`Run::learner`] (its
+/// state, restored or replicated), [`Run::dataflow`] (the graph of the module header),
+/// [`Run::ingest_and_drain`] (its share of the source, checkpoints on the way, the final
+/// checkpoint) and the outcome, gathered across processes in a cluster.
+struct Run {
+    source: Arc<dyn EventSource>,
+    config: BacktestConfig,
+    plan: Plan,
+    dead: Arc<dyn DeadLetterSink>,
+    gc: Arc<GcController>,
+    pool: BufferPool,
+    checkpoints: Option<Arc<Checkpointer>>,
+    restore: Option<Arc<Loaded>>,
+    deltas: Option<Arc<dyn DeltaSink>>,
+    publish_every: Option<Duration>,
+    live: Option<Arc<LiveMetrics>>,
+    tables: Vec<Option<Arc<ItemTable>>>,
+    replication: Option<Replication>,
+    /// Events trained, for progress.
+    processed: Arc<AtomicU64>,
+    /// Set by a failing worker: the others stop instead of waiting for it.
+    cancel: Arc<AtomicBool>,
+    /// Whether the first worker has announced that the cluster is connected.
+    connected: Arc<AtomicBool>,
+}
+
+/// A worker's learner, shared by the prequential operator and the checkpoint code, and
+/// taken out at the end.
+type SharedLearner = Rc<RefCell<Option<Learner>>>;
+
+/// Replayed popularity-window records: (item, tick, diff).
+type ReplayInput =
+    timely::dataflow::InputHandle<u64, CapacityContainerBuilder<Vec<(u64, u64, isize)>>>;
+
+/// The inputs and probe of one worker's dataflow.
+struct Graph {
+    input: Inputs,
+    /// Replayed popularity-window records (a restored checkpoint's window).
+    replay: ReplayInput,
+    probe: ProbeHandle<u64>,
+}
+
+impl Run {
+    fn worker(&self, worker: &mut timely::worker::Worker) -> Result<Vec<WorkerOutcome>> {
+        let index = worker.index();
+        if !self.connected.swap(true, Ordering::AcqRel) {
+            if let Some(r) = &self.replication {
+                tracing::info!(
+                    process = r.process,
+                    "connected to every process of the cluster"
+                );
+            }
+        }
+        // Buffers built or dropped on this thread use its shard of the pool, and
+        // batches from other processes are rebuilt in it.
+        tidepool_pipeline::BufferPool::register_worker(index);
+        self.pool.install_current();
+        let learner = Rc::new(RefCell::new(Some(self.learner(index, worker.peers()))));
+        let Graph {
+            input,
+            mut replay,
+            probe,
+        } = self.dataflow(worker, &learner);
+        // A restored popularity window re-enters the count before the first round.
+        if let (0, Some(loaded)) = (index, &self.restore) {
+            for record in Learner::window_replay(&loaded.shared, self.plan.clock) {
+                replay.send(record);
+            }
+        }
+        drop(replay);
+        let (stats, done) = self.ingest_and_drain(worker, input, &probe, &learner);
+        let outcome = learner
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| Error::Internal("learner taken twice".into()))
+            .and_then(|learner| {
+                done?;
+                Ok(WorkerOutcome {
+                    ingest: stats,
+                    learner: learner.finish(),
+                })
+            });
+        if self.replication.is_none() {
+            return outcome.map(|o| vec![o]);
+        }
+        // Every process reports on the whole cluster; a worker that failed still
+        // takes part, or the others would wait for it.
+        let all = gather(worker, outcome.as_ref().ok().cloned());
+        outcome.map(|_| {
+            if index.is_multiple_of(self.config.workers) {
+                all
+            } else {
+                Vec::new()
+            }
+        })
+    }
+
+    /// This worker's learner: fresh or restored, and told what the run publishes,
+    /// replicates and checkpoints.
+    fn learner(&self, index: usize, peers: usize) -> Learner {
+        let config = &self.config;
+        let mut l = Learner::new(
+            index,
+            peers,
+            self.plan.protocol,
+            config.seed,
+            &config.variants,
+            &self.tables,
+            config.state.clone(),
+        );
+        if let Some(loaded) = &self.restore {
+            l.restore(&loaded.shared, loaded.parts.clone(), config.seed);
+        }
+        // Removals become tombstones where rows are published: users by their owner,
+        // items by worker 0, which publishes the item tables.
+        if self.deltas.is_some() {
+            l.track_removals(index == 0);
+        }
+        if let Some(replication) = self.replication {
+            l.replicate(replication);
+        }
+        // Worker 0 writes the shared part of checkpoints, window log included.
+        if self.plan.needs_counts && self.checkpoints.is_some() && index == 0 {
+            l.keep_window(self.plan.window_ticks, self.plan.clock);
+        }
+        l
+    }
+
+    /// The graph of the module header on this worker: the events broadcast into the
+    /// prequential operator, beside the popularity counts, cycle tickets and (in a
+    /// cluster) other processes' item rows.
+    fn dataflow(&self, worker: &mut timely::worker::Worker, learner: &SharedLearner) -> Graph {
+        let mut replay = timely::dataflow::InputHandle::new();
+        let mut input = Inputs::new();
+        let probe = ProbeHandle::new();
+        let Plan {
+            window_ticks,
+            needs_counts,
+            ..
+        } = self.plan;
+        worker.dataflow::<u64, _, _>(|scope| {
+            let events = scope.input_from(&mut input.events);
+            let control = scope
+                .input_from(&mut input.control)
+                .broadcast()
+                .map(Side::Cycle);
+            let (counts, mut trace): (_, Option<PopularityTrace>) = if needs_counts {
+                let replay = scope.input_from(&mut replay);
+                let (counts, trace) = events
+                    .clone()
+                    .windowed_counts_replayed(replay, window_ticks);
+                (counts.inner.broadcast().map(Side::Count), Some(trace))
+            } else {
+                (empty(scope), None)
+            };
+            let side = counts.concat(control);
+            // In a cluster, item-row changes loop back one round later (see
+            // crate::cluster); alone, the loop is not built and rounds pipeline.
+            let (rows_loop, side) = if self.replication.is_some() {
+                let (handle, rows) = scope.feedback::<Vec<RowBatch>>(1);
+                (Some(handle), side.concat(rows.map(Side::Rows)))
+            } else {
+                (None, side)
+            };
+            let learner = Rc::clone(learner);
+            let mut state = Prequential::new(
+                Arc::clone(&self.processed),
+                self.live.clone(),
+                Arc::clone(&self.gc),
+            );
+            let changes_out = events
+                .broadcast()
+                .binary_frontier::<_, CapacityContainerBuilder<Vec<RowBatch>>, _, _, _, _>(
+                    side,
+                    Pipeline,
+                    Pipeline,
+                    "Prequential",
+                    move |_, _| {
+                        move |(events, events_frontier), (side, side_frontier), output| {
+                            let out = output.output_index();
+                            events.for_each(|cap, data| {
+                                state.rounds.stash(cap.retain_least(out), data);
+                            });
+                            side.for_each(|cap, data| {
+                                // Only the time is kept: holding a capability for changes
+                                // would hold back the probe, and with it the sources,
+                                // until the next round (a deadlock when the sources wait
+                                // for the probe).
+                                let time = cap.retain_least(out).map(|c| *c.time());
+                                state.take_side(time, data.drain(..));
+                            });
+                            let done = |t: &u64| {
+                                !events_frontier.less_equal(t) && !side_frontier.less_equal(t)
+                            };
+                            // Everything before `t` is in: a cycle stamped `t` may run.
+                            let before_done = |t: &u64| {
+                                !events_frontier.less_than(t) && !side_frontier.less_than(t)
+                            };
+                            let mut learner = learner.borrow_mut();
+                            let Some(learner) = learner.as_mut() else {
+                                return;
+                            };
+                            state.advance(
+                                learner,
+                                trace.as_mut(),
+                                &done,
+                                &before_done,
+                                &mut |cap, changes| {
+                                    output.session(cap).give_iterator(changes.into_iter());
+                                },
+                            );
+                            // Changes with no round after them only matter at the end.
+                            if events_frontier.is_empty() && side_frontier.is_empty() {
+                                let mut rest = state.changes.take_before(u64::MAX);
+                                learner.apply_counts(&mut rest);
+                            }
+                        }
+                    },
+                )
+                .probe_with(&probe);
+            if let Some(handle) = rows_loop {
+                changes_out
+                    .exchange(|batch: &RowBatch| batch.target)
+                    .connect_loop(handle);
+            }
+        });
+        Graph {
+            input,
+            replay,
+            probe,
+        }
+    }
+
+    /// Feeds this worker's share of the source into `input`, publishing deltas and
+    /// joining checkpoints at batch boundaries; then closes the input, steps the dataflow
+    /// until every round is trained, and takes the final checkpoint. Returns the ingest
+    /// statistics and whether all of it succeeded; a failure tells the other workers.
+    fn ingest_and_drain(
+        &self,
+        worker: &mut timely::worker::Worker,
+        mut input: Inputs,
+        probe: &ProbeHandle<u64>,
+        learner: &SharedLearner,
+    ) -> (IngestStats, Result<()>) {
+        let (index, peers) = (worker.index(), worker.peers());
+        let (config, checkpoints, cancel) = (&self.config, &self.checkpoints, &*self.cancel);
+        let coord = RefCell::new(Coordinator::build(
+            worker,
+            Handlers {
+                checkpoints: checkpoints.clone(),
+                gc: Arc::clone(&self.gc),
+                cancel: Arc::clone(&self.cancel),
+            },
+        ));
+        // A failing worker tells the cluster, or the others would wait for it.
+        let fail = || {
+            cancel.store(true, Ordering::Relaxed);
+            coord.borrow_mut().abort();
+        };
+        let mut stats = IngestStats::default();
+        // The input time this worker's input had when it closed: the events it sent last
+        // are at that time, so a checkpoint cut must lie beyond it even after the input
+        // is gone (a worker that has read all its partitions can be far ahead in event
+        // time of one still reading).
+        let closed_at = std::cell::Cell::new(None::<u64>);
+        let ctx = checkpoints.as_deref().map(|cp| CheckpointCtx {
+            cp,
+            coord: &coord,
+            learner,
+            probe,
+            tables: &self.tables,
+            cancel,
+            deltas: self.deltas.as_deref(),
+            dead: self.dead.as_ref(),
+            replicated: self.replication.is_some(),
+        });
+        let mut last_publish = Instant::now();
+        let mut hook = |worker: &mut timely::worker::Worker,
+                        input: Option<&mut Inputs>,
+                        stats: &IngestStats,
+                        flushed: bool|
+         -> Result<()> {
+            // Between checkpoints: a user's rows change only on its owner, and item rows
+            // are read as they are (Hogwild!), so no cut is needed; the checkpoint's own
+            // publication is the consistent one.
+            if let (Some(sink), Some(every), Some(ctx)) =
+                (self.deltas.as_deref(), self.publish_every, &ctx)
+            {
+                if last_publish.elapsed() >= every {
+                    last_publish = Instant::now();
+                    let changed = learner
+                        .borrow_mut()
+                        .as_mut()
+                        .map(|l| l.take_deltas(ctx.cp.next_id(), index == 0))
+                        .unwrap_or_default();
+                    sink.publish(&changed)?;
+                }
+            }
+            let Some(ctx) = &ctx else {
+                return Ok(());
+            };
+            // A worker still holding events back joins at its next batch.
+            if !flushed || !ctx.cp.pending() {
+                return Ok(());
+            }
+            take_checkpoint(worker, input, closed_at.get(), stats, ctx)
+        };
+        let local_first = index.is_multiple_of(config.workers);
+        let must_flush = || {
+            // Requests made to another process (signals, admin) go to worker 0.
+            if local_first && index != 0 {
+                forward_requests(&mut coord.borrow_mut(), checkpoints.as_deref(), &self.gc);
+            }
+            checkpoints.as_ref().is_some_and(|cp| {
+                if index == 0 {
+                    if let Some(id) = cp.poll() {
+                        coord.borrow_mut().start(id);
+                    }
+                }
+                cp.pending()
+            })
+        };
+        let ingest = self.source.open(index, peers).and_then(|reader| {
+            let feed = Feed {
+                clock: self.plan.clock,
+                rounds_in_flight: config.rounds_in_flight,
+                dead: self.dead.as_ref(),
+                cancel,
+                gc: (index == 0).then_some(self.gc.as_ref()),
+                late: config.late,
+                allowed_lateness_ms: config.allowed_lateness_ms,
+                max_skew_ms: config.max_skew_ms,
+                must_flush: &must_flush,
+                live: self.live.as_deref(),
+                checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
+                pool: &self.pool,
+            };
+            drive(
+                worker, &mut input, probe, reader, &feed, &mut stats, &mut hook,
+            )
+        });
+        if ingest.is_err() {
+            fail();
+        }
+        // Closing the input lets the frontier run out; the dataflow must still be stepped
+        // to completion so that the other workers can finish too (and join a checkpoint
+        // one of them started).
+        closed_at.set(Some(*input.events.time()));
+        drop(input);
+        let mut drained = Ok(());
+        while !probe.done() {
+            worker.step_or_park(Some(Duration::from_millis(10)));
+            // Joins a checkpoint worker 0 started before its input closed. No new one
+            // starts now: every worker must see the same sequence of checkpoints, and the
+            // last is the final one below.
+            if drained.is_ok() {
+                drained = hook(worker, None, &stats, true);
+            }
+        }
+        // The final checkpoint: every worker is here, every event trained.
+        if let (Some(ctx), true) = (&ctx, ingest.is_ok() && drained.is_ok()) {
+            if !cancel.load(Ordering::Relaxed) {
+                drained = take_checkpoint(worker, None, closed_at.get(), &stats, ctx);
+            }
+        }
+        if drained.is_err() {
+            fail();
+        }
+        coord.borrow_mut().close();
+        (stats, ingest.and(drained))
+    }
+}
+
 /// What a worker needs to take its part in a checkpoint besides its inputs.
 struct CheckpointCtx<'a> {
     cp: &'a Checkpointer,
     coord: &'a RefCell<Coordinator>,
     learner: &'a RefCell<Option<Learner>>,
     probe: &'a ProbeHandle<u64>,
-    tables: &'a [Option<Arc<crate::item_table::ItemTable>>],
+    tables: &'a [Option<Arc<ItemTable>>],
     cancel: &'a AtomicBool,
     deltas: Option<&'a dyn DeltaSink>,
     /// Flushed (file: fsync; Kafka: every letter acknowledged) before this worker's part

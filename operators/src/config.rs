@@ -408,15 +408,7 @@ impl VariantConfig {
             ))
         })?;
         let name = name.trim();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        {
-            return Err(Error::Config(format!(
-                "variant name {name:?} must be letters, digits, '_', '-' or '.'"
-            )));
-        }
+        check_variant_name(name)?;
         let mut model = base.clone();
         let mut parts = rest.split(',');
         if let Some(sampler) = parts.next().map(str::trim).filter(|s| !s.is_empty()) {
@@ -466,19 +458,13 @@ impl VariantConfig {
                 }
                 "mix_lr" => model.ensemble.lr = value.parse().map_err(|_| bad("a number"))?,
                 "norm" => {
-                    model.ensemble.norm = match value.trim() {
-                        "rank" => crate::model::Norm::Rank,
-                        "z" => crate::model::Norm::Z,
-                        _ => return Err(bad("rank or z")),
-                    }
+                    model.ensemble.norm = value.trim().parse().map_err(|_| bad("rank or z"))?
                 }
                 "objective" => {
-                    model.ensemble.objective = match value.trim() {
-                        "top" => crate::model::Objective::Top,
-                        "softmax" => crate::model::Objective::Softmax,
-                        "hedge" => crate::model::Objective::Hedge,
-                        _ => return Err(bad("top, softmax or hedge")),
-                    }
+                    model.ensemble.objective = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad("top, softmax or hedge"))?
                 }
                 other => {
                     return Err(Error::Config(format!(
@@ -488,16 +474,35 @@ impl VariantConfig {
                 }
             }
         }
-        let variant = VariantConfig {
-            name: name.to_string(),
-            model,
-        };
-        variant
-            .model
+        Self::new(name, model)
+    }
+
+    /// A variant from a name and a complete model, both checked: the typed counterpart
+    /// of [`VariantConfig::parse`] (job files build their `[[variants]]` this way).
+    pub fn new(name: &str, model: ModelConfig) -> Result<Self> {
+        check_variant_name(name)?;
+        model
             .validate()
             .map_err(|e| Error::Config(format!("variant {name}: {}", message(e))))?;
-        Ok(variant)
+        Ok(Self {
+            name: name.to_string(),
+            model,
+        })
     }
+}
+
+/// Names appear in reports, metric labels and file names: keep them plain.
+fn check_variant_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(Error::Config(format!(
+            "variant name {name:?} must be letters, digits, '_', '-' or '.'"
+        )));
+    }
+    Ok(())
 }
 
 /// The prequential protocol.

@@ -92,6 +92,33 @@ pub enum Objective {
     Hedge,
 }
 
+impl std::str::FromStr for Norm {
+    type Err = tidepool_pipeline::Error;
+    fn from_str(s: &str) -> tidepool_pipeline::Result<Self> {
+        match s {
+            "rank" => Ok(Self::Rank),
+            "z" => Ok(Self::Z),
+            other => Err(tidepool_pipeline::Error::Config(format!(
+                "unknown norm {other:?}; valid: rank, z"
+            ))),
+        }
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = tidepool_pipeline::Error;
+    fn from_str(s: &str) -> tidepool_pipeline::Result<Self> {
+        match s {
+            "top" => Ok(Self::Top),
+            "softmax" => Ok(Self::Softmax),
+            "hedge" => Ok(Self::Hedge),
+            other => Err(tidepool_pipeline::Error::Config(format!(
+                "unknown objective {other:?}; valid: hedge, top, softmax"
+            ))),
+        }
+    }
+}
+
 impl Ensemble {
     pub(crate) fn new(cfg: &EnsembleConfig, components: Vec<usize>) -> Self {
         let n = components.len();
