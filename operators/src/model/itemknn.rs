@@ -39,6 +39,7 @@
 //! identical bit for bit on any number of workers and processes. Only scoring (of the
 //! events whose user a worker owns) is split.
 
+use super::knn_lists::Lists;
 use crate::history::History;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -52,105 +53,6 @@ pub(crate) const FLOOR: f32 = 1e-3;
 /// Renormalise once the inflation factor passes this: counts then stay far below
 /// `f32::MAX` even after 10^15 increments at the factor.
 const MAX_INFLATION: f64 = 1e15;
-
-/// One item's neighbours: parallel arrays of dense item index and inflated weight.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-struct Neighbours {
-    items: Vec<u32>,
-    weights: Vec<f32>,
-    /// Positions by hash of the item, for lists longer than [`LINEAR`].
-    #[serde(skip)]
-    index: Vec<u32>,
-}
-
-/// Lists up to this long are searched linearly; longer ones get a hash index.
-const LINEAR: usize = 16;
-/// An empty slot of the index.
-const EMPTY: u32 = u32::MAX;
-
-impl Neighbours {
-    fn bytes(&self) -> u64 {
-        ((self.items.capacity() + self.weights.capacity() + self.index.capacity()) * 4) as u64
-    }
-
-    #[inline]
-    fn slot_of(j: u32, mask: usize) -> usize {
-        ((j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & mask
-    }
-
-    /// Reads the cache lines a search for `j` would (without building an index).
-    #[inline]
-    fn peek(&self, j: u32) -> u32 {
-        let Some(mask) = self.index.len().checked_sub(1) else {
-            return self.items.first().copied().unwrap_or(0);
-        };
-        let p = self.index[Self::slot_of(j, mask)];
-        match self.items.get(p as usize) {
-            Some(&x) => x ^ self.weights[p as usize].to_bits(),
-            None => p,
-        }
-    }
-
-    /// The position of neighbour `j`, if present. Long lists keep an open-addressing
-    /// index of positions (at most half full), so an update costs O(1) rather than a
-    /// scan of hundreds of entries; it is derived state, rebuilt after a cut.
-    #[inline]
-    fn find(&mut self, j: u32) -> Option<usize> {
-        if self.items.len() <= LINEAR {
-            return self.items.iter().position(|&x| x == j);
-        }
-        if self.index.len() < 2 * self.items.len() {
-            self.rebuild_index();
-        }
-        let mask = self.index.len() - 1;
-        let mut s = Self::slot_of(j, mask);
-        loop {
-            match self.index[s] {
-                EMPTY => return None,
-                p if self.items[p as usize] == j => return Some(p as usize),
-                _ => s = (s + 1) & mask,
-            }
-        }
-    }
-
-    #[inline]
-    fn push(&mut self, j: u32, w: f32) {
-        self.items.push(j);
-        self.weights.push(w);
-        if self.items.len() <= LINEAR || self.index.len() < 2 * self.items.len() {
-            // Rebuilt (larger) on the next search.
-            return;
-        }
-        let mask = self.index.len() - 1;
-        let mut s = Self::slot_of(j, mask);
-        while self.index[s] != EMPTY {
-            s = (s + 1) & mask;
-        }
-        self.index[s] = (self.items.len() - 1) as u32;
-    }
-
-    fn rebuild_index(&mut self) {
-        let size = (2 * self.items.len()).next_power_of_two().max(2 * LINEAR);
-        self.index.clear();
-        self.index.resize(size, EMPTY);
-        let mask = size - 1;
-        for (p, &j) in self.items.iter().enumerate() {
-            let mut s = Self::slot_of(j, mask);
-            while self.index[s] != EMPTY {
-                s = (s + 1) & mask;
-            }
-            self.index[s] = p as u32;
-        }
-    }
-
-    /// Drops the index after entries moved (it is rebuilt when next needed).
-    fn moved(&mut self) {
-        self.index.clear();
-        if self.items.len() <= LINEAR {
-            self.index.shrink_to_fit();
-        }
-    }
-}
 
 /// The recent sequences of every user, newest last, `history` slots per user.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -173,7 +75,8 @@ pub(crate) struct ItemKnn {
     pair_pows: Vec<f32>,
     /// `decay^k` for k in `0..history`.
     recency_pows: Vec<f32>,
-    lists: Vec<Neighbours>,
+    /// One neighbour list per dense item, in an arena (see `knn_lists`).
+    lists: Lists,
     /// Inflated interaction counts by dense item.
     counts: Vec<f32>,
     /// `counts^(1 - alpha)` by dense item, kept with the counts: scoring divides by it
@@ -211,7 +114,7 @@ impl ItemKnn {
             pair_pows: pows(cfg.pair_decay),
             recency_pows: pows(cfg.decay),
             cfg,
-            lists: Vec::new(),
+            lists: Lists::default(),
             counts: Vec::new(),
             norms: Vec::new(),
             seqs: Sequences::default(),
@@ -245,9 +148,7 @@ impl ItemKnn {
         let factor = (((self.now_ms - self.origin_ms) as f64) / hl as f64).exp2();
         if factor > MAX_INFLATION {
             let shrink = (1.0 / factor) as f32;
-            for list in &mut self.lists {
-                list.weights.iter_mut().for_each(|w| *w *= shrink);
-            }
+            self.lists.scale_weights(shrink);
             self.counts.iter_mut().for_each(|c| *c *= shrink);
             let one_minus = 1.0 - self.cfg.alpha;
             for (n, &c) in self.norms.iter_mut().zip(&self.counts) {
@@ -259,7 +160,7 @@ impl ItemKnn {
 
     /// Starts recording which lists change, for delta publication.
     pub(crate) fn track_changes(&mut self) {
-        self.dirty = Some(vec![false; self.lists.len()]);
+        self.dirty = Some(vec![false; self.lists.count()]);
     }
 
     /// Whether changes are recorded.
@@ -273,8 +174,8 @@ impl ItemKnn {
         self.advance(ts);
         let g = self.inflation();
         let n = item as usize + 1;
-        if self.lists.len() < n {
-            self.lists.resize_with(n, Neighbours::default);
+        if self.counts.len() < n {
+            self.lists.ensure(n);
             self.counts.resize(n, 0.0);
             self.norms.resize(n, 0.0);
         }
@@ -289,9 +190,7 @@ impl ItemKnn {
         let mut touched = 0u32;
         for d in 0..len {
             let prev = self.seqs.ring[base + (head + len - 1 - d) % h] as usize;
-            if let Some(list) = self.lists.get(prev) {
-                touched ^= list.peek(item);
-            }
+            touched ^= self.lists.peek(prev, item);
         }
         std::hint::black_box(touched);
         for d in 0..len {
@@ -314,23 +213,16 @@ impl ItemKnn {
     /// Adds `w` to co(from -> to).
     #[inline]
     fn add(&mut self, from: u32, to: u32, w: f32, g: f32) {
-        let list = &mut self.lists[from as usize];
+        let list = from as usize;
         let floor = FLOOR * g;
-        match list.find(to) {
+        match self.lists.find(list, to) {
             Some(p) => {
-                let old = list.weights[p];
-                list.weights[p] = if old < floor { w } else { old + w };
+                let old = &mut self.lists.entries_mut(list).1[p];
+                *old = if *old < floor { w } else { *old + w };
             }
             None => {
-                let cap = self.cfg.neighbours + self.cfg.neighbours / 2;
-                if list.items.len() == list.items.capacity() {
-                    // Grow towards the cap, never past it: lists are the bulk of the state.
-                    let want = (list.items.len() * 2).clamp(4, cap + 1) - list.items.len();
-                    list.items.reserve_exact(want);
-                    list.weights.reserve_exact(want);
-                }
-                list.push(to, w);
-                if list.items.len() > cap {
+                self.lists.push(list, to, w);
+                if self.lists.len(list) > self.cfg.neighbours + self.cfg.neighbours / 2 {
                     self.prune(from, g);
                 }
             }
@@ -351,13 +243,14 @@ impl ItemKnn {
     fn prune(&mut self, from: u32, g: f32) {
         let floor = FLOOR * g;
         let cap = self.cfg.neighbours + self.cfg.neighbours / 2;
-        let list = &mut self.lists[from as usize];
-        retain_pairs(list, |_, w| w >= floor);
-        if list.items.len() <= cap {
+        let list = from as usize;
+        retain_pairs(&mut self.lists, list, |_, w| w >= floor);
+        if self.lists.len(list) <= cap {
             return;
         }
         self.prune.clear();
-        for (p, (&j, &w)) in list.items.iter().zip(&list.weights).enumerate() {
+        let (items, weights) = self.lists.entries_mut(list);
+        for (p, (&j, &w)) in items.iter().zip(weights.iter()).enumerate() {
             self.prune.push((w, j, p as u32));
         }
         let keep = self.cfg.neighbours;
@@ -368,12 +261,10 @@ impl ItemKnn {
         self.prune.truncate(keep);
         self.prune.sort_unstable_by_key(|e| e.2);
         for (k, &(_, _, p)) in self.prune.iter().enumerate() {
-            list.items[k] = list.items[p as usize];
-            list.weights[k] = list.weights[p as usize];
+            items[k] = items[p as usize];
+            weights[k] = weights[p as usize];
         }
-        list.items.truncate(keep);
-        list.weights.truncate(keep);
-        list.moved();
+        self.lists.truncate(list, keep);
     }
 
     /// Accumulates the scores of every item with a positive score for `user` into the
@@ -396,12 +287,12 @@ impl ItemKnn {
         let alpha = self.cfg.alpha;
         for k in 0..len {
             let prev = self.seqs.ring[slot * h + (head + len - 1 - k) % h] as usize;
-            let Some(list) = self.lists.get(prev) else {
+            if prev >= self.lists.count() {
                 continue;
-            };
+            }
             let ch = self.counts[prev].powf(alpha);
             let wk = self.recency_pows[k] / ch;
-            for (&j, &w) in list.items.iter().zip(&list.weights) {
+            for (&j, &w) in self.lists.items(prev).iter().zip(self.lists.weights(prev)) {
                 if w < floor {
                     continue;
                 }
@@ -506,13 +397,12 @@ impl ItemKnn {
     #[cfg(test)]
     pub(crate) fn co(&self, from: u32, to: u32) -> f32 {
         let g = self.inflation();
-        let Some(list) = self.lists.get(from as usize) else {
-            return 0.0;
-        };
-        list.items
+        let from = from as usize;
+        self.lists
+            .items(from)
             .iter()
             .position(|&j| j == to)
-            .map(|p| list.weights[p])
+            .map(|p| self.lists.weights(from)[p])
             .filter(|&w| w >= FLOOR * g)
             .map_or(0.0, |w| w / g)
     }
@@ -526,7 +416,7 @@ impl ItemKnn {
     /// Entries held in the neighbour list of `item` (tests).
     #[cfg(test)]
     pub(crate) fn list_len(&self, item: u32) -> usize {
-        self.lists.get(item as usize).map_or(0, |l| l.items.len())
+        self.lists.len(item as usize)
     }
 
     /// One GC cycle's share: removes entries faded below the floor and entries of
@@ -536,21 +426,17 @@ impl ItemKnn {
     pub(crate) fn compact(&mut self, alive: &[bool], user_cutoff: Option<i64>) -> u64 {
         let before = self.bytes();
         let floor = FLOOR * self.inflation();
-        for (i, list) in self.lists.iter_mut().enumerate() {
-            if !alive.get(i).copied().unwrap_or(true) {
-                *list = Neighbours::default();
+        for list in 0..self.lists.count() {
+            if !alive.get(list).copied().unwrap_or(true) {
+                self.lists.clear(list);
                 continue;
             }
-            retain_pairs(list, |j, w| {
+            retain_pairs(&mut self.lists, list, |j, w| {
                 w >= floor && alive.get(j as usize).copied().unwrap_or(true)
             });
-            let k = list.items.len();
-            // Keep a little room for growth; a list far above its length gives it back.
-            if list.items.capacity() > k + k / 2 + 4 {
-                list.items.shrink_to_fit();
-                list.weights.shrink_to_fit();
-            }
         }
+        // Every list in the smallest class that holds it; the old arena goes back.
+        self.lists = std::mem::take(&mut self.lists).compacted();
         for (i, (c, n)) in self.counts.iter_mut().zip(&mut self.norms).enumerate() {
             if !alive.get(i).copied().unwrap_or(true) {
                 *c = 0.0;
@@ -565,9 +451,9 @@ impl ItemKnn {
 
     /// Heap bytes held (lists, counts, sequences).
     pub(crate) fn bytes(&self) -> u64 {
-        let lists: u64 = self.lists.iter().map(Neighbours::bytes).sum::<u64>()
-            + (self.lists.capacity() * std::mem::size_of::<Neighbours>()) as u64;
-        lists + ((self.counts.capacity() + self.norms.capacity()) * 4) as u64 + self.seqs.bytes()
+        self.lists.bytes()
+            + ((self.counts.capacity() + self.norms.capacity()) * 4) as u64
+            + self.seqs.bytes()
     }
 
     /// Neighbour lists changed since the last call, as `(item, [(neighbour, weight)])`
@@ -581,11 +467,11 @@ impl ItemKnn {
         let mut out = Vec::new();
         for (i, d) in dirty.iter_mut().enumerate() {
             if std::mem::take(d) {
-                let list = &self.lists[i];
-                let mut entries: Vec<(u32, f32)> = list
-                    .items
+                let mut entries: Vec<(u32, f32)> = self
+                    .lists
+                    .items(i)
                     .iter()
-                    .zip(&list.weights)
+                    .zip(self.lists.weights(i))
                     .filter(|(_, &w)| w >= floor)
                     .map(|(&j, &w)| (j, w / g))
                     .collect();
@@ -603,23 +489,19 @@ impl ItemKnn {
     }
 }
 
-/// Keeps the entries `keep(item, weight)` accepts, in order.
-fn retain_pairs(list: &mut Neighbours, keep: impl Fn(u32, f32) -> bool) {
+/// Keeps the entries `keep(item, weight)` accepts in list `list`, in order.
+fn retain_pairs(lists: &mut Lists, list: usize, keep: impl Fn(u32, f32) -> bool) {
+    let (items, weights) = lists.entries_mut(list);
     let mut k = 0;
-    for p in 0..list.items.len() {
-        let (j, w) = (list.items[p], list.weights[p]);
+    for p in 0..items.len() {
+        let (j, w) = (items[p], weights[p]);
         if keep(j, w) {
-            list.items[k] = j;
-            list.weights[k] = w;
+            items[k] = j;
+            weights[k] = w;
             k += 1;
         }
     }
-    let cut = k < list.items.len();
-    list.items.truncate(k);
-    list.weights.truncate(k);
-    if cut {
-        list.moved();
-    }
+    lists.truncate(list, k);
 }
 
 impl Sequences {

@@ -6,6 +6,7 @@
 pub(crate) mod bpr;
 pub(crate) mod ensemble;
 mod itemknn;
+mod knn_lists;
 
 use crate::history::History;
 use std::sync::Arc;
