@@ -1,7 +1,7 @@
 //! `tidepool train` and `tidepool produce`: the Kafka-connected commands.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -17,8 +17,9 @@ use tidepool_operators::{run_dataflow, BacktestConfig, BacktestReport, RunOption
 use tidepool_pipeline::memory::collector::GcController;
 use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, MemoryDeadLetters};
 
+use crate::api::{Control, Outcome};
 use crate::cli::{KafkaArgs, ProduceArgs, RecommendArgs, StopWhen, TrainArgs};
-use crate::report::{summary_json, summary_table};
+use crate::report::{summary_json, summary_table, windows_batch};
 
 /// Default tick of a followed stream: rounds of one minute of event time.
 const STREAM_TICK_MS: i64 = 60_000;
@@ -217,8 +218,16 @@ pub fn check(args: &TrainArgs) -> anyhow::Result<BacktestConfig> {
     Ok(config)
 }
 
-/// Runs `tidepool train`.
+/// Runs `tidepool train` as the CLI does: signals, progress spinner, tables on stdout.
 pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
+    train_with(args, Control::cli()).map(|outcome| outcome.report)
+}
+
+/// Runs a Kafka retraining job under `control` (see [`crate::api::Control`]): setting
+/// `control.stop` ends the readers as SIGINT does (the run drains and writes its final
+/// checkpoint); with `control.signals` SIGINT/SIGTERM, SIGUSR1 (GC cycle) and SIGUSR2
+/// (checkpoint) are handled; with `control.print` the spinner and tables are drawn.
+pub fn train_with(args: &TrainArgs, control: Control) -> anyhow::Result<Outcome> {
     let config = check(args)?;
     let embedded = if args.kafka.brokers == "embedded" {
         Some(embedded_demo(args)?)
@@ -296,8 +305,30 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         .with_pool(pool.clone());
     let counters = source.counters();
     let stopped = source.stop_flag();
-    #[cfg(unix)]
+    // The caller's stop flag ends the readers like a signal does; the watcher ends with
+    // the run.
+    let run_over = Arc::new(AtomicBool::new(false));
     {
+        let (from, to, over) = (
+            Arc::clone(&control.stop),
+            source.stop_flag(),
+            Arc::clone(&run_over),
+        );
+        std::thread::Builder::new()
+            .name("tidepool-stop".into())
+            .spawn(move || {
+                while !over.load(Ordering::Relaxed) {
+                    if from.load(Ordering::Relaxed) {
+                        to.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            })
+            .context("starting the stop watcher")?;
+    }
+    #[cfg(unix)]
+    if control.signals {
         use signal_hook::consts::{SIGUSR1, SIGUSR2};
         // SIGINT/SIGTERM end the readers; the run drains and writes a final checkpoint.
         crate::api::stop_on_signals(&source.stop_flag())?;
@@ -309,7 +340,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         }
     }
     let description = source.info().description;
-    let bar = if args.run.quiet {
+    let bar = if args.run.quiet || !control.print {
         ProgressBar::hidden()
     } else {
         let bar = ProgressBar::new_spinner();
@@ -378,31 +409,26 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
             throughput
                 .borrow_mut()
                 .push((started.elapsed().as_secs_f64(), n));
-            bar.set_position(n)
+            bar.set_position(n);
+            if let Some(progress) = &control.progress {
+                progress(n, None);
+            }
         },
-    )?;
+    );
+    run_over.store(true, Ordering::Relaxed);
+    let report = report?;
     bar.finish_and_clear();
-    print!("{}", summary_table(&report));
     let (messages, skipped, rejected, lost) = (
         counters.messages.load(Ordering::Relaxed),
         counters.skipped.load(Ordering::Relaxed),
         counters.rejected.load(Ordering::Relaxed),
         counters.offsets_lost.load(Ordering::Relaxed),
     );
-    println!("kafka: {messages} messages read, {skipped} skipped by type, {rejected} dead letters");
+    if control.print {
+        print_train_outcome(&report, messages, skipped, rejected);
+    }
     if lost > 0 {
         eprintln!("warning: {lost} offsets were gone from the broker (retention) before they could be read");
-    }
-    if let Some(cp) = &report.checkpoints {
-        println!(
-            "checkpoints: {} written (last {:?}, {} bytes, {:.1} ms pause){}",
-            cp.written,
-            cp.last_id,
-            cp.last_bytes,
-            cp.last_pause_ms,
-            cp.restored_from
-                .map_or_else(String::new, |id| format!(", resumed from {id}"))
-        );
     }
     drop(embedded);
     let mut summary = summary_json(&report, &description);
@@ -422,9 +448,33 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<BacktestReport> {
         &pool,
         &description,
         &throughput.borrow(),
-        true,
+        control.print,
     )?;
-    Ok(report)
+    let windows = windows_batch(&report, &pool)?;
+    Ok(Outcome {
+        report,
+        summary,
+        windows,
+        stopped: stopped.load(Ordering::Relaxed),
+    })
+}
+
+/// The CLI's account of a finished `train`: the metrics table, what Kafka delivered and
+/// the checkpoints.
+fn print_train_outcome(report: &BacktestReport, messages: u64, skipped: u64, rejected: u64) {
+    print!("{}", summary_table(report));
+    println!("kafka: {messages} messages read, {skipped} skipped by type, {rejected} dead letters");
+    if let Some(cp) = &report.checkpoints {
+        println!(
+            "checkpoints: {} written (last {:?}, {} bytes, {:.1} ms pause){}",
+            cp.written,
+            cp.last_id,
+            cp.last_bytes,
+            cp.last_pause_ms,
+            cp.restored_from
+                .map_or_else(String::new, |id| format!(", resumed from {id}"))
+        );
+    }
 }
 
 /// Runs `tidepool produce`.

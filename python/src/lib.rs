@@ -132,12 +132,9 @@ fn backtest<'py>(
     run(py, args, input, progress)
 }
 
-fn run<'py>(
-    py: Python<'py>,
-    args: tidepool_jobs::cli::BacktestArgs,
-    input: Input,
-    progress: Option<Py<PyAny>>,
-) -> PyResult<Finished<'py>> {
+/// A library `Control` whose progress lands in `done` and `total`, which [`drive`]
+/// reports to Python, and whose stop flag [`drive`] sets on Ctrl-C.
+fn control() -> (Control, Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>) {
     let stop = Arc::new(AtomicBool::new(false));
     let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let control = Control {
@@ -151,6 +148,30 @@ fn run<'py>(
         }),
         ..Control::library()
     };
+    (control, stop, done, total)
+}
+
+/// Runs a Kafka retraining job (a job file with `kind = "kafka"`) until its `stop_at`
+/// or Ctrl-C, which ends the readers; the run drains and writes its final checkpoint.
+fn train<'py>(
+    py: Python<'py>,
+    args: tidepool_jobs::cli::TrainArgs,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Finished<'py>> {
+    let (control, stop, done, total) = control();
+    let (outcome, interrupted) = drive(py, stop, done, total, progress, move || {
+        tidepool_jobs::stream::train_with(&args, control)
+    })?;
+    finish(py, outcome.map_err(runtime_error)?, interrupted)
+}
+
+fn run<'py>(
+    py: Python<'py>,
+    args: tidepool_jobs::cli::BacktestArgs,
+    input: Input,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Finished<'py>> {
+    let (control, stop, done, total) = control();
     let (outcome, interrupted) = drive(py, stop, done, total, progress, move || {
         api::backtest(&args, input, control)
     })?;
@@ -167,7 +188,8 @@ fn run<'py>(
     finish(py, outcome, interrupted)
 }
 
-/// Runs a job file (a backtest job), with flag overrides as `tidepool run` takes them.
+/// Runs a job file (a backtest, or Kafka retraining), with flag overrides as `tidepool
+/// run` takes them.
 #[pyfunction]
 #[pyo3(signature = (path, overrides=Vec::new(), progress=None))]
 fn run_job<'py>(
@@ -178,11 +200,7 @@ fn run_job<'py>(
 ) -> PyResult<Finished<'py>> {
     match tidepool_jobs::job::load(&path, &overrides).map_err(|e| value_error(format!("{e:#}")))? {
         Command::Backtest(args) => run(py, *args, Input::FromArgs, progress),
-        Command::Train(_) => Err(PyValueError::new_err(format!(
-            "{}: a train job follows a Kafka topic; run it with `tidepool run {}`",
-            path.display(),
-            path.display()
-        ))),
+        Command::Train(args) => train(py, *args, progress),
         _ => Err(PyValueError::new_err(format!(
             "{}: not a runnable job",
             path.display()

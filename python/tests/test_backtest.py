@@ -146,6 +146,25 @@ def test_a_job_file_runs_and_its_errors_point_at_the_line(tmp_path):
         tidepool.Job.from_toml(bad)
 
 
+def test_a_kafka_job_runs_and_its_checkpoint_serves_recommendations(tmp_path):
+    # The shipped no-setup example: an in-process cluster filled with a generated stream
+    # (the Rust tests run the same retraining against a real broker).
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "kafka-embedded.toml")
+    job = tmp_path / "kafka.toml"
+    job.write_text(open(example).read())
+    report = tidepool.Job.from_toml(job, events=20_000).run(progress=False)
+    assert report.summary["events"] == 20_000
+    assert report.summary["kafka"]["messages"] == 20_000
+    assert report.summary["checkpoints"]["written"] >= 1
+    assert not report.stopped_early
+    assert [v["model"] for v in report.variants] == ["bpr"]
+    assert report.windows.num_rows > 0
+    written = json.loads((tmp_path / "kafka-summary.json").read_text())
+    assert written["variants"] == report.variants
+    items = tidepool.recommend(tmp_path / "kafka-checkpoints", user=1, k=5)
+    assert len(items) == 5
+
+
 def test_recommend_serves_a_saved_model(tmp_path):
     report = tidepool.backtest(None, model="bpr", events=20_000, save_model=str(tmp_path / "model"), progress=False)
     assert report.summary["events"] == 20_000

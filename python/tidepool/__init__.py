@@ -201,7 +201,8 @@ class Job:
         return cls(path, options_to_flags(options))
 
     def run(self, progress: bool = True) -> Report:
-        """Runs the job (a backtest job) and returns its report."""
+        """Runs the job (a backtest, or Kafka retraining until its ``stop_at``) and
+        returns its report."""
         return _run(lambda update: _tidepool.run_job(self.path, self.overrides, update), progress)
 
 
