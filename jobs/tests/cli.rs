@@ -507,9 +507,10 @@ fn batches_are_pooled_and_the_steady_state_does_not_allocate_per_event() {
                 "{case}: {allocs}"
             );
             let per_event = summary["allocs_per_event"].as_f64().unwrap();
-            // Parquet decoding allocates inside parquet-rs, per page (not pooled): its
-            // bound is the one docs/memory.md states for it.
-            let bound = if input.is_some() { 0.004 } else { 0.001 };
+            // Parquet decoding allocates inside parquet-rs, a few calls per page (not
+            // pooled): with the writer's 256 k-row pages measured 0.0009-0.0011 (0.002
+            // with parquet-rs's default 20 k-row pages); docs/memory.md.
+            let bound = if input.is_some() { 0.0018 } else { 0.001 };
             assert!(
                 per_event <= bound,
                 "{case}: {per_event} allocator calls per event: {allocs}"

@@ -18,7 +18,9 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::ProjectionMask;
 use parquet::file::statistics::Statistics;
 use tidepool_pipeline::event::{EVENT_TYPE, ITEM_ID, TS, USER_ID, WEIGHT};
@@ -114,6 +116,9 @@ struct FileEntry {
     projection: Vec<(usize, &'static str)>,
     /// Whether the time column is a plain integer that needs the mapping's unit.
     int_time: bool,
+    /// The footer, parsed once: each row group opens with it instead of parsing it again
+    /// (hundreds of allocator calls per parse).
+    metadata: ArrowReaderMetadata,
 }
 
 /// Parquet files replayed as events.
@@ -143,8 +148,10 @@ impl ParquetSource {
         for (file_index, path) in paths.into_iter().enumerate() {
             let context = || format!("reading metadata of {}", path.display());
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
                 .map_err(|e| Error::connector(context(), e))?;
+            let builder =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone());
             let schema = Arc::clone(builder.schema());
             let (projection, ts_type) = project(&schema, &mapping).map_err(|e| {
                 let message = match e {
@@ -217,6 +224,7 @@ impl ParquetSource {
                 path,
                 projection,
                 int_time,
+                metadata,
             });
         }
         row_groups.sort_by_key(|rg| (rg.min_ts.unwrap_or(i64::MIN), rg.file, rg.index));
@@ -328,16 +336,19 @@ impl EventSource for ParquetSource {
                 name,
                 projection,
                 int_time,
+                metadata,
             } = files[rg.file].clone();
-            // Opening reads metadata and page headers, which parquet-rs may also panic on.
-            let opened =
-                std::panic::catch_unwind(|| open_row_group(&path, &rg, &projection, batch_rows))
-                    .unwrap_or_else(|_| {
-                        Err(Error::connector(
-                            format!("reading {} row group {}", path.display(), rg.index),
-                            "the Parquet decoder failed on damaged data",
-                        ))
-                    });
+            // Opening reads page headers, which parquet-rs may also panic on. The parsed
+            // footer is only read here, so a panic cannot leave it half-changed.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                open_row_group(&path, &metadata, &rg, &projection, batch_rows)
+            }))
+            .unwrap_or_else(|_| {
+                Err(Error::connector(
+                    format!("reading {} row group {}", path.display(), rg.index),
+                    "the Parquet decoder failed on damaged data",
+                ))
+            });
             match opened {
                 Err(e) => Box::new(std::iter::once(Err(e))) as EventReader,
                 Ok(batches) => {
@@ -433,14 +444,14 @@ where
 
 fn open_row_group(
     path: &PathBuf,
+    metadata: &ArrowReaderMetadata,
     rg: &RowGroup,
     projection: &[(usize, &'static str)],
     batch_rows: usize,
 ) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let context = || format!("reading {} row group {}", path.display(), rg.index);
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::connector(context(), e))?;
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone());
     let mask = ProjectionMask::roots(builder.parquet_schema(), projection.iter().map(|(i, _)| *i));
     builder
         .with_row_groups(vec![rg.index])

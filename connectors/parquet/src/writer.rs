@@ -13,6 +13,12 @@ use tidepool_pipeline::{Error, Result};
 /// compression, small enough that several workers can share a file's replay.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 1 << 20;
 
+/// Rows per data page at most (see [`EventWriter::create`]).
+const DATA_PAGE_ROWS: usize = 1 << 18;
+
+/// Bytes per data page at most, encoded.
+const DATA_PAGE_BYTES: usize = 4 << 20;
+
 /// Writes record batches to `path` through a temporary file that is renamed into place on
 /// [`EventWriter::finish`]; dropping the writer unfinished removes the temporary file.
 pub struct EventWriter {
@@ -37,6 +43,13 @@ impl EventWriter {
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+            // A replay reads every page of the columns it projects, and parquet-rs
+            // allocates a few times per page it decodes: pages of up to 256 k rows (and
+            // 4 MiB) instead of the default 20 k rows (1 MiB) make that per-page cost
+            // small per event; filters and point reads, which smaller pages help, are not
+            // what these files are for.
+            .set_data_page_row_count_limit(DATA_PAGE_ROWS)
+            .set_data_page_size_limit(DATA_PAGE_BYTES)
             .build();
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| Error::connector(format!("writing {}", path.display()), e))?;
