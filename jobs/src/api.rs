@@ -12,7 +12,7 @@
 //! # anyhow::Ok(())
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -145,6 +145,7 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
         None => Arc::new(MemoryDeadLetters::new(5)),
     };
     let bar = progress_bar(info.rows.unwrap_or(0), args.quiet || !control.print);
+    let tracker = Tracker::new(bar, &control, info.rows);
     let gc = Arc::new(GcController::new(config.gc.clone(), config.workers).with_pool(pool.clone()));
     // `kill -USR1 PID` asks for a compaction cycle, like calling runtime.GC().
     #[cfg(unix)]
@@ -152,13 +153,12 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
         signal_hook::flag::register(signal_hook::consts::SIGUSR1, gc.manual_flag())
             .context("installing the SIGUSR1 handler")?;
     }
-    let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let live = Arc::new(LiveMetrics::new(&config));
     crate::serve::start_if(
         args.metrics_addr.as_deref(),
         args.admin_token.as_deref(),
         || crate::serve::Telemetry {
-            trained: Arc::clone(&trained),
+            trained: Arc::clone(&tracker.trained),
             gc: Arc::clone(&gc),
             checkpoints: None,
             dead: Arc::clone(&dead),
@@ -194,36 +194,90 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
         cluster: args.cluster()?,
         live: Some(live),
     };
-    let throughput = std::cell::RefCell::new(crate::html::Throughput::new());
-    let started = Instant::now();
     let report = run_dataflow(source, &config, Arc::clone(&dead), options, &|done| {
-        trained.store(done, Ordering::Relaxed);
-        throughput
-            .borrow_mut()
-            .push((started.elapsed().as_secs_f64(), done));
-        bar.set_position(done);
-        if let Some(progress) = &control.progress {
-            progress(done, info.rows);
-        }
+        tracker.record(done)
     })?;
-    bar.finish_and_clear();
+    tracker.bar.finish_and_clear();
     let stopped = stop.load(Ordering::Relaxed);
     if control.print {
         print_outcome(args, &report, stopped, info.rows, &pool);
     }
-    let mut summary = summary_json(&report, &info.description);
+    let summary = summary_json(&report, &info.description);
+    conclude(
+        args,
+        report,
+        summary,
+        &pool,
+        &info.description,
+        &tracker,
+        control.print,
+        stopped,
+    )
+}
+
+/// What a run's progress feeds, ten times a second: the telemetry's trained counter, the
+/// report's throughput curve, the progress bar and the caller's callback.
+pub(crate) struct Tracker<'a> {
+    pub(crate) trained: Arc<AtomicU64>,
+    pub(crate) bar: ProgressBar,
+    throughput: std::cell::RefCell<crate::html::Throughput>,
+    started: Instant,
+    progress: Option<&'a Progress>,
+    /// The events the run will see, when known.
+    total: Option<u64>,
+}
+
+impl<'a> Tracker<'a> {
+    pub(crate) fn new(bar: ProgressBar, control: &'a Control, total: Option<u64>) -> Self {
+        Self {
+            trained: Arc::new(AtomicU64::new(0)),
+            bar,
+            throughput: std::cell::RefCell::new(crate::html::Throughput::new()),
+            started: Instant::now(),
+            progress: control.progress.as_ref(),
+            total,
+        }
+    }
+
+    /// `done` events processed so far.
+    pub(crate) fn record(&self, done: u64) {
+        self.trained.store(done, Ordering::Relaxed);
+        self.throughput
+            .borrow_mut()
+            .push((self.started.elapsed().as_secs_f64(), done));
+        self.bar.set_position(done);
+        if let Some(progress) = self.progress {
+            progress(done, self.total);
+        }
+    }
+}
+
+/// The end every run shares, whatever its source: `summary` completed (stopped_early,
+/// memory), the files asked for written, the per-window metrics as Arrow.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conclude(
+    args: &BacktestArgs,
+    report: BacktestReport,
+    mut summary: serde_json::Value,
+    pool: &tidepool_pipeline::BufferPool,
+    description: &str,
+    tracker: &Tracker<'_>,
+    print: bool,
+    stopped: bool,
+) -> anyhow::Result<Outcome> {
     summary["stopped_early"] = stopped.into();
-    memory_summary(&mut summary, &report, &pool)?;
+    memory_summary(&mut summary, &report, pool)?;
+    let throughput = tracker.throughput.borrow();
     write_outputs(
         args,
         &report,
         &summary,
-        &pool,
-        &info.description,
-        &throughput.borrow(),
-        control.print,
+        pool,
+        description,
+        &throughput,
+        print,
     )?;
-    let windows = windows_batch(&report, &pool)?;
+    let windows = windows_batch(&report, pool)?;
     Ok(Outcome {
         report,
         summary,
@@ -234,7 +288,7 @@ pub fn backtest(args: &BacktestArgs, input: Input, control: Control) -> anyhow::
 
 /// The files every run writes when asked, whatever its source: `--summary-json`
 /// (`summary`, complete), `--metrics-out` and `--report`.
-pub(crate) fn write_outputs(
+fn write_outputs(
     args: &BacktestArgs,
     report: &BacktestReport,
     summary: &serde_json::Value,

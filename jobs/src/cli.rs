@@ -794,18 +794,24 @@ impl BacktestArgs {
     /// batches in `pool`.
     pub fn source(&self, pool: &BufferPool) -> anyhow::Result<Arc<dyn EventSource>> {
         if self.inputs.is_empty() {
-            let cfg = GeneratorConfig {
-                events: self.events,
-                users: self.users,
-                items: self.items,
-                user_churn: self.user_churn,
-                ..GeneratorConfig::default()
-            };
-            return Ok(Arc::new(GeneratorSource::new(cfg)?.with_pool(pool.clone())));
+            let source = GeneratorSource::new(self.generator())?.with_pool(pool.clone());
+            return Ok(Arc::new(source));
         }
         Ok(Arc::new(
             ParquetSource::open(&self.inputs, self.mapping())?.with_pool(pool.clone()),
         ))
+    }
+
+    /// The generated stream these arguments size (used without inputs, and to fill an
+    /// embedded Kafka cluster).
+    pub fn generator(&self) -> GeneratorConfig {
+        GeneratorConfig {
+            events: self.events,
+            users: self.users,
+            items: self.items,
+            user_churn: self.user_churn,
+            ..GeneratorConfig::default()
+        }
     }
 
     /// Which columns of files (or in-memory batches) hold the event fields.

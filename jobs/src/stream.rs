@@ -19,7 +19,7 @@ use tidepool_pipeline::{DeadLetterSink, Event, EventSource, JsonlDeadLetters, Me
 
 use crate::api::{Control, Outcome};
 use crate::cli::{KafkaArgs, ProduceArgs, RecommendArgs, StopWhen, TrainArgs};
-use crate::report::{summary_json, summary_table, windows_batch};
+use crate::report::{summary_json, summary_table};
 
 /// Default tick of a followed stream: rounds of one minute of event time.
 const STREAM_TICK_MS: i64 = 60_000;
@@ -97,15 +97,13 @@ fn embedded_demo(args: &TrainArgs) -> anyhow::Result<Embedded> {
         "embedded Kafka cluster at {bootstrap} (topic {}, {} partitions); filling it with {} generated events",
         args.kafka.topic, args.kafka.partitions, args.run.events
     );
-    let cfg = GeneratorConfig {
-        events: args.run.events,
-        users: args.run.users,
-        items: args.run.items,
-        user_churn: args.run.user_churn,
-        ..GeneratorConfig::default()
-    };
     let settings = args.kafka.settings(&bootstrap);
-    let report = produce(&settings, generated_events(cfg)?, None, &|_| {})?;
+    let report = produce(
+        &settings,
+        generated_events(args.run.generator())?,
+        None,
+        &|_| {},
+    )?;
     eprintln!(
         "produced {} events in {:.2}s",
         report.messages, report.seconds
@@ -351,6 +349,7 @@ pub fn train_with(args: &TrainArgs, control: Control) -> anyhow::Result<Outcome>
         }
         bar
     };
+    let tracker = crate::api::Tracker::new(bar, &control, None);
     let mut sinks: Vec<Arc<dyn tidepool_pipeline::delta::DeltaSink>> = Vec::new();
     if let Some(topic) = &args.publish_topic {
         if let Some(cluster) = &embedded {
@@ -372,13 +371,12 @@ pub fn train_with(args: &TrainArgs, control: Control) -> anyhow::Result<Outcome>
         1 => sinks.pop(),
         _ => Some(Arc::new(tidepool_pipeline::delta::DeltaSinks(sinks))),
     };
-    let trained = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let live = Arc::new(tidepool_operators::live::LiveMetrics::new(&config));
     crate::serve::start_if(
         args.run.metrics_addr.as_deref(),
         args.run.admin_token.as_deref(),
         || crate::serve::Telemetry {
-            trained: Arc::clone(&trained),
+            trained: Arc::clone(&tracker.trained),
             gc: Arc::clone(&gc),
             checkpoints: checkpoints.clone(),
             dead: Arc::clone(&dead),
@@ -397,27 +395,16 @@ pub fn train_with(args: &TrainArgs, control: Control) -> anyhow::Result<Outcome>
         cluster: args.run.cluster()?,
         live: Some(live),
     };
-    let throughput = std::cell::RefCell::new(crate::html::Throughput::new());
-    let started = std::time::Instant::now();
     let report = run_dataflow(
         Arc::new(source),
         &config,
         Arc::clone(&dead),
         options,
-        &|n| {
-            trained.store(n, Ordering::Relaxed);
-            throughput
-                .borrow_mut()
-                .push((started.elapsed().as_secs_f64(), n));
-            bar.set_position(n);
-            if let Some(progress) = &control.progress {
-                progress(n, None);
-            }
-        },
+        &|n| tracker.record(n),
     );
     run_over.store(true, Ordering::Relaxed);
     let report = report?;
-    bar.finish_and_clear();
+    tracker.bar.finish_and_clear();
     let (messages, skipped, rejected, lost) = (
         counters.messages.load(Ordering::Relaxed),
         counters.skipped.load(Ordering::Relaxed),
@@ -439,24 +426,17 @@ pub fn train_with(args: &TrainArgs, control: Control) -> anyhow::Result<Outcome>
     });
     summary["checkpoints"] = serde_json::to_value(&report.checkpoints)?;
     // As in a backtest: whether a signal ended the run (a `--stop-at` end is not early).
-    summary["stopped_early"] = stopped.load(Ordering::Relaxed).into();
-    crate::api::memory_summary(&mut summary, &report, &pool)?;
-    crate::api::write_outputs(
+    let stopped = stopped.load(Ordering::Relaxed);
+    crate::api::conclude(
         &args.run,
-        &report,
-        &summary,
-        &pool,
-        &description,
-        &throughput.borrow(),
-        control.print,
-    )?;
-    let windows = windows_batch(&report, &pool)?;
-    Ok(Outcome {
         report,
         summary,
-        windows,
-        stopped: stopped.load(Ordering::Relaxed),
-    })
+        &pool,
+        &description,
+        &tracker,
+        control.print,
+        stopped,
+    )
 }
 
 /// The CLI's account of a finished `train`: the metrics table, what Kafka delivered and

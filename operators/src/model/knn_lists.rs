@@ -4,8 +4,8 @@
 //!
 //! Why: lists grow for as long as new items and pairs appear, and a list held in its
 //! own `Vec`s reallocates at every doubling; with twenty list updates per event that
-//! was more than one allocator call per event on ml-latest-small (issue 15 asks for at
-//! most 0.001 end to end). Here slots come from chunks of up to 256 KiB that are never
+//! was more than one allocator call per event on ml-latest-small, against a goal of at
+//! most 0.001 end to end (docs/memory.md). Here slots come from chunks of up to 256 KiB that are never
 //! returned while the run lasts, and a slot given up on growth or expiry is reused by
 //! the next list of its class, so allocator calls scale with the bytes the state grows
 //! by, not with the events. A GC cycle rebuilds the arena with every list in the
@@ -20,7 +20,7 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Lists up to this long are searched linearly; longer ones use their hash index.
-pub(crate) const LINEAR: usize = 16;
+const LINEAR: usize = 16;
 /// An empty slot of an index.
 const EMPTY: u32 = u32::MAX;
 /// Class of a list with no slot.
@@ -349,34 +349,24 @@ impl Lists {
 
     /// Moves list `list` into a slot of class `class`, giving its old slot back.
     fn grow(&mut self, list: usize, class: usize) {
-        let (chunk, slot) = self.take_slot(class);
         let old = self.heads[list];
-        let len = old.len as usize;
-        if old.class != NO_CLASS {
-            let (old_shape, at) = Self::place(&old);
-            let new_shape = Shape::of(class);
-            let (to, from) = two(&mut self.classes, class, old.class as usize);
-            let new_at = slot as usize * new_shape.words();
-            // Growth always moves to a larger class, so `from` is another class.
-            if let Some(from) = from {
-                to.items[chunk as usize][new_at..new_at + len]
-                    .copy_from_slice(&from.items[old.chunk as usize][at..at + len]);
-                let (w_from, w_to) = (
-                    old.slot as usize * old_shape.cap,
-                    slot as usize * new_shape.cap,
-                );
-                to.weights[chunk as usize][w_to..w_to + len]
-                    .copy_from_slice(&from.weights[old.chunk as usize][w_from..w_from + len]);
-                from.free.push((old.chunk, old.slot));
-            }
+        if old.class == NO_CLASS {
+            self.place_in(list, class, &[], &[]);
+            return;
         }
-        self.heads[list] = Head {
-            class: class as u8,
-            indexed: false,
-            len: old.len,
-            chunk,
-            slot,
-        };
+        // The old class is taken out while its entries are copied, so that both classes
+        // can be borrowed; growth always moves to another (larger) class.
+        let mut from = std::mem::take(&mut self.classes[old.class as usize]);
+        let (shape, at) = Self::place(&old);
+        let (len, w_at) = (old.len as usize, old.slot as usize * shape.cap);
+        self.place_in(
+            list,
+            class,
+            &from.items[old.chunk as usize][at..at + len],
+            &from.weights[old.chunk as usize][w_at..w_at + len],
+        );
+        from.free.push((old.chunk, old.slot));
+        self.classes[old.class as usize] = from;
         // While the entries are still in cache from the copy.
         if len > LINEAR {
             self.rebuild_index(list);
@@ -442,12 +432,9 @@ impl Lists {
         out
     }
 
-    /// Sets list `list` (empty) to these entries, in the smallest class that holds them.
-    fn copy_in(&mut self, list: usize, items: &[u32], weights: &[f32]) {
-        if items.is_empty() {
-            return;
-        }
-        let class = class_for(items.len());
+    /// Makes list `list` these entries, in a fresh slot of class `class` (the caller gives
+    /// its old slot back, if any).
+    fn place_in(&mut self, list: usize, class: usize, items: &[u32], weights: &[f32]) {
         let (chunk, slot) = self.take_slot(class);
         let shape = Shape::of(class);
         let c = &mut self.classes[class];
@@ -463,19 +450,12 @@ impl Lists {
             slot,
         };
     }
-}
 
-/// Mutable access to two classes at once; `None` for `b` when it is `a`.
-fn two(classes: &mut [Class], a: usize, b: usize) -> (&mut Class, Option<&mut Class>) {
-    if a == b {
-        return (&mut classes[a], None);
-    }
-    if a < b {
-        let (lo, hi) = classes.split_at_mut(b);
-        (&mut lo[a], Some(&mut hi[0]))
-    } else {
-        let (lo, hi) = classes.split_at_mut(a);
-        (&mut hi[0], Some(&mut lo[b]))
+    /// Makes list `list` (empty) these entries, in the smallest class that holds them.
+    fn copy_in(&mut self, list: usize, items: &[u32], weights: &[f32]) {
+        if !items.is_empty() {
+            self.place_in(list, class_for(items.len()), items, weights);
+        }
     }
 }
 
