@@ -3,23 +3,32 @@
 //! ## Consistency
 //!
 //! Users are partitioned over workers, items are not: any worker may train any item. The
-//! table therefore lives once per process behind an `Arc` and every worker reads and
-//! writes rows without locks (Recht et al., "Hogwild!", 2011). Each value is an
-//! `AtomicU32` holding `f32` bits, accessed with relaxed loads and stores, so there is no
-//! data race in the Rust sense; what can happen is that two workers training the same
-//! item at the same moment interleave, and one worker's update of a coordinate
-//! overwrites the other's (a lost update). With sparse updates (each step touches one
-//! positive and a few negatives out of thousands of items) such collisions are rare and
-//! SGD converges anyway; this is the standard trade-off of parallel matrix
-//! factorisation. With one worker there is no interleaving at all, which is why one
-//! worker and a fixed seed give bit-identical results.
+//! table therefore lives once per process behind an `Arc`. A training step copies the
+//! rows it needs out of the table, steps on the copies and copies them back; each copy
+//! holds the row's word (a per-row spin lock, see below) for the few tens of nanoseconds
+//! of a `memcpy`, never across the arithmetic, so workers do not wait for each other's
+//! training. What can happen is that two workers train the same item at the same moment:
+//! both copy it out, both step, and the later copy-back overwrites the earlier (a lost
+//! update, Hogwild!'s trade-off (Recht et al. 2011) at row rather than coordinate
+//! granularity). With sparse updates (each step touches one positive and a few negatives
+//! out of thousands of items) such collisions are rare and SGD converges anyway. With
+//! one worker there is no interleaving at all, which is why one worker and a fixed seed
+//! give bit-identical results.
 //!
-//! Rows are initialised exactly once, on first use, from a generator seeded by the run
-//! seed and the item's dense index (itself identical on every worker, see
-//! [`crate::state`]). A per-row state word makes initialisation race-free: the first
-//! worker to move it from `EMPTY` to `INITIALISING` writes the row and publishes it
-//! with a release store of `READY`; any other worker that finds `INITIALISING` waits for
-//! `READY`, which takes a few hundred nanoseconds.
+//! Holding a row while copying, rather than reading and writing each value as a relaxed
+//! atomic, is what lets the copies run as vector `memcpy`s: a loop of atomic accesses is
+//! never vectorised, and the ten row copies of a step with four negatives were a third
+//! of its time.
+//!
+//! ## The row word
+//!
+//! One `AtomicU32` per row is lock, initialisation state and version at once: `0` means
+//! never used; otherwise the word is the row's version (even, advanced by every store)
+//! with the low bit set while a worker holds the row. The first worker to hold a row at
+//! `0` initialises it, from a generator seeded by the run seed and the item's dense index
+//! (itself identical on every worker, see [`crate::state`]), so rows are initialised
+//! exactly once and identically whichever worker comes first. Scoring copies compare the
+//! version with the one they copied to find the rows that changed.
 //!
 //! Storage grows in chunks of [`CHUNK_ROWS`] rows that never move, so a worker caches
 //! the chunk pointers it has seen and takes the table's lock only when the catalogue
@@ -27,9 +36,9 @@
 //!
 //! ## Scoring
 //!
-//! Full-catalogue ranking does not read the atomics: each scoring worker keeps a plain
-//! copy of embeddings and biases laid out for vector loops ([`ScoringCopy`]), refreshed
-//! from per-row versions before each score.
+//! Full-catalogue ranking does not read the shared rows: each scoring worker keeps a
+//! plain copy of embeddings and biases laid out for vector loops ([`ScoringCopy`]),
+//! refreshed from the row versions before each score.
 //!
 //! ## Expiry
 //!
@@ -39,7 +48,8 @@
 //! compaction, so the memory returns once the last worker has passed that compaction
 //! (a worker lagging a round behind keeps using its pointer safely until then).
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rand::SeedableRng;
@@ -48,9 +58,21 @@ use rand_distr::{Distribution, Normal};
 /// Rows per storage chunk.
 pub(crate) const CHUNK_ROWS: usize = 1024;
 
-const EMPTY: u8 = 0;
-const INITIALISING: u8 = 1;
-const READY: u8 = 2;
+/// Row word of a row never used.
+const UNUSED: u32 = 0;
+/// Row word bit set while a worker holds the row.
+const HELD: u32 = 1;
+
+/// The version after `version`: even, never [`UNUSED`] (after 2^31 stores it wraps to 2,
+/// which a scoring copy could mistake for its own only if it slept through exactly that
+/// many stores of one row).
+#[inline]
+fn next_version(version: u32) -> u32 {
+    match version.wrapping_add(2) {
+        UNUSED => 2,
+        v => v,
+    }
+}
 
 /// Initial value of Adagrad accumulators, as in TensorFlow's Adagrad: it bounds the very
 /// first step to `lr * g / sqrt(0.1)` instead of `lr * sign(g)`.
@@ -97,42 +119,149 @@ impl RowLayout {
 /// training step that reads and writes all of a row touches one run of memory. (Scoring,
 /// which needs only embedding and bias, reads its own copy, see [`ScoringCopy`].)
 struct Chunk {
-    values: Box<[AtomicU32]>,
-    states: Box<[AtomicU8]>,
+    /// Rows of `stride` values; a row's values are touched only through a [`Held`] row.
+    values: Box<[UnsafeCell<f32>]>,
+    /// Per row, the row word (see the module docs).
+    words: Box<[AtomicU32]>,
     /// Rows written since the last delta publication.
-    dirty: Box<[std::sync::atomic::AtomicBool]>,
-    /// Per row, how many stores it has taken: the workers' scoring copies compare it
-    /// with the version they copied to find the rows that changed.
-    versions: Box<[AtomicU32]>,
+    dirty: Box<[AtomicBool]>,
 }
 
-impl Chunk {
-    /// Row `r`: `[embedding, bias, accumulators]`.
-    #[inline]
-    fn row(&self, r: usize, stride: usize) -> &[AtomicU32] {
-        &self.values[r * stride..(r + 1) * stride]
-    }
+// SAFETY: the only shared mutable state outside atomics is `values`, and its cells are
+// read or written only through a `Held`, which exists only between a successful
+// compare-exchange that sets its row's `HELD` bit and the release store that clears it.
+// So at most one thread touches a row's values at a time, and the acquire of taking the
+// row with the release of giving it back order each holder's accesses after the previous
+// holder's.
+#[allow(unsafe_code)]
+unsafe impl Sync for Chunk {}
 
+impl Chunk {
     fn new(stride: usize) -> Self {
         Self {
             values: (0..CHUNK_ROWS * stride)
-                .map(|_| AtomicU32::new(0))
+                .map(|_| UnsafeCell::new(0.0))
                 .collect(),
-            states: (0..CHUNK_ROWS).map(|_| AtomicU8::new(EMPTY)).collect(),
-            dirty: (0..CHUNK_ROWS)
-                .map(|_| std::sync::atomic::AtomicBool::new(false))
-                .collect(),
-            versions: (0..CHUNK_ROWS).map(|_| AtomicU32::new(0)).collect(),
+            words: (0..CHUNK_ROWS).map(|_| AtomicU32::new(UNUSED)).collect(),
+            dirty: (0..CHUNK_ROWS).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
-    /// Marks row `r` changed, after its values were stored: for the next delta
-    /// publication and for the scoring copies. The release pairs with the acquire in
-    /// [`ItemRows::refresh_copy`], so a copy that sees the new version sees the values.
+    /// Row `r`'s memory, for cache hints (the values cannot be read through it).
     #[inline]
-    fn changed(&self, r: usize) {
-        self.dirty[r].store(true, Ordering::Release);
-        self.versions[r].fetch_add(1, Ordering::Release);
+    fn span(&self, r: usize, stride: usize) -> &[UnsafeCell<f32>] {
+        &self.values[r * stride..(r + 1) * stride]
+    }
+
+    /// Takes row `r`, spinning while another worker holds it; a row never used is
+    /// filled by `init` first (or `None` is returned, with `init` absent).
+    #[inline]
+    fn hold(&self, r: usize, stride: usize, init: Option<Init<'_>>) -> Option<Held<'_>> {
+        let word = &self.words[r];
+        let mut spins = 0u32;
+        loop {
+            let w = word.load(Ordering::Relaxed);
+            if w == UNUSED && init.is_none() {
+                return None;
+            }
+            if w & HELD == 0
+                && word
+                    .compare_exchange_weak(w, w | HELD, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let mut held = Held {
+                    chunk: self,
+                    r,
+                    stride,
+                    version: w,
+                    wrote: false,
+                };
+                if w == UNUSED {
+                    if let Some(init) = init {
+                        init(&mut held);
+                    }
+                }
+                return Some(held);
+            }
+            // A holder copies for tens of nanoseconds; one that was descheduled while
+            // holding needs the core back.
+            spins += 1;
+            if spins.is_multiple_of(128) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Fills a row never used before (see [`Chunk::hold`]).
+type Init<'f> = &'f mut dyn FnMut(&mut [f32]);
+
+/// A row taken with [`Chunk::hold`]: its values, which no other thread touches until it
+/// is dropped.
+struct Held<'a> {
+    chunk: &'a Chunk,
+    r: usize,
+    stride: usize,
+    /// The row word when it was taken.
+    version: u32,
+    /// Whether the values were changed (then the version advances and the row is dirty).
+    wrote: bool,
+}
+
+impl Held<'_> {
+    /// Marks the row changed: its version advances and it joins the next delta
+    /// publication.
+    #[inline]
+    fn wrote(&mut self) {
+        self.wrote = true;
+    }
+
+    /// The row word once this hold ends.
+    #[inline]
+    fn version_after(&self) -> u32 {
+        if self.wrote || self.version == UNUSED {
+            next_version(self.version)
+        } else {
+            self.version
+        }
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = [f32];
+
+    #[inline]
+    #[allow(unsafe_code)]
+    fn deref(&self) -> &[f32] {
+        let cells = self.chunk.span(self.r, self.stride);
+        // SAFETY: `UnsafeCell<f32>` has the layout of `f32`, so the row's cells are
+        // `stride` contiguous `f32`s; this thread holds the row (see `Chunk`'s `Sync`),
+        // so nothing writes them while the borrow, tied to `self`, lives.
+        unsafe { std::slice::from_raw_parts(UnsafeCell::raw_get(cells.as_ptr()), cells.len()) }
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    #[inline]
+    #[allow(unsafe_code)]
+    fn deref_mut(&mut self) -> &mut [f32] {
+        let cells = self.chunk.span(self.r, self.stride);
+        // SAFETY: as in `deref`, and the borrow is exclusive: it is tied to `&mut self`,
+        // and no other thread reads or writes the row while this thread holds it.
+        unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), cells.len()) }
+    }
+}
+
+impl Drop for Held<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.wrote {
+            self.chunk.dirty[self.r].store(true, Ordering::Relaxed);
+        }
+        // The release pairs with the next holder's acquire: it sees these values.
+        self.chunk.words[self.r].store(self.version_after(), Ordering::Release);
     }
 }
 
@@ -175,14 +304,20 @@ impl ItemTable {
             .clone()
     }
 
-    /// Bytes of one chunk's storage.
+    /// Bytes of one chunk's storage: values, row word and dirty mark per row.
     fn chunk_bytes(&self) -> usize {
-        CHUNK_ROWS * (self.layout.stride() * 4 + 1)
+        CHUNK_ROWS * (self.layout.stride() * 4 + 4 + 1)
     }
 
     /// Values per row.
     pub fn stride(&self) -> usize {
         self.layout.stride()
+    }
+
+    /// Fills row `item` the way its first use anywhere in the process does.
+    fn init_row(&self, item: usize, row: &mut [f32]) {
+        self.layout
+            .init(self.seed, ITEM_SALT, item as u64, self.init_std, row);
     }
 
     /// The rows of items `0..n` (expired or never used rows as zeros), for checkpoints.
@@ -196,12 +331,8 @@ impl ItemTable {
             let Some(Some(chunk)) = chunks.get(c) else {
                 continue;
             };
-            if chunk.states[r].load(Ordering::Acquire) != READY {
-                continue;
-            }
-            let row = chunk.row(r, stride);
-            for (o, v) in out[item * stride..(item + 1) * stride].iter_mut().zip(row) {
-                *o = f32::from_bits(v.load(Ordering::Relaxed));
+            if let Some(row) = chunk.hold(r, stride, None) {
+                out[item * stride..(item + 1) * stride].copy_from_slice(&row);
             }
         }
         out
@@ -213,13 +344,12 @@ impl ItemTable {
         let (stride, dim) = (self.layout.stride(), self.layout.dim);
         let mut sum = 0.0f64;
         for chunk in self.chunk_list().iter().flatten() {
-            for (r, state) in chunk.states.iter().enumerate() {
-                if state.load(Ordering::Acquire) != READY {
-                    continue;
-                }
-                for v in &chunk.row(r, stride)[..=dim] {
-                    let v = f64::from(f32::from_bits(v.load(Ordering::Relaxed)));
-                    sum += v * v;
+            for r in 0..CHUNK_ROWS {
+                if let Some(row) = chunk.hold(r, stride, None) {
+                    sum += row[..=dim]
+                        .iter()
+                        .map(|&v| f64::from(v) * f64::from(v))
+                        .sum::<f64>();
                 }
             }
         }
@@ -238,16 +368,12 @@ impl ItemTable {
                 if item >= n {
                     break;
                 }
-                if !chunk.dirty[r].swap(false, Ordering::AcqRel) {
+                if !chunk.dirty[r].swap(false, Ordering::Relaxed) {
                     continue;
                 }
-                let row = chunk.row(r, stride);
-                let v: Vec<f32> = row[..dim]
-                    .iter()
-                    .map(|x| f32::from_bits(x.load(Ordering::Relaxed)))
-                    .collect();
-                let bias = f32::from_bits(row[dim].load(Ordering::Relaxed));
-                out.push((item as u32, v, bias));
+                if let Some(row) = chunk.hold(r, stride, None) {
+                    out.push((item as u32, row[..dim].to_vec(), row[dim]));
+                }
             }
         }
         out
@@ -271,14 +397,14 @@ impl ItemTable {
                 list.push(None);
             }
             let chunk = list[c].get_or_insert_with(|| Arc::new(Chunk::new(stride)));
-            for (slot, v) in chunk
-                .row(r, stride)
-                .iter()
-                .zip(&rows[item * stride..(item + 1) * stride])
-            {
-                slot.store(v.to_bits(), Ordering::Relaxed);
+            let values = &rows[item * stride..(item + 1) * stride];
+            // The imported values are the row's first; a row somehow used already is
+            // overwritten all the same, as a store.
+            let fresh = chunk.hold(r, stride, Some(&mut |row| row.copy_from_slice(values)));
+            if let Some(mut row) = fresh.filter(|row| row.version != UNUSED) {
+                row.copy_from_slice(values);
+                row.wrote();
             }
-            chunk.states[r].store(READY, Ordering::Release);
         }
     }
 
@@ -293,7 +419,6 @@ pub(crate) struct ItemRows {
     table: Arc<ItemTable>,
     chunks: Vec<Option<Arc<Chunk>>>,
     stride: usize,
-    scratch: Vec<f32>,
     /// What this worker's stores changed, summed per item, for the other processes of a
     /// cluster (see [`crate::cluster`]); `None` when the table is not replicated.
     log: Option<rustc_hash::FxHashMap<u32, Vec<f32>>>,
@@ -310,7 +435,6 @@ impl ItemRows {
             table,
             chunks: Vec::new(),
             stride,
-            scratch: vec![0.0; stride],
             log: None,
             copy,
         }
@@ -337,13 +461,11 @@ impl ItemRows {
     /// Adds another process's change to a row (not recorded: it is not this process's
     /// change to pass on).
     pub(crate) fn add(&mut self, item: u32, delta: &[f32]) {
-        let row = self.row(item);
-        for (slot, d) in row.iter().zip(delta) {
-            let v = f32::from_bits(slot.load(Ordering::Relaxed)) + d;
-            slot.store(v.to_bits(), Ordering::Relaxed);
+        let mut row = self.hold(item);
+        for (v, d) in row.iter_mut().zip(delta) {
+            *v += d;
         }
-        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        self.chunk(c).changed(r);
+        row.wrote();
     }
 
     pub(crate) fn layout(&self) -> RowLayout {
@@ -354,56 +476,74 @@ impl ItemRows {
         &self.table
     }
 
-    /// Makes sure chunk `chunk` is cached, creating it in the table if needed, and
-    /// returns it.
-    #[cold]
-    fn grow(&mut self, chunk: usize) -> Arc<Chunk> {
-        let mut list = self
-            .table
-            .chunks
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        while list.len() <= chunk {
-            list.push(Some(Arc::new(Chunk::new(self.stride))));
-        }
-        // Only a chunk all of whose items expired is ever taken out, and expired items
-        // are never addressed; recreating one keeps this path total all the same.
-        let wanted =
-            Arc::clone(list[chunk].get_or_insert_with(|| Arc::new(Chunk::new(self.stride))));
-        if self.chunks.len() < list.len() {
-            self.chunks.resize(list.len(), None);
-        }
-        // Keep this worker's own pointers: it may still be behind the compaction that
-        // released a chunk.
-        for (mine, shared) in self.chunks.iter_mut().zip(list.iter()) {
-            if mine.is_none() {
-                mine.clone_from(shared);
-            }
-        }
-        self.chunks[chunk] = Some(Arc::clone(&wanted));
-        wanted
-    }
-
+    /// Chunk `c`, cached (and created in the table) if needed. A function of the fields
+    /// it needs, so that a row held in the chunk leaves the handle's other fields free.
     #[inline]
-    fn chunk(&mut self, c: usize) -> &Arc<Chunk> {
-        if self.chunks.get(c).is_none_or(Option::is_none) {
-            self.grow(c);
+    fn cached<'a>(
+        chunks: &'a mut Vec<Option<Arc<Chunk>>>,
+        table: &ItemTable,
+        c: usize,
+    ) -> &'a Chunk {
+        if chunks.get(c).is_none_or(Option::is_none) {
+            Self::grow(chunks, table, c);
         }
-        match &self.chunks[c] {
+        match &chunks[c] {
             Some(chunk) => chunk,
             None => unreachable!("grow caches the chunk it returns"),
         }
     }
 
-    /// The row's values, initialised if this is the first use anywhere in the process.
-    #[inline]
-    fn row(&mut self, item: u32) -> &[AtomicU32] {
-        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        if self.chunk(c).states[r].load(Ordering::Acquire) != READY {
-            self.initialise(item);
+    /// Caches chunk `chunk`, creating it in the table if needed.
+    #[cold]
+    fn grow(chunks: &mut Vec<Option<Arc<Chunk>>>, table: &ItemTable, chunk: usize) {
+        let stride = table.layout.stride();
+        let mut list = table
+            .chunks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while list.len() <= chunk {
+            list.push(Some(Arc::new(Chunk::new(stride))));
         }
-        let stride = self.stride;
-        self.chunk(c).row(r, stride)
+        // Only a chunk all of whose items expired is ever taken out, and expired items
+        // are never addressed; recreating one keeps this path total all the same.
+        let wanted = Arc::clone(list[chunk].get_or_insert_with(|| Arc::new(Chunk::new(stride))));
+        if chunks.len() < list.len() {
+            chunks.resize(list.len(), None);
+        }
+        // Keep this worker's own pointers: it may still be behind the compaction that
+        // released a chunk.
+        for (mine, shared) in chunks.iter_mut().zip(list.iter()) {
+            if mine.is_none() {
+                mine.clone_from(shared);
+            }
+        }
+        chunks[chunk] = Some(wanted);
+    }
+
+    /// Takes the row of `item` out of `chunks`, initialised if this is its first use
+    /// anywhere in the process.
+    #[inline]
+    fn hold_in<'a>(
+        chunks: &'a mut Vec<Option<Arc<Chunk>>>,
+        table: &ItemTable,
+        stride: usize,
+        item: u32,
+    ) -> Held<'a> {
+        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
+        let chunk = Self::cached(chunks, table, c);
+        match chunk.hold(
+            r,
+            stride,
+            Some(&mut |row| table.init_row(item as usize, row)),
+        ) {
+            Some(row) => row,
+            None => unreachable!("a hold with an initialiser always takes the row"),
+        }
+    }
+
+    #[inline]
+    fn hold(&mut self, item: u32) -> Held<'_> {
+        Self::hold_in(&mut self.chunks, &self.table, self.stride, item)
     }
 
     /// Releases the chunks all of whose rows are expired, given liveness by dense
@@ -436,40 +576,13 @@ impl ItemRows {
         freed
     }
 
-    #[cold]
-    fn initialise(&mut self, item: u32) {
-        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        let chunk = Arc::clone(self.chunk(c));
-        let state = &chunk.states[r];
-        match state.compare_exchange(EMPTY, INITIALISING, Ordering::Acquire, Ordering::Acquire) {
-            Ok(_) => {
-                let table = &self.table;
-                table.layout.init(
-                    table.seed,
-                    ITEM_SALT,
-                    item as u64,
-                    table.init_std,
-                    &mut self.scratch,
-                );
-                for (slot, v) in chunk.row(r, self.stride).iter().zip(&self.scratch) {
-                    slot.store(v.to_bits(), Ordering::Relaxed);
-                }
-                state.store(READY, Ordering::Release);
-            }
-            Err(_) => {
-                while state.load(Ordering::Acquire) != READY {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-    }
-
     /// Hints that the row of `item` will be trained soon, if its chunk is cached.
     #[inline]
     pub(crate) fn prefetch(&self, item: u32) {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         if let Some(Some(chunk)) = self.chunks.get(c) {
-            crate::prefetch::values(chunk.row(r, self.stride));
+            crate::prefetch::values(chunk.span(r, self.stride));
+            crate::prefetch::values(std::slice::from_ref(&chunk.words[r]));
         }
     }
 
@@ -478,42 +591,24 @@ impl ItemRows {
     /// optimiser's accumulators behind.
     #[inline]
     pub(crate) fn load(&mut self, item: u32, out: &mut [f32]) {
-        let row = self.row(item);
-        for (o, v) in out.iter_mut().zip(row) {
-            *o = f32::from_bits(v.load(Ordering::Relaxed));
-        }
+        let row = self.hold(item);
+        out.copy_from_slice(&row[..out.len()]);
     }
 
     /// Writes a row back (length = stride).
     #[inline]
     pub(crate) fn store(&mut self, item: u32, values: &[f32]) {
-        if self.log.is_some() {
-            self.record(item, values);
+        let mut row = Self::hold_in(&mut self.chunks, &self.table, self.stride, item);
+        if let Some(log) = &mut self.log {
+            // What this store changes against the row as it is now, which includes
+            // other workers' stores since this worker loaded it.
+            let delta = log.entry(item).or_insert_with(|| vec![0.0; values.len()]);
+            for ((d, old), new) in delta.iter_mut().zip(row.iter()).zip(values) {
+                *d += new - old;
+            }
         }
-        let row = self.row(item);
-        for (slot, v) in row.iter().zip(values) {
-            slot.store(v.to_bits(), Ordering::Relaxed);
-        }
-        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        self.chunk(c).changed(r);
-    }
-
-    /// Adds what storing `values` changes (against the row as it is now, which includes
-    /// other workers' stores since this worker loaded it) to the log.
-    #[cold]
-    fn record(&mut self, item: u32, values: &[f32]) {
-        let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
-        self.row(item);
-        let chunk = Arc::clone(self.chunk(c));
-        let stride = self.stride;
-        let row = chunk.row(r, stride);
-        let Some(log) = self.log.as_mut() else {
-            return;
-        };
-        let delta = log.entry(item).or_insert_with(|| vec![0.0; stride]);
-        for ((d, slot), v) in delta.iter_mut().zip(row).zip(values) {
-            *d += v - f32::from_bits(slot.load(Ordering::Relaxed));
-        }
+        row.copy_from_slice(values);
+        row.wrote();
     }
 
     /// Scores `p` against items `0..alive.len()`: `out[i] = p · q_i (+ b_i)`, and
@@ -532,30 +627,36 @@ impl ItemRows {
     /// initialises rows never used before, as training would).
     fn refresh_copy(&mut self, alive: &[bool]) {
         let dim = self.table.layout.dim;
+        let Self {
+            table,
+            chunks,
+            copy,
+            stride,
+            ..
+        } = self;
         for (c, live) in alive.chunks(CHUNK_ROWS).enumerate() {
             if !live.iter().any(|&a| a) {
                 continue;
             }
-            let chunk = Arc::clone(self.chunk(c));
+            let chunk = Self::cached(chunks, table, c);
+            let copy = copy.chunk(c);
             for (r, _) in live.iter().enumerate().filter(|(_, &a)| a) {
-                if chunk.states[r].load(Ordering::Acquire) != READY {
-                    self.initialise((c * CHUNK_ROWS + r) as u32);
-                }
-            }
-            let copy = self.copy.chunk(c);
-            for (r, _) in live.iter().enumerate().filter(|(_, &a)| a) {
-                // Version + 1, so that 0 means never copied. The acquire pairs with the
-                // release in `Chunk::changed`: values stored before that bump are seen.
-                let version = chunk.versions[r].load(Ordering::Acquire).wrapping_add(1);
-                if version == copy.seen[r] {
+                // A row's version is never `UNUSED`, which `seen` starts at: a row
+                // never copied is copied, and initialised if never used.
+                let word = chunk.words[r].load(Ordering::Relaxed);
+                if word == copy.seen[r] && word != UNUSED {
                     continue;
                 }
-                copy.seen[r] = version;
-                let head = &chunk.row(r, self.stride)[..=dim];
+                let item = c * CHUNK_ROWS + r;
+                let Some(row) = chunk.hold(r, *stride, Some(&mut |row| table.init_row(item, row)))
+                else {
+                    unreachable!("a hold with an initialiser always takes the row")
+                };
+                copy.seen[r] = row.version_after();
                 let (block, lane) = (r / LANES, r % LANES);
                 let base = block * (dim + 1) * LANES + lane;
-                for (d, v) in head.iter().enumerate() {
-                    copy.values[base + d * LANES] = f32::from_bits(v.load(Ordering::Relaxed));
+                for (d, &v) in row[..=dim].iter().enumerate() {
+                    copy.values[base + d * LANES] = v;
                 }
             }
         }
@@ -567,16 +668,14 @@ const LANES: usize = 16;
 
 /// One worker's copy of the table's embeddings and biases, laid out for scoring.
 ///
-/// The shared table holds `AtomicU32`s, and a loop of atomic loads is not vectorised;
-/// scoring the whole catalogue for every evaluated event is the hottest loop of a
-/// backtest. The copy is plain `f32`, blocked by [`LANES`] items with values
+/// Scoring the whole catalogue for every evaluated event is the hottest loop of a
+/// backtest, and taking each row of the shared table in turn would cost a locked
+/// instruction per item. The copy is plain `f32`, blocked by [`LANES`] items with values
 /// dimension-major inside a block, so one vector instruction advances sixteen items'
-/// dot products. A row is copied again only when its version (bumped by every store)
-/// moved, which between two scored events is a handful of rows. Rows another worker
-/// is storing while they are copied can come out half old, half new; the store's
-/// version bump makes the next refresh copy them again, so a copy is never staler than
-/// the Hogwild reads of the table itself. Costs one more `(dim + 1) * 4` bytes per
-/// item per scoring worker; chunks the table releases are released here too.
+/// dot products. A row is copied again only when its version (advanced by every store)
+/// moved, which between two scored events is a handful of rows. Costs one more
+/// `(dim + 1) * 4` bytes per item per scoring worker; chunks the table releases are
+/// released here too.
 struct ScoringCopy {
     dim: usize,
     chunks: Vec<Option<CopyChunk>>,
@@ -586,7 +685,7 @@ struct CopyChunk {
     /// Block `b`, dimension `d`, lane `l` at `(b * (dim + 1) + d) * LANES + l`; the
     /// bias is dimension `dim`.
     values: Box<[f32]>,
-    /// Per row, the table version it was copied at, plus one (0: never copied).
+    /// Per row, the row word it was copied at (`UNUSED`: never copied).
     seen: Box<[u32]>,
 }
 

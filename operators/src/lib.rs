@@ -10,7 +10,7 @@
 //! - `model`: `mostpop` and `bpr` (matrix factorisation, BPR loss, SGD/Adagrad).
 //! - `item_table`: item embeddings shared by a process's workers (Hogwild!), and each
 //!   scoring worker's plain copy of them.
-//! - `prefetch`: cache hints for the training loop (the crate's only `unsafe`).
+//! - `prefetch`: cache hints for the training loop (`unsafe`, like `item_table`'s row locks).
 //! - `eval`: the rank of a held-out item under the protocol's tie rule.
 //! - [`WindowedPopularity`]: item counts over a sliding window, in differential dataflow.
 
