@@ -110,6 +110,14 @@ impl Histories {
         self.spans.push(Span::default());
     }
 
+    /// Hints that user `user`'s set will be read soon: where its region lies.
+    #[inline]
+    pub(crate) fn prefetch_span(&self, user: u32) {
+        if let Some(span) = self.spans.get(user as usize) {
+            crate::prefetch::values(std::slice::from_ref(span));
+        }
+    }
+
     /// User `user`'s set.
     #[inline]
     pub(crate) fn get(&self, user: u32) -> History<'_> {

@@ -878,8 +878,8 @@ impl Learner {
         // without a model that samples negatives, the lookups ahead would be wasted.
         let hint = self.variants.iter().any(|v| v.model.wants_negatives());
         for (i, event) in events.iter().enumerate() {
-            if let Some(ahead) = events.get(i + PREFETCH_AHEAD).filter(|_| hint) {
-                self.prefetch(ahead);
+            if hint {
+                self.prefetch(events, i);
             }
             let index = self.seen;
             self.seen += 1;
@@ -898,23 +898,41 @@ impl Learner {
         owned
     }
 
-    /// Hints the rows a later event will train, if this worker owns it.
+    /// Hints what later events will touch, in stages, so that each stage's reads find
+    /// what the stage before hinted in cache instead of stalling on a chain of misses:
+    /// `2 * PREFETCH_AHEAD` events ahead the id index slots; `PREFETCH_AHEAD` ahead
+    /// (looked up now) the user's and item's rows and where the user's history lies;
+    /// `PREFETCH_AHEAD / 2` ahead the history itself, which every negative is checked
+    /// against. Only for events this worker owns, except the item's index slot, which
+    /// every worker's catalogue observes.
     #[inline]
-    fn prefetch(&mut self, event: &Event) {
-        if owner(event.user, self.peers) != self.worker {
-            return;
+    fn prefetch(&mut self, events: &[Event], i: usize) {
+        if let Some(far) = events.get(i + 2 * PREFETCH_AHEAD) {
+            self.catalogue.prefetch(far.item);
+            if owner(far.user, self.peers) == self.worker {
+                self.users.prefetch(far.user);
+            }
         }
-        let user = self.users.lookup(event.user);
-        if let Some(u) = user {
-            // The sampler checks every negative against the history: a probe anywhere
-            // in the user's region.
-            let region = self.users.history(u).region();
-            crate::prefetch::values(&region[..region.len().min(PREFETCH_HISTORY)]);
+        if let Some(mid) = events.get(i + PREFETCH_AHEAD) {
+            if owner(mid.user, self.peers) == self.worker {
+                let user = self.users.lookup(mid.user);
+                if let Some(u) = user {
+                    self.users.prefetch_history(u);
+                }
+                let item = self.catalogue.lookup(mid.item);
+                for v in &mut self.variants {
+                    if let Some(m) = v.model.bpr_mut() {
+                        m.prefetch(user, item);
+                    }
+                }
+            }
         }
-        let item = self.catalogue.lookup(event.item);
-        for v in &mut self.variants {
-            if let Some(m) = v.model.bpr_mut() {
-                m.prefetch(user, item);
+        if let Some(near) = events.get(i + PREFETCH_AHEAD / 2) {
+            if owner(near.user, self.peers) == self.worker {
+                if let Some(u) = self.users.lookup(near.user) {
+                    let region = self.users.history(u).region();
+                    crate::prefetch::values(&region[..region.len().min(PREFETCH_HISTORY)]);
+                }
             }
         }
     }

@@ -8,6 +8,7 @@
 //!   barriers with payloads, forwarded requests, aborts).
 //! - `learner`: score-then-train per event, per worker.
 //! - `model`: `mostpop` and `bpr` (matrix factorisation, BPR loss, SGD/Adagrad).
+//! - `id_index`: raw id -> dense index, with slots that can be hinted ahead.
 //! - `item_table`: item embeddings shared by a process's workers (Hogwild!), and each
 //!   scoring worker's plain copy of them.
 //! - `prefetch`: cache hints for the training loop (`unsafe`, like `item_table`'s row locks).
@@ -24,6 +25,7 @@ pub mod config;
 mod coord;
 mod eval;
 mod history;
+mod id_index;
 mod ingest;
 mod item_table;
 mod learner;

@@ -8,9 +8,8 @@
 //! evaluator's tie rule ("first appeared before") is then a plain comparison of
 //! indices, and the shared item table can be addressed by it.
 
-use rustc_hash::FxHashMap;
-
 use crate::history::{Histories, History};
+use crate::id_index::IdIndex;
 use tidepool_samplers::{Catalogue, Exclusion};
 
 /// Items seen so far, with their interaction counts, in order of first appearance.
@@ -22,7 +21,7 @@ use tidepool_samplers::{Catalogue, Exclusion};
 /// and the shared item table stay consistent.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ItemCatalogue {
-    index: FxHashMap<u64, u32>,
+    index: IdIndex,
     ids: Vec<u64>,
     counts: Vec<u64>,
     last_seen: Vec<i64>,
@@ -34,7 +33,13 @@ impl ItemCatalogue {
     /// The dense index of a live item seen before, if any.
     #[inline]
     pub(crate) fn lookup(&self, id: u64) -> Option<u32> {
-        self.index.get(&id).copied()
+        self.index.get(id)
+    }
+
+    /// Hints that `id` will be looked up or observed soon.
+    #[inline]
+    pub(crate) fn prefetch(&self, id: u64) {
+        self.index.prefetch(id);
     }
 
     /// Counts one interaction with `id` at event time `ts`, assigning it the next dense
@@ -42,7 +47,7 @@ impl ItemCatalogue {
     #[inline]
     pub(crate) fn observe(&mut self, id: u64, ts: i64) -> u32 {
         let next = self.ids.len() as u32;
-        let dense = *self.index.entry(id).or_insert(next);
+        let dense = self.index.get_or_insert(id, next);
         if dense == next {
             self.ids.push(id);
             self.counts.push(0);
@@ -92,7 +97,7 @@ impl ItemCatalogue {
                 }
                 self.alive[d] = false;
                 self.counts[d] = 0;
-                self.index.remove(&self.ids[d]);
+                self.index.remove(self.ids[d]);
                 n += 1;
             }
         }
@@ -129,7 +134,7 @@ impl Catalogue for ItemCatalogue {
 /// The users this worker owns and the items each has interacted with.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Users {
-    index: FxHashMap<u64, u32>,
+    index: IdIndex,
     ids: Vec<u64>,
     histories: Histories,
     last_seen: Vec<i64>,
@@ -146,7 +151,7 @@ impl Users {
     #[inline]
     pub(crate) fn get_or_insert(&mut self, id: u64, ts: i64) -> u32 {
         let next = self.ids.len() as u32;
-        let dense = *self.index.entry(id).or_insert(next);
+        let dense = self.index.get_or_insert(id, next);
         if dense == next {
             self.ids.push(id);
             self.histories.push_user();
@@ -157,6 +162,22 @@ impl Users {
         dense
     }
 
+    /// Hints that user `id` will be looked up soon.
+    #[inline]
+    pub(crate) fn prefetch(&self, id: u64) {
+        self.index.prefetch(id);
+    }
+
+    /// Hints that the history of user `dense` will be read soon: where it lies, and
+    /// when it was last seen.
+    #[inline]
+    pub(crate) fn prefetch_history(&self, dense: u32) {
+        self.histories.prefetch_span(dense);
+        if let Some(seen) = self.last_seen.get(dense as usize) {
+            crate::prefetch::values(std::slice::from_ref(seen));
+        }
+    }
+
     /// The raw id of a dense user.
     pub(crate) fn id(&self, dense: u32) -> u64 {
         self.ids[dense as usize]
@@ -164,7 +185,7 @@ impl Users {
 
     /// The dense index of a user held now.
     pub(crate) fn lookup(&self, id: u64) -> Option<u32> {
-        self.index.get(&id).copied()
+        self.index.get(id)
     }
 
     #[inline]
@@ -204,7 +225,7 @@ impl Users {
         let mut next = 0u32;
         let ids = std::mem::take(&mut self.ids);
         let last_seen = std::mem::take(&mut self.last_seen);
-        let mut index = FxHashMap::default();
+        let mut index = IdIndex::default();
         for (d, (id, seen)) in ids.into_iter().zip(last_seen).enumerate() {
             if seen < cutoff {
                 if let Some(out) = evicted.as_mut() {
@@ -236,7 +257,7 @@ impl Users {
         let mut next = 0u32;
         let ids = std::mem::take(&mut self.ids);
         let last_seen = std::mem::take(&mut self.last_seen);
-        self.index = FxHashMap::default();
+        self.index = IdIndex::default();
         for (id, seen) in ids.into_iter().zip(last_seen) {
             if keep(id) {
                 remap.push(Some(next));
