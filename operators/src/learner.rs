@@ -263,6 +263,9 @@ pub(crate) struct Learner {
     seen: u64,
     scores: Vec<f32>,
     negatives: Vec<Negative>,
+    /// The items the sampler will most likely propose for the next owned event, whose
+    /// rows the current step hints one by one (see [`Sampler::peek`]).
+    ahead: Vec<u32>,
     sampler_shortfalls: u64,
     /// Windowed interaction counts by dense item, replicated from the differential
     /// popularity collection.
@@ -356,6 +359,7 @@ impl Learner {
             seen: 0,
             scores: Vec::new(),
             negatives: Vec::new(),
+            ahead: Vec::new(),
             sampler_shortfalls: 0,
             window_counts: Vec::new(),
             retention,
@@ -998,6 +1002,7 @@ impl Learner {
         let candidates = self.catalogue.live();
         for v in &mut self.variants {
             self.negatives.clear();
+            self.ahead.clear();
             v.sampler.observe(item, event.ts);
             if v.model.wants_negatives() {
                 let exclusion = Excluding {
@@ -1023,8 +1028,11 @@ impl Learner {
                 if drawn < *negatives {
                     self.sampler_shortfalls += 1;
                 }
+                sampler.peek(self.catalogue.len(), *negatives, rng, &mut self.ahead);
             }
-            let loss = v.model.train(user, item, &self.negatives, candidates);
+            let loss = v
+                .model
+                .train(user, item, &self.negatives, &self.ahead, candidates);
             v.model.observe(event.user, item, event.ts);
             let pairs = self.negatives.len() as u64;
             if pairs > 0 {

@@ -124,6 +124,16 @@ pub trait Sampler {
     /// of `len` items.
     fn probability(&self, item: u32, len: usize) -> f32;
 
+    /// The items the next `count` proposals of [`Sampler::sample`] would be, drawn from
+    /// a copy of `rng` (which is left as it is) over a catalogue of `len` items, appended
+    /// to `out`: what the next draw will most likely return (unless a proposal is
+    /// excluded, or the catalogue grows first), so the caller can hint those items' rows
+    /// into cache while it works on something else. Samplers whose proposals depend on
+    /// more than the RNG (scores, the exclusion) propose nothing, which is always correct.
+    fn peek<R: Rng + Clone>(&self, len: usize, count: usize, rng: &R, out: &mut Vec<u32>) {
+        let _ = (len, count, rng, out);
+    }
+
     /// Draws up to `count` negatives for one positive, appending them to `out`.
     ///
     /// Returns how many were drawn. Fewer than `count` means the catalogue had (almost) no

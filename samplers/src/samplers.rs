@@ -88,6 +88,15 @@ impl Sampler for Uniform {
         1.0 / len.max(1) as f32
     }
 
+    #[inline]
+    fn peek<R: Rng + Clone>(&self, len: usize, count: usize, rng: &R, out: &mut Vec<u32>) {
+        if len == 0 {
+            return;
+        }
+        let mut rng = rng.clone();
+        out.extend((0..count).map(|_| rng.random_range(0..len as u32)));
+    }
+
     fn sample<R: Rng + ?Sized>(
         &mut self,
         catalogue: &impl Catalogue,
@@ -173,6 +182,15 @@ impl Sampler for Popularity {
         out: &mut Vec<Negative>,
     ) -> usize {
         weighted_sample(&self.table, catalogue, exclusion, count, rng, scorer, out)
+    }
+
+    #[inline]
+    fn peek<R: Rng + Clone>(&self, len: usize, count: usize, rng: &R, out: &mut Vec<u32>) {
+        if !self.table.has_mass() {
+            return Uniform.peek(len, count, rng, out);
+        }
+        let mut rng = rng.clone();
+        out.extend((0..count).map(|_| self.table.draw(&mut rng)));
     }
 }
 
@@ -549,6 +567,11 @@ impl Sampler for AnySampler {
         out: &mut Vec<Negative>,
     ) -> usize {
         each!(self, s => s.sample(catalogue, exclusion, count, rng, scorer, out))
+    }
+
+    #[inline]
+    fn peek<R: Rng + Clone>(&self, len: usize, count: usize, rng: &R, out: &mut Vec<u32>) {
+        each!(self, s => s.peek(len, count, rng, out))
     }
 }
 

@@ -242,3 +242,29 @@ fn every_sampler_is_reproducible() {
         assert_ne!(draw(spec, 3), draw(spec, 4), "{spec}");
     }
 }
+
+#[test]
+fn peek_foresees_the_next_draws_without_moving_the_rng() {
+    let counts: Vec<u64> = (0..50).map(|i| (i % 7) as u64 * 3).collect();
+    for spec in ["uniform", "pop:0.75", "dns:4"] {
+        let mut s = sampler(spec);
+        s.refresh(&Refresh {
+            window_counts: &counts,
+            now_ms: 0,
+        });
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(11);
+        let mut scorer = |i: u32| i as f32;
+        for _ in 0..20 {
+            let mut peeked = Vec::new();
+            s.peek(50, 4, &rng, &mut peeked);
+            let mut drawn = Vec::new();
+            s.sample(&50usize, &(), 4, &mut rng, &mut scorer, &mut drawn);
+            let drawn: Vec<u32> = drawn.iter().map(|n| n.item).collect();
+            if spec == "dns:4" {
+                assert!(peeked.is_empty(), "dns proposes by score: nothing to peek");
+            } else {
+                assert_eq!(peeked, drawn, "{spec}");
+            }
+        }
+    }
+}

@@ -384,11 +384,16 @@ impl Bpr {
     /// correction), a negative drawn more often than uniform pushes less, so that the
     /// expected gradient is that of uniform negatives (the sampled-softmax logQ
     /// correction of Bengio & Senécal 2008 and Yi et al. 2019, in pairwise form).
+    ///
+    /// `ahead` are the items the next step will most likely train as negatives: one of
+    /// their rows is hinted per pair, so that their misses spread over this step's
+    /// arithmetic instead of arriving all at once at the start of the next.
     pub(crate) fn train(
         &mut self,
         user: u32,
         pos: u32,
         negatives: &[Negative],
+        ahead: &[u32],
         candidates: usize,
     ) -> f64 {
         if negatives.is_empty() {
@@ -410,7 +415,11 @@ impl Bpr {
         let (p, pacc) = self.users[start..start + stride].split_at_mut(dim + 1);
         self.items.load(pos, &mut self.qi);
         let mut loss = 0.0f64;
+        let mut ahead = ahead.iter();
         for neg in negatives {
+            if let Some(&next) = ahead.next() {
+                self.items.prefetch(next);
+            }
             self.items.load(neg.item, &mut self.qj);
             let (qi, iacc) = self.qi.split_at_mut(dim + 1);
             let (qj, jacc) = self.qj.split_at_mut(dim + 1);
@@ -649,10 +658,10 @@ mod tests {
             let mut m = model(opt);
             m.ensure_user(0, 77);
             let negs = [Negative { item: 1, q: 0.5 }];
-            let first = m.train(0, 0, &negs, 4);
+            let first = m.train(0, 0, &negs, &[], 4);
             let mut last = first;
             for _ in 0..50 {
-                last = m.train(0, 0, &negs, 4);
+                last = m.train(0, 0, &negs, &[], 4);
             }
             assert!(last < first * 0.5, "{opt:?}: loss {first} -> {last}");
             let mut scores = Vec::new();
@@ -673,7 +682,7 @@ mod tests {
         m.items.load(0, &mut qi0);
         m.items.load(1, &mut qj0);
         let g = pair_gradient(&p0, &qi0[..8], &qj0[..8], qi0[8], qj0[8], 0.01);
-        m.train(0, 0, &[Negative { item: 1, q: 0.5 }], 2);
+        m.train(0, 0, &[Negative { item: 1, q: 0.5 }], &[], 2);
         let (mut qi1, mut qj1) = (vec![0.0; stride], vec![0.0; stride]);
         m.items.load(0, &mut qi1);
         m.items.load(1, &mut qj1);

@@ -211,10 +211,11 @@ impl Model {
         user: u32,
         item: u32,
         negatives: &[Negative],
+        ahead: &[u32],
         candidates: usize,
     ) -> f64 {
         match self {
-            Model::Bpr(m) => m.train(user, item, negatives, candidates),
+            Model::Bpr(m) => m.train(user, item, negatives, ahead, candidates),
             _ => 0.0,
         }
     }
