@@ -73,14 +73,16 @@ const HELD: u32 = 1;
 const DIRTY: u32 = 2;
 /// The row word's version part, advanced by every store.
 const VERSION: u32 = !(HELD | DIRTY);
+/// One version step: the lowest bit above `HELD` and `DIRTY`.
+const VERSION_STEP: u32 = 4;
 
-/// The version after `version`: never [`UNUSED`] (after 2^30 stores it wraps to the
-/// first version, which a scoring copy could mistake for its own only if it slept
+/// The version after the one in `word`: never [`UNUSED`] (after 2^30 stores it wraps to
+/// the first version, which a scoring copy could mistake for its own only if it slept
 /// through exactly that many stores of one row).
 #[inline]
-fn next_version(version: u32) -> u32 {
-    match (version & VERSION).wrapping_add(VERSION & VERSION.wrapping_neg()) {
-        UNUSED => VERSION & VERSION.wrapping_neg(),
+fn next_version(word: u32) -> u32 {
+    match (word & VERSION).wrapping_add(VERSION_STEP) {
+        UNUSED => VERSION_STEP,
         v => v,
     }
 }
@@ -203,16 +205,13 @@ impl Chunk {
     }
 
     /// Takes row `r`, spinning while another worker holds it; a row never used is
-    /// filled by `init` first (or `None` is returned, with `init` absent).
+    /// filled by `init` first.
     #[inline]
-    fn hold(&self, r: usize, init: Option<Init<'_>>) -> Option<Held<'_>> {
+    fn hold(&self, r: usize, init: impl FnOnce(&mut [f32])) -> Held<'_> {
         let word = self.word(r);
         let mut spins = 0u32;
         loop {
             let w = word.load(Ordering::Relaxed);
-            if w == UNUSED && init.is_none() {
-                return None;
-            }
             if w & HELD == 0
                 && word
                     .compare_exchange_weak(w, w | HELD, Ordering::Acquire, Ordering::Relaxed)
@@ -226,11 +225,9 @@ impl Chunk {
                     published: false,
                 };
                 if w == UNUSED {
-                    if let Some(init) = init {
-                        init(&mut held);
-                    }
+                    init(&mut held);
                 }
-                return Some(held);
+                return held;
             }
             // A holder copies for tens of nanoseconds; one that was descheduled while
             // holding needs the core back.
@@ -242,10 +239,14 @@ impl Chunk {
             }
         }
     }
-}
 
-/// Fills a row never used before (see [`Chunk::hold`]).
-type Init<'f> = &'f mut dyn FnMut(&mut [f32]);
+    /// Takes row `r` if it was ever used (see [`Chunk::hold`]). A word never returns to
+    /// `UNUSED`, so a row seen used here is still used when taken.
+    #[inline]
+    fn hold_used(&self, r: usize) -> Option<Held<'_>> {
+        (self.word(r).load(Ordering::Relaxed) != UNUSED).then(|| self.hold(r, |_| {}))
+    }
+}
 
 /// A row taken with [`Chunk::hold`]: its values, which no other thread touches until it
 /// is dropped.
@@ -406,7 +407,7 @@ impl ItemTable {
             let Some(Some(chunk)) = chunks.get(c) else {
                 continue;
             };
-            if let Some(row) = chunk.hold(r, None) {
+            if let Some(row) = chunk.hold_used(r) {
                 out[item * stride..(item + 1) * stride].copy_from_slice(&row);
             }
         }
@@ -420,7 +421,7 @@ impl ItemTable {
         let mut sum = 0.0f64;
         for chunk in self.chunk_list().iter().flatten() {
             for r in 0..CHUNK_ROWS {
-                if let Some(row) = chunk.hold(r, None) {
+                if let Some(row) = chunk.hold_used(r) {
                     sum += row[..=dim]
                         .iter()
                         .map(|&v| f64::from(v) * f64::from(v))
@@ -446,7 +447,7 @@ impl ItemTable {
                 if chunk.word(r).load(Ordering::Relaxed) & DIRTY == 0 {
                     continue;
                 }
-                if let Some(mut row) = chunk.hold(r, None).filter(Held::is_dirty) {
+                if let Some(mut row) = chunk.hold_used(r).filter(Held::is_dirty) {
                     out.push((item as u32, row[..dim].to_vec(), row[dim]));
                     row.published();
                 }
@@ -474,13 +475,8 @@ impl ItemTable {
             }
             let chunk = list[c].get_or_insert_with(|| Arc::new(Chunk::new(stride)));
             let values = &rows[item * stride..(item + 1) * stride];
-            // The imported values are the row's first; a row somehow used already is
-            // overwritten all the same, as a store.
-            let fresh = chunk.hold(r, Some(&mut |row| row.copy_from_slice(values)));
-            if let Some(mut row) = fresh.filter(|row| row.word != UNUSED) {
-                row.copy_from_slice(values);
-                row.wrote();
-            }
+            // The imported values are the row's first: clean, at the first version.
+            chunk.hold(r, |_| {}).copy_from_slice(values);
         }
     }
 
@@ -603,10 +599,7 @@ impl ItemRows {
     ) -> Held<'a> {
         let (c, r) = (item as usize / CHUNK_ROWS, item as usize % CHUNK_ROWS);
         let chunk = Self::cached(chunks, table, c);
-        match chunk.hold(r, Some(&mut |row| table.init_row(item as usize, row))) {
-            Some(row) => row,
-            None => unreachable!("a hold with an initialiser always takes the row"),
-        }
+        chunk.hold(r, |row| table.init_row(item as usize, row))
     }
 
     #[inline]
@@ -714,9 +707,7 @@ impl ItemRows {
                     continue;
                 }
                 let item = c * CHUNK_ROWS + r;
-                let Some(row) = chunk.hold(r, Some(&mut |row| table.init_row(item, row))) else {
-                    unreachable!("a hold with an initialiser always takes the row")
-                };
+                let row = chunk.hold(r, |row| table.init_row(item, row));
                 copy.seen[r] = row.word_after();
                 let (block, lane) = (r / LANES, r % LANES);
                 let base = block * (dim + 1) * LANES + lane;
