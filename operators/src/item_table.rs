@@ -671,6 +671,33 @@ impl ItemRows {
         row.wrote();
     }
 
+    /// Changes a row where it lies, held for the length of `f` (which must be short:
+    /// another worker wanting the row spins meanwhile). Saves the two copies of a load
+    /// and store, and another worker's change to the row in between is kept rather than
+    /// overwritten. `f` must not take another row: a worker holds one row at a time, so
+    /// two workers can never wait on each other.
+    #[inline]
+    pub(crate) fn update<R>(&mut self, item: u32, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let Some(log) = &mut self.log else {
+            let mut row = Self::hold_in(&mut self.chunks, &self.table, item);
+            let out = f(&mut row);
+            row.wrote();
+            return out;
+        };
+        // Replicated: the change is also recorded, as the difference it made.
+        let mut row = Self::hold_in(&mut self.chunks, &self.table, item);
+        let delta = log.entry(item).or_insert_with(|| vec![0.0; row.len()]);
+        for (d, old) in delta.iter_mut().zip(row.iter()) {
+            *d -= old;
+        }
+        let out = f(&mut row);
+        for (d, new) in delta.iter_mut().zip(row.iter()) {
+            *d += new;
+        }
+        row.wrote();
+        out
+    }
+
     /// Scores `p` against items `0..alive.len()`: `out[i] = p · q_i (+ b_i)`, and
     /// negative infinity for expired items, which are never candidates.
     ///
@@ -972,6 +999,34 @@ mod tests {
         assert_eq!(again, row);
         assert_eq!(t.bytes(), 2 * Chunk::bytes(10));
         assert_eq!(Chunk::bytes(10) % 64, 0);
+    }
+
+    #[test]
+    fn updates_in_place_keep_other_changes_and_record_deltas_as_stores_do() {
+        let t = table(true);
+        let (mut a, mut b) = (ItemRows::new(Arc::clone(&t)), ItemRows::new(Arc::clone(&t)));
+        a.record_changes();
+        let mut before = vec![0.0; 10];
+        a.load(5, &mut before);
+        // Another handle's change between this handle's read and its update is kept.
+        b.update(5, |row| row[1] += 2.0);
+        let seen = a.update(5, |row| {
+            row[0] += 1.0;
+            row[1]
+        });
+        assert_eq!(seen, before[1] + 2.0, "an update sees the row as it is");
+        let mut after = vec![0.0; 10];
+        b.load(5, &mut after);
+        assert_eq!(after[0], before[0] + 1.0);
+        assert_eq!(after[1], before[1] + 2.0);
+        // Only this handle's own change is recorded for other processes.
+        let changes = a.take_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].0, 5);
+        let mut expected = vec![0.0; 10];
+        expected[0] = after[0] - (before[0] + 0.0);
+        assert_eq!(changes[0].1, expected);
+        assert_eq!(t.take_dirty(CHUNK_ROWS).len(), 1, "an update is published");
     }
 
     #[test]

@@ -416,24 +416,35 @@ impl Bpr {
         self.items.load(pos, &mut self.qi);
         let mut loss = 0.0f64;
         let mut ahead = ahead.iter();
+        let cfg = &self.cfg;
+        let (qi, iacc) = self.qi.split_at_mut(dim + 1);
         for neg in negatives {
             if let Some(&next) = ahead.next() {
                 self.items.prefetch(next);
             }
-            self.items.load(neg.item, &mut self.qj);
-            let (qi, iacc) = self.qi.split_at_mut(dim + 1);
-            let (qj, jacc) = self.qj.split_at_mut(dim + 1);
-            let mut x = diff_dot(&p[..dim], &qi[..dim], &qj[..dim]);
-            if bias {
-                x += qi[dim] - qj[dim];
-            }
-            if self.cfg.logq && neg.q > 0.0 {
-                x += (neg.q * candidates as f32).ln();
-            }
-            let (pair_loss, g) = loss_and_slope(x);
-            loss += pair_loss as f64;
-            pair_step(&self.cfg, dim, g, (p, pacc), (qi, iacc), (qj, jacc));
-            self.items.store(neg.item, &self.qj);
+            // The negative is trained where it lies (one hold, no copies); the positive,
+            // trained against every negative, stays in `qi` and is stored once, so a
+            // worker never holds two rows.
+            loss += self.items.update(neg.item, |qj| {
+                let (qj, jacc) = qj.split_at_mut(dim + 1);
+                let mut x = diff_dot(&p[..dim], &qi[..dim], &qj[..dim]);
+                if bias {
+                    x += qi[dim] - qj[dim];
+                }
+                if cfg.logq && neg.q > 0.0 {
+                    x += (neg.q * candidates as f32).ln();
+                }
+                let (pair_loss, g) = loss_and_slope(x);
+                pair_step(
+                    cfg,
+                    dim,
+                    g,
+                    (&mut *p, &mut *pacc),
+                    (&mut *qi, &mut *iacc),
+                    (qj, jacc),
+                );
+                pair_loss as f64
+            });
         }
         self.items.store(pos, &self.qi);
         loss
