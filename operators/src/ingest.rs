@@ -456,9 +456,9 @@ impl Outbox<'_> {
         self.held
             .entry(tick)
             .or_insert_with(|| {
-                spare
-                    .pop()
-                    .unwrap_or_else(|| Vec::with_capacity(SEND_BATCH))
+                // Grown to its tick's length, not a batch's: fine ticks hold a few events
+                // each, and up to `SPARE_TICKS` of these vectors are kept.
+                spare.pop().unwrap_or_default()
             })
             .push(event);
     }

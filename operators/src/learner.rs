@@ -905,10 +905,10 @@ impl Learner {
     /// Hints what later events will touch, in stages, so that each stage's reads find
     /// what the stage before hinted in cache instead of stalling on a chain of misses:
     /// `2 * PREFETCH_AHEAD` events ahead the id index slots; `PREFETCH_AHEAD` ahead
-    /// (looked up now) the user's and item's rows and where the user's history lies;
-    /// `PREFETCH_AHEAD / 2` ahead the history itself, which every negative is checked
-    /// against. Only for events this worker owns, except the item's index slot, which
-    /// every worker's catalogue observes.
+    /// (looked up now) the user's and item's rows, where the user's history lies and the
+    /// item's counters; `PREFETCH_AHEAD / 2` ahead the history itself, which every
+    /// negative is checked against. Only for events this worker owns, except the item's
+    /// index slot and counters, which every worker's catalogue updates.
     #[inline]
     fn prefetch(&mut self, events: &[Event], i: usize) {
         if let Some(far) = events.get(i + 2 * PREFETCH_AHEAD) {
@@ -918,12 +918,16 @@ impl Learner {
             }
         }
         if let Some(mid) = events.get(i + PREFETCH_AHEAD) {
+            // Every worker counts every event's item.
+            let item = self.catalogue.lookup(mid.item);
+            if let Some(d) = item {
+                self.catalogue.prefetch_counters(d);
+            }
             if owner(mid.user, self.peers) == self.worker {
                 let user = self.users.lookup(mid.user);
                 if let Some(u) = user {
                     self.users.prefetch_history(u);
                 }
-                let item = self.catalogue.lookup(mid.item);
                 for v in &mut self.variants {
                     if let Some(m) = v.model.bpr_mut() {
                         m.prefetch(user, item);

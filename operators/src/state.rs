@@ -42,6 +42,18 @@ impl ItemCatalogue {
         self.index.prefetch(id);
     }
 
+    /// Hints that the counters of dense item `dense` will be updated soon (by
+    /// [`ItemCatalogue::observe`]: they are misses of their own once the catalogue
+    /// outgrows the cache).
+    #[inline]
+    pub(crate) fn prefetch_counters(&self, dense: u32) {
+        let d = dense as usize;
+        if let (Some(count), Some(seen)) = (self.counts.get(d), self.last_seen.get(d)) {
+            crate::prefetch::values(std::slice::from_ref(count));
+            crate::prefetch::values(std::slice::from_ref(seen));
+        }
+    }
+
     /// Counts one interaction with `id` at event time `ts`, assigning it the next dense
     /// index if new (or expired).
     #[inline]
