@@ -487,13 +487,17 @@ impl Outbox<'_> {
             let batch = EventBatch::from_events_in(chunk, send_capacity(chunk.len()), self.pool);
             self.sent.push_back(batch.clone());
             input.events.send(batch);
-            input.events.flush();
             input.poll_gc(self.gc);
             self.retire();
             // Bounded in blocks as well as rounds: a worker busy with a long round has
             // not read the batches sent meanwhile, and each would be its own block. (Not
-            // a step per batch: with several workers every step with news sends
-            // progress messages, which allocate.)
+            // a flush and step per batch: the input sends a round's batches in one
+            // message when it advances, and with several workers every step with news
+            // sends progress messages; each message allocates.)
+            if self.sent.len() > BATCHES_IN_FLIGHT {
+                // What the input still buffers must go out for the wait to end.
+                input.events.flush();
+            }
             while self.sent.len() > BATCHES_IN_FLIGHT
                 && !self.cancel.load(Ordering::Relaxed)
                 && !(self.checkpoint_pending)()
