@@ -48,7 +48,7 @@ use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::delta::DeltaSink;
 use tidepool_pipeline::memory::collector::{CycleTicket, Freed, GcController, GcStats};
 use tidepool_pipeline::memory::heap::{AllocMeter, AllocWindow};
-use tidepool_pipeline::{BufferPool, Error, Event, EventSource, Quality, Result};
+use tidepool_pipeline::{BufferPool, Error, Event, EventBatch, EventSource, Quality, Result};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::empty;
@@ -190,8 +190,7 @@ impl<D> Default for Stash<D> {
 }
 
 impl<D> Stash<D> {
-    /// Adds to the data at `cap`'s time through `fill`, keeping the capability.
-    fn extend(&mut self, cap: Option<Capability<u64>>, fill: impl FnOnce(&mut Vec<D>)) {
+    fn stash(&mut self, cap: Option<Capability<u64>>, data: &mut Vec<D>) {
         let Some(cap) = cap else { return };
         let spare = &mut self.spare;
         let entry = self
@@ -199,7 +198,7 @@ impl<D> Stash<D> {
             .entry(*cap.time())
             .or_insert_with(|| (None, spare.pop().unwrap_or_default()));
         entry.0.get_or_insert(cap);
-        fill(&mut entry.1);
+        entry.1.append(data);
     }
 
     /// Stashes data without a capability (data that is never emitted at its time).
@@ -433,13 +432,10 @@ fn timely_config(cluster: Option<&Cluster>, workers: usize) -> timely::Config {
 /// changes and GC cycle tickets waiting for their time, and other processes' row
 /// changes; [`Prequential::advance`] runs whatever became complete, in time order.
 struct Prequential {
-    /// Rounds' events, copied out of the shared batches as they arrive (to be put in
-    /// replay order), so that a batch's pooled block goes back as soon as every worker
-    /// has read it rather than when its round completes: blocks in flight are then the
-    /// batches sent since a worker last stepped, not `rounds_in_flight` rounds of them
-    /// (and a batch cut short at a tick boundary does not hold a full block for a
-    /// round). The vectors are reused, round after round.
-    rounds: Stash<Event>,
+    rounds: Stash<EventBatch>,
+    /// A round's events, copied out of the shared batches to be put in replay order
+    /// (kept: its capacity is reused).
+    round_events: Vec<Event>,
     live_counts: Vec<Quality>,
     changes: Stash<CountChange>,
     cycles: Stash<CycleTicket>,
@@ -460,6 +456,7 @@ impl Prequential {
     ) -> Self {
         Self {
             rounds: Stash::default(),
+            round_events: Vec::new(),
             live_counts: Vec::new(),
             changes: Stash::default(),
             cycles: Stash::default(),
@@ -523,9 +520,14 @@ impl Prequential {
                     // Popularity as of the rounds before this one.
                     let mut before = self.changes.take_before(time);
                     learner.apply_counts(&mut before);
-                    if let Some((cap, mut events)) = self.rounds.take(time) {
-                        let owned = learner.process_round(time, &mut events);
-                        self.rounds.recycle(events);
+                    if let Some((cap, batches)) = self.rounds.take(time) {
+                        self.round_events.clear();
+                        for b in &batches {
+                            b.extend_into(&mut self.round_events);
+                        }
+                        // The blocks go back to the pool now.
+                        self.rounds.recycle(batches);
+                        let owned = learner.process_round(time, &mut self.round_events);
                         self.processed.fetch_add(owned, Ordering::Relaxed);
                         self.publish_live(learner);
                         let changes = learner.take_row_changes();
@@ -918,13 +920,7 @@ impl Run {
                         move |(events, events_frontier), (side, side_frontier), output| {
                             let out = output.output_index();
                             events.for_each(|cap, data| {
-                                state.rounds.extend(cap.retain_least(out), |round| {
-                                    // Each batch's block goes back to the pool as it is
-                                    // dropped here, by the last worker to read it.
-                                    for batch in data.drain(..) {
-                                        batch.extend_into(round);
-                                    }
-                                });
+                                state.rounds.stash(cap.retain_least(out), data);
                             });
                             side.for_each(|cap, data| {
                                 // Only the time is kept: holding a capability for changes

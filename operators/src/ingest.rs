@@ -43,7 +43,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tidepool_pipeline::dead_letter::DeadLetterSink;
@@ -105,30 +105,20 @@ pub struct IngestStats {
 pub(crate) type BatchHook<'h> =
     dyn FnMut(&mut Worker, Option<&mut Inputs>, &IngestStats, bool) -> Result<()> + 'h;
 
-/// Most events per batch sent into the dataflow: a batch costs a few allocator calls
-/// (its block's owner, timely's containers) whatever its length, so big batches keep
-/// calls per event small. 56,678 events of 37 bytes fill a 2 MiB pool class. A round
-/// longer than this goes in several batches, so that every batch fits one size class
-/// (rounds vary in length; a batch per round would ask for a bigger class whenever a
-/// round is longer than any before, a miss each time).
-const SEND_BATCH: usize = 56_678;
-
-/// Batches a worker's ingest may have sent that not every worker has read yet. Rounds
-/// in flight are bounded by [`Feed::rounds_in_flight`], but their events wait in the
-/// operators' own reused buffers; only the batches between sender and readers hold
-/// pooled blocks, and this bounds how many, so that the pool's blocks stay few and
-/// reused whatever the workers' relative pace.
-const BATCHES_IN_FLIGHT: usize = 4;
+/// Events per batch sent into the dataflow: a batch costs a few allocator calls (its
+/// block's owner, timely's containers) whatever its length, so big batches keep calls
+/// per event small. 14,169 events of 37 bytes fill a 512 KiB pool class.
+const SEND_BATCH: usize = 14_169;
 
 /// Below this many events a batch is built at its own length (see [`send_capacity`]).
 const SMALL_BATCH: usize = 64;
 
-/// The capacity a batch of `len` events (at most [`SEND_BATCH`]) is built with. Batches
-/// of at least [`SMALL_BATCH`] events (cut short at a tick boundary: most rounds end in
-/// one) take the full capacity, so they share one size class of the pool and every
-/// returned block fits the next batch; zeroing the block then costs at most about 150 ns
-/// per event. Tiny ones (sparse ticks, a quiet topic) take their own length, so a batch
-/// of a few events does not zero a 2 MiB block.
+/// The capacity a batch of `len` events is built with. Batches of at least
+/// [`SMALL_BATCH`] events (cut short at a tick boundary: most rounds end in one) take the
+/// full capacity, so they share one size class of the pool and every returned block fits
+/// the next batch; zeroing the block then costs at most about 150 ns per event. Tiny ones
+/// (sparse ticks, a quiet topic) take their own length, so a batch of a few events does
+/// not zero a 512 KiB block.
 fn send_capacity(len: usize) -> usize {
     if len >= SMALL_BATCH {
         SEND_BATCH.max(len)
@@ -243,9 +233,6 @@ pub(crate) fn drive(
         max_tick: None,
         low_watermark_ms: None,
         pool: feed.pool,
-        sent: VecDeque::with_capacity(BATCHES_IN_FLIGHT + 1),
-        cancel,
-        checkpoint_pending: feed.checkpoint_pending,
         gc,
     };
     let mut open_round = false;
@@ -287,7 +274,7 @@ pub(crate) fn drive(
                 u64::MAX
             };
             out.release(bound, worker, input, probe, feed);
-            out.send(worker, input);
+            out.send(input);
             if open_round && !merging {
                 let next = *input.events.time() + 1;
                 input.advance_to(next);
@@ -300,7 +287,7 @@ pub(crate) fn drive(
             let flushed = must_flush();
             if flushed {
                 out.release(u64::MAX, worker, input, probe, feed);
-                out.send(worker, input);
+                out.send(input);
             }
             show_watermark(probe);
             hook(worker, Some(input), stats, flushed)?;
@@ -386,7 +373,7 @@ pub(crate) fn drive(
             // A checkpoint's positions must match what the dataflow has: nothing held.
             out.release(u64::MAX, worker, input, probe, feed);
         }
-        out.send(worker, input);
+        out.send(input);
         // Keep channels moving between batches even when no round closed.
         let stepped = std::time::Instant::now();
         worker.step();
@@ -408,7 +395,7 @@ pub(crate) fn drive(
         "ingest time by phase"
     );
     out.release(u64::MAX, worker, input, probe, feed);
-    out.send(worker, input);
+    out.send(input);
     Ok(())
 }
 
@@ -441,10 +428,6 @@ struct Outbox<'p> {
     /// The source's low watermark, when it merges lanes (see [`SourceBatch`]).
     low_watermark_ms: Option<i64>,
     pool: &'p BufferPool,
-    /// The batches sent and not yet read by every worker (this worker's references).
-    sent: VecDeque<EventBatch>,
-    cancel: &'p AtomicBool,
-    checkpoint_pending: &'p dyn Fn() -> bool,
     /// Polled after every batch sent (worker 0 only): one source batch may hold many
     /// rounds and batches, and cycles must keep up with the heap between source batches.
     gc: Option<&'p GcController>,
@@ -456,9 +439,9 @@ impl Outbox<'_> {
         self.held
             .entry(tick)
             .or_insert_with(|| {
-                // Grown to its tick's length, not a batch's: fine ticks hold a few events
-                // each, and up to `SPARE_TICKS` of these vectors are kept.
-                spare.pop().unwrap_or_default()
+                spare
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(SEND_BATCH))
             })
             .push(event);
     }
@@ -475,43 +458,17 @@ impl Outbox<'_> {
         newest.map_or(0, |t| t.saturating_sub(lateness_ticks))
     }
 
-    /// Sends the pending events in pooled batches of at most [`SEND_BATCH`], waiting (by
-    /// stepping the dataflow) while more than [`BATCHES_IN_FLIGHT`] of this worker's
-    /// batches are still unread by some worker: the operators copy a batch's events out
-    /// as it arrives and drop it, which returns its block to the pool.
-    fn send(&mut self, worker: &mut Worker, input: &mut Inputs) {
-        let mut start = 0;
-        while start < self.pending.len() {
-            let chunk = &self.pending[start..self.pending.len().min(start + SEND_BATCH)];
-            start += chunk.len();
-            let batch = EventBatch::from_events_in(chunk, send_capacity(chunk.len()), self.pool);
-            self.sent.push_back(batch.clone());
-            input.events.send(batch);
-            input.poll_gc(self.gc);
-            self.retire();
-            // Bounded in blocks as well as rounds: a worker busy with a long round has
-            // not read the batches sent meanwhile, and each would be its own block. (Not
-            // a flush and step per batch: the input sends a round's batches in one
-            // message when it advances, and with several workers every step with news
-            // sends progress messages; each message allocates.)
-            if self.sent.len() > BATCHES_IN_FLIGHT {
-                // What the input still buffers must go out for the wait to end.
-                input.events.flush();
-            }
-            while self.sent.len() > BATCHES_IN_FLIGHT
-                && !self.cancel.load(Ordering::Relaxed)
-                && !(self.checkpoint_pending)()
-            {
-                worker.step();
-                self.retire();
-            }
+    fn send(&mut self, input: &mut Inputs) {
+        if self.pending.is_empty() {
+            return;
         }
+        input.events.send(EventBatch::from_events_in(
+            &self.pending,
+            send_capacity(self.pending.len()),
+            self.pool,
+        ));
         self.pending.clear();
-    }
-
-    /// Forgets the batches every worker has read, which returns their blocks to the pool.
-    fn retire(&mut self) {
-        self.sent.retain(|b| !b.is_unshared());
+        input.poll_gc(self.gc);
     }
 
     /// Releases every held tick up to `watermark`, advancing the input through them
@@ -531,7 +488,7 @@ impl Outbox<'_> {
             }
             let mut events = entry.remove();
             if tick > *input.events.time() {
-                self.send(worker, input);
+                self.send(input);
                 input.advance_to(tick);
                 let horizon = tick.saturating_sub(feed.rounds_in_flight);
                 // A pending checkpoint holds the other workers' inputs where they are, so
@@ -550,7 +507,7 @@ impl Outbox<'_> {
                 self.spare.push(events);
             }
             if self.pending.len() >= SEND_BATCH {
-                self.send(worker, input);
+                self.send(input);
             }
         }
     }

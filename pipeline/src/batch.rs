@@ -24,9 +24,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::event::{Event, EventType};
 use crate::BufferPool;
 
-/// Columns of a batch, each a typed view holding a reference to the block.
-const COLUMNS: usize = 6;
-
 /// Bytes of one event across the columns.
 const ROW_BYTES: usize = 8 + 8 + 8 + 8 + 4 + 1;
 
@@ -114,14 +111,6 @@ impl EventBatch {
     /// Whether it holds no event.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Whether this is the block's only holder: every other clone (a worker's copy of
-    /// the broadcast, a channel's buffer) has been dropped, so dropping this one returns
-    /// the block to the pool. What a sender that bounds its batches in flight asks.
-    pub fn is_unshared(&self) -> bool {
-        // Each of the six column views holds one reference to the block.
-        self.ts.inner().strong_count() <= COLUMNS
     }
 
     /// Event times (ms).
@@ -345,15 +334,12 @@ mod tests {
         assert_eq!(b.len(), 1000);
         assert_eq!(b.iter().collect::<Vec<_>>(), e);
         assert_eq!(b.iter().nth(999), Some(e[999]));
-        assert!(b.is_unshared());
         let c = b.clone();
         assert_eq!(c.ts().as_ptr(), b.ts().as_ptr(), "a clone shares the block");
-        assert!(!b.is_unshared() && !c.is_unshared());
         // The block returns to the pool only when the last holder drops it.
         let before = pool.stats();
         drop(b);
         assert_eq!(pool.stats().puts, before.puts);
-        assert!(c.is_unshared(), "the last holder knows it is");
         drop(c);
         assert_eq!(pool.stats().puts, before.puts + 1);
     }
