@@ -678,21 +678,24 @@ impl ItemRows {
     /// two workers can never wait on each other.
     #[inline]
     pub(crate) fn update<R>(&mut self, item: u32, f: impl FnOnce(&mut [f32]) -> R) -> R {
-        let Some(log) = &mut self.log else {
-            let mut row = Self::hold_in(&mut self.chunks, &self.table, item);
-            let out = f(&mut row);
-            row.wrote();
-            return out;
-        };
-        // Replicated: the change is also recorded, as the difference it made.
         let mut row = Self::hold_in(&mut self.chunks, &self.table, item);
-        let delta = log.entry(item).or_insert_with(|| vec![0.0; row.len()]);
-        for (d, old) in delta.iter_mut().zip(row.iter()) {
-            *d -= old;
+        // Replicated: the change is also recorded, as the difference it made.
+        let mut delta = self
+            .log
+            .as_mut()
+            .map(|log| log.entry(item).or_insert_with(|| vec![0.0; row.len()]));
+        if let Some(delta) = &mut delta {
+            delta
+                .iter_mut()
+                .zip(row.iter())
+                .for_each(|(d, old)| *d -= old);
         }
         let out = f(&mut row);
-        for (d, new) in delta.iter_mut().zip(row.iter()) {
-            *d += new;
+        if let Some(delta) = delta {
+            delta
+                .iter_mut()
+                .zip(row.iter())
+                .for_each(|(d, new)| *d += new);
         }
         row.wrote();
         out
@@ -1024,7 +1027,7 @@ mod tests {
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].0, 5);
         let mut expected = vec![0.0; 10];
-        expected[0] = after[0] - (before[0] + 0.0);
+        expected[0] = after[0] - before[0];
         assert_eq!(changes[0].1, expected);
         assert_eq!(t.take_dirty(CHUNK_ROWS).len(), 1, "an update is published");
     }
