@@ -621,6 +621,26 @@ fn kafka_bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The smallest and largest of `values`.
+fn range(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
 /// Runs the benchmark and prints a table (and JSON with `--json`).
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
@@ -736,29 +756,49 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         for (data, input) in &inputs {
             let (events, users, items) = dense_events(input)?;
             for optimizer in [Optimizer::Adagrad, Optimizer::Sgd] {
-                // The reference first, in the same process and sitting.
                 let cfg = ModelConfig {
                     optimizer,
                     ..ModelConfig::default()
                 };
-                let kernel = reference_kernel(&cfg, users, items, &events, 42);
-                let reference = kernel.events_per_sec();
-                eprintln!(
-                    "{data} reference kernel ({}, {users} users x {items} items): {reference:.0} events/s",
-                    optimizer.name()
-                );
-                for &w in &args.workers {
-                    let run = bpr_run(input, w, 0, optimizer)?;
-                    let (n, eps) = (run.events, run.events_per_sec());
-                    let ratio = eps / (w as f64 * reference);
+                // Per worker count, each round's events/s and ratio. Each round measures
+                // the reference first, in the same process and sitting, and every ratio
+                // is against its own round's reference, so drift of the machine between
+                // rounds cancels in the ratio.
+                let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); args.workers.len()];
+                let mut references = Vec::new();
+                let mut events_run = 0;
+                for round in 1..=args.repeat {
+                    let kernel = reference_kernel(&cfg, users, items, &events, 42);
+                    let reference = kernel.events_per_sec();
+                    references.push(reference);
                     eprintln!(
-                        "{data} bpr {}, {w} worker(s): {eps:.0} events/s, {ratio:.2} of {w} x the reference",
-                        optimizer.name()
+                        "{data} reference kernel ({}, {users} users x {items} items, round {round}/{}): {reference:.0} events/s",
+                        optimizer.name(),
+                        args.repeat
                     );
+                    for (&w, runs) in args.workers.iter().zip(&mut runs) {
+                        let run = bpr_run(input, w, 0, optimizer)?;
+                        let eps = run.events_per_sec();
+                        events_run = run.events;
+                        let ratio = eps / (w as f64 * reference);
+                        eprintln!(
+                            "{data} bpr {}, {w} worker(s), round {round}/{}: {eps:.0} events/s, {ratio:.2} of {w} x the reference",
+                            optimizer.name(),
+                            args.repeat
+                        );
+                        runs.push((eps, ratio));
+                    }
+                }
+                for (&w, runs) in args.workers.iter().zip(&runs) {
+                    let eps: Vec<f64> = runs.iter().map(|r| r.0).collect();
+                    let ratios: Vec<f64> = runs.iter().map(|r| r.1).collect();
+                    let (lo, hi) = range(&ratios);
                     results.push(json!({
                         "data": data, "model": "bpr", "optimizer": optimizer.name(),
-                        "workers": w, "events": n, "events_per_sec": eps,
-                        "reference_events_per_sec": reference, "ratio": ratio,
+                        "workers": w, "events": events_run, "events_per_sec": median(&eps),
+                        "reference_events_per_sec": median(&references),
+                        "ratio": median(&ratios), "ratio_min": lo, "ratio_max": hi,
+                        "rounds": args.repeat,
                     }));
                 }
             }
@@ -771,12 +811,19 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     if !results.is_empty() {
         println!(
-            "{:<18} {:<12} {:>8} {:>12} {:>14} {:>14} {:>8}",
-            "data", "model", "workers", "events", "events/s", "reference/s", "ratio"
+            "{:<18} {:<12} {:>8} {:>12} {:>14} {:>14} {:>8} {:>11}",
+            "data", "model", "workers", "events", "events/s", "reference/s", "ratio", "range"
         );
         for r in &results {
+            // Rows measured over several rounds give medians and the ratios' range.
+            let spread = match (r["ratio_min"].as_f64(), r["ratio_max"].as_f64()) {
+                (Some(lo), Some(hi)) if r["rounds"].as_u64().unwrap_or(1) > 1 => {
+                    format!("{lo:.2}-{hi:.2}")
+                }
+                _ => String::new(),
+            };
             println!(
-                "{:<18} {:<12} {:>8} {:>12} {:>14.0} {:>14.0} {:>8.2}",
+                "{:<18} {:<12} {:>8} {:>12} {:>14.0} {:>14.0} {:>8.2} {:>11}",
                 r["data"].as_str().unwrap_or(""),
                 format!(
                     "{} {}",
@@ -787,7 +834,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 r["events"].as_u64().unwrap_or(0),
                 r["events_per_sec"].as_f64().unwrap_or(0.0),
                 r["reference_events_per_sec"].as_f64().unwrap_or(0.0),
-                r["ratio"].as_f64().unwrap_or(0.0)
+                r["ratio"].as_f64().unwrap_or(0.0),
+                spread
             );
         }
     }
@@ -813,4 +861,18 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_range_of_rounds() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0]), 3.0);
+        assert_eq!(median(&[0.9, 0.2, 0.5]), 0.5);
+        assert_eq!(median(&[0.9, 0.2, 0.5, 0.6]), 0.55);
+        assert_eq!(range(&[0.9, 0.2, 0.5]), (0.2, 0.9));
+    }
 }

@@ -616,6 +616,11 @@ pub struct BenchArgs {
     /// Worker counts to measure.
     #[arg(long, default_values_t = vec![1usize, 2])]
     pub workers: Vec<usize>,
+    /// Rounds of the training throughput runs: each round measures the reference kernel
+    /// and then every worker count; the table reports the median of the rounds' ratios
+    /// and their range (two-worker runs on a shared VM vary by tens of percent).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -351,6 +351,13 @@ fn invalid_flags_are_rejected_with_the_valid_choices() {
         "{}",
         text(&out.stderr)
     );
+    let out = tidepool(&["bench", "--repeat", "0"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--repeat <REPEAT>"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = tidepool(&["backtest", "missing.parquet"], dir.path());
     assert!(!out.status.success());
     assert!(
