@@ -39,7 +39,10 @@
 //!
 //! Timely has no backpressure of its own. Before a worker advances its input to time
 //! `t` it steps the dataflow until the probe has passed `t - rounds_in_flight`, so at
-//! most that many rounds are buffered downstream, whatever the source's speed.
+//! most that many rounds are buffered downstream, whatever the source's speed. A step
+//! with nothing to do parks the worker (until a message arrives, at most
+//! [`FLOW_PARK`]): what it waits for is usually another worker's learner, and spinning
+//! on its core would only take cycles from that worker or from the rest of the machine.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -165,6 +168,11 @@ impl Inputs {
 
 /// How long an idle worker parks before asking its source again.
 const IDLE_PARK: Duration = Duration::from_millis(5);
+
+/// The longest a worker held back by flow control parks before looking again; another
+/// worker's message wakes it sooner. Bounded so that cancellation and a pending
+/// checkpoint, which send no message to this worker, are still noticed promptly.
+const FLOW_PARK: Duration = Duration::from_millis(1);
 
 /// How a worker feeds its input: the clock, the flow-control bound, where dead letters
 /// go, the flag another worker sets when it fails, and (on worker 0) the GC controller.
@@ -497,7 +505,7 @@ impl Outbox<'_> {
                     && !feed.cancel.load(Ordering::Relaxed)
                     && !(feed.checkpoint_pending)()
                 {
-                    worker.step();
+                    worker.step_or_park(Some(FLOW_PARK));
                 }
             }
             self.pending.append(&mut events);
