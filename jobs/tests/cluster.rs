@@ -229,3 +229,41 @@ fn a_process_whose_peers_never_come_gives_up_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn processes_started_with_different_jobs_refuse_to_run_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = common::loopback_hostfile(dir.path(), 2);
+    let procs: Vec<Guard> = [(0, "mostpop"), (1, "bpr")]
+        .iter()
+        .map(|(p, model)| {
+            let args: Vec<String> = [
+                "backtest",
+                "--events",
+                "2000",
+                "--quiet",
+                "--model",
+                model,
+                "--processes",
+                "2",
+                "--process",
+                &p.to_string(),
+                "--hostfile",
+                &hosts.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            spawn(&args, dir.path())
+        })
+        .collect();
+    for (p, proc) in procs.into_iter().enumerate() {
+        let out = proc.wait(Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "process {p}: {stderr}");
+        assert!(
+            stderr.contains("process 1 runs a different job than process 0: variants differ"),
+            "process {p}: {stderr}"
+        );
+    }
+}

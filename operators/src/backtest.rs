@@ -796,6 +796,17 @@ impl Run {
         // batches from other processes are rebuilt in it.
         tidepool_pipeline::BufferPool::register_worker(index);
         self.pool.install_current();
+        if let Some(r) = &self.replication {
+            // One fingerprint per process: its workers share the configuration. This is
+            // the first dataflow every process builds, whatever its job.
+            let mine = index.is_multiple_of(r.workers).then(|| {
+                (
+                    r.process,
+                    crate::cluster::job_fingerprint(&self.config, self.plan.tick_ms),
+                )
+            });
+            crate::cluster::check_same_job(&gather(worker, mine))?;
+        }
         let learner = Rc::new(RefCell::new(Some(self.learner(index, worker.peers()))));
         let Graph {
             input,
@@ -1230,17 +1241,21 @@ fn take_checkpoint(
     Ok(())
 }
 
-/// Collects every worker's outcome on every worker of the cluster, through a dataflow
-/// of its own (built by all workers, in the same order, after the main one).
-fn gather(worker: &mut timely::worker::Worker, mine: Option<WorkerOutcome>) -> Vec<WorkerOutcome> {
+/// What every worker of the cluster sends (`mine`, if any), on every worker, through a
+/// dataflow of its own: built by all workers in the same order (the job fingerprints
+/// before the main dataflow, the outcomes after it).
+fn gather<D>(worker: &mut timely::worker::Worker, mine: Option<D>) -> Vec<D>
+where
+    D: timely::ExchangeData + Clone,
+{
     let collected = Rc::new(RefCell::new(Vec::new()));
-    let mut input = timely::dataflow::InputHandle::<u64, CapacityContainerBuilder<Vec<_>>>::new();
+    let mut input = timely::dataflow::InputHandle::<u64, CapacityContainerBuilder<Vec<D>>>::new();
     let probe = worker.dataflow::<u64, _, _>(|scope| {
         let sink = Rc::clone(&collected);
         scope
             .input_from(&mut input)
             .broadcast()
-            .inspect(move |o: &WorkerOutcome| sink.borrow_mut().push(o.clone()))
+            .inspect(move |d: &D| sink.borrow_mut().push(d.clone()))
             .probe()
             .0
     });

@@ -29,6 +29,12 @@
 //! why a cluster's BPR metrics match one process's within a tolerance rather than
 //! exactly.
 //!
+//! ## One job
+//!
+//! Timely connects whatever processes share a host file. Before the main dataflow, the
+//! processes exchange a fingerprint of their job ([`job_fingerprint`]) on a dataflow of
+//! its own and refuse to run together if any differs ([`check_same_job`]).
+//!
 //! ## Checkpoints
 //!
 //! Every process writes its workers' parts into one shared directory; the steps run
@@ -208,9 +214,89 @@ pub(crate) struct RowBatch {
     pub(crate) values: Vec<f32>,
 }
 
+/// What every process of a cluster must agree on, as JSON text: the job's configuration
+/// with the round width actually used (`tick_ms`, derived from the source when not set),
+/// without `gc`, whose limits may follow each host's memory.
+pub(crate) fn job_fingerprint(config: &crate::config::BacktestConfig, tick_ms: i64) -> String {
+    let mut job = serde_json::to_value(config).unwrap_or_default();
+    if let Some(fields) = job.as_object_mut() {
+        fields.remove("gc");
+        fields.insert("tick_ms".into(), tick_ms.into());
+    }
+    job.to_string()
+}
+
+/// Checks every process's fingerprint (`(process, fingerprint)`, see
+/// [`job_fingerprint`]) against the lowest-numbered process's, naming the settings that
+/// differ. Timely connects any processes that share a host file, so a process started
+/// with another job's settings (or one of another job that happened to get the same
+/// ports) would otherwise train as part of this cluster on a different plan.
+pub(crate) fn check_same_job(prints: &[(usize, String)]) -> Result<()> {
+    let Some((first, reference)) = prints.iter().min_by_key(|(p, _)| *p) else {
+        return Ok(());
+    };
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+    let expected = parse(reference);
+    let mut odd: Vec<&(usize, String)> = prints.iter().filter(|(_, f)| f != reference).collect();
+    odd.sort_by_key(|(p, _)| *p);
+    let Some((process, print)) = odd.first() else {
+        return Ok(());
+    };
+    let got = parse(print);
+    let keys: Vec<&str> = match (expected.as_object(), got.as_object()) {
+        (Some(e), Some(g)) => e
+            .keys()
+            .chain(g.keys().filter(|k| !e.contains_key(*k)))
+            .filter(|k| e.get(*k) != g.get(*k))
+            .map(String::as_str)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let hint = if keys.contains(&"tick_ms") {
+        " (tick_ms follows the source's time span and size: do they read the same data?)"
+    } else {
+        ""
+    };
+    Err(Error::Config(format!(
+        "process {process} runs a different job than process {first}: {} differ{hint}; every process of a cluster must run the same configuration (only [gc] may differ between hosts)",
+        keys.join(", ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_of_one_job_agree_and_others_are_named() {
+        let config = crate::config::BacktestConfig::default();
+        let same = job_fingerprint(&config, 1000);
+        assert_eq!(
+            check_same_job(&[(1, same.clone()), (0, same.clone())]).ok(),
+            Some(())
+        );
+
+        // Memory limits may differ per host.
+        let mut other_gc = config.clone();
+        other_gc.gc.gc_percent = Some(25);
+        let gc = job_fingerprint(&other_gc, 1000);
+        assert_eq!(gc, same);
+
+        let mut seeded = config.clone();
+        seeded.seed += 1;
+        let err = check_same_job(&[
+            (0, same.clone()),
+            (1, same.clone()),
+            (2, job_fingerprint(&seeded, 2000)),
+        ])
+        .expect_err("another seed and tick");
+        let text = err.to_string();
+        assert!(
+            text.contains("process 2 runs a different job than process 0: seed, tick_ms differ"),
+            "{text}"
+        );
+        assert!(text.contains("do they read the same data?"), "{text}");
+    }
 
     #[test]
     fn hostfile_is_read_with_comments_and_checked() {
