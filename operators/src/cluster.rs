@@ -145,6 +145,18 @@ impl Cluster {
                 .map(|i| format!("127.0.0.1:{}", DEFAULT_BASE_PORT as usize + i))
                 .collect(),
         };
+        if let Some(range) = ephemeral_ports() {
+            let risky = in_port_range(&addresses, range);
+            if !risky.is_empty() {
+                tracing::warn!(
+                    addresses = %risky.join(", "),
+                    "these cluster ports lie in the kernel's ephemeral range ({}-{}, /proc/sys/net/ipv4/ip_local_port_range): an outgoing connection may take one before its process binds it, and on one machine a process retrying a peer's port can be given that port and connect to itself; ports below {} avoid both",
+                    range.0,
+                    range.1,
+                    range.0
+                );
+            }
+        }
         Ok(Self {
             processes,
             process,
@@ -152,6 +164,30 @@ impl Cluster {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         })
     }
+}
+
+/// The ports the kernel hands out for outgoing connections and for binding port 0
+/// (Linux); `None` where that is not known.
+fn ephemeral_ports() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+/// The `host:port` addresses whose port lies in `lo..=hi`.
+fn in_port_range(addresses: &[String], (lo, hi): (u16, u16)) -> Vec<String> {
+    addresses
+        .iter()
+        .filter(|a| {
+            a.rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_some_and(|port| (lo..=hi).contains(&port))
+        })
+        .cloned()
+        .collect()
 }
 
 fn read_hostfile(path: &Path, processes: usize) -> Result<Vec<String>> {
@@ -296,6 +332,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("do they read the same data?"), "{text}");
+    }
+
+    #[test]
+    fn ports_in_the_ephemeral_range_are_found() {
+        let addresses: Vec<String> = ["10.0.0.1:2101", "127.0.0.1:40000", "[::1]:60999", "h:61000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            in_port_range(&addresses, (32768, 60999)),
+            vec!["127.0.0.1:40000".to_string(), "[::1]:60999".to_string()]
+        );
+        assert!(in_port_range(&addresses[..1], (32768, 60999)).is_empty());
     }
 
     #[test]
