@@ -271,14 +271,15 @@ pub(crate) fn check_same_job(prints: &[(usize, String)]) -> Result<()> {
     let Some((first, reference)) = prints.iter().min_by_key(|(p, _)| *p) else {
         return Ok(());
     };
-    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
-    let expected = parse(reference);
-    let mut odd: Vec<&(usize, String)> = prints.iter().filter(|(_, f)| f != reference).collect();
-    odd.sort_by_key(|(p, _)| *p);
-    let Some((process, print)) = odd.first() else {
+    let Some((process, print)) = prints
+        .iter()
+        .filter(|(_, f)| f != reference)
+        .min_by_key(|(p, _)| *p)
+    else {
         return Ok(());
     };
-    let got = parse(print);
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+    let (expected, got) = (parse(reference), parse(print));
     let keys: Vec<&str> = match (expected.as_object(), got.as_object()) {
         (Some(e), Some(g)) => e
             .keys()
