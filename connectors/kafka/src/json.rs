@@ -143,7 +143,13 @@ impl Scalar<'_> {
         match self {
             Scalar::U64(n) => i64::try_from(*n).ok(),
             Scalar::I64(n) => Some(*n),
-            Scalar::F64(n) if n.is_finite() => Some(*n as i64),
+            // `as` saturates: a float beyond the range would become i64::MIN or MAX
+            // instead of an error. 2^63 is exact as f64; i64's range is [-2^63, 2^63).
+            Scalar::F64(n)
+                if (-9.223_372_036_854_775_808e18..9.223_372_036_854_775_808e18).contains(n) =>
+            {
+                Some(*n as i64)
+            }
             _ => None,
         }
     }
@@ -375,11 +381,20 @@ impl JsonMapping {
                         ))
                     }
                 };
-                match self.time_unit {
-                    TimeUnit::Ms => raw,
-                    TimeUnit::S => raw
-                        .checked_mul(1000)
-                        .ok_or_else(|| format!("{field} out of range: {raw} s"))?,
+                let ms = match self.time_unit {
+                    TimeUnit::Ms => Some(raw),
+                    TimeUnit::S => raw.checked_mul(1000),
+                };
+                // i64::MIN is the sources' "nothing delivered yet" watermark, never a time.
+                match ms {
+                    Some(ms) if ms != i64::MIN => ms,
+                    _ => {
+                        let unit = match self.time_unit {
+                            TimeUnit::Ms => "ms",
+                            TimeUnit::S => "s",
+                        };
+                        return Err(format!("{field} out of range: {raw} {unit}"));
+                    }
                 }
             }
         };
@@ -472,6 +487,14 @@ mod tests {
                 "item_id must be an unsigned integer, got an array",
             ),
             (r#"{"user_id":1,"item_id":1}"#, "missing ts"),
+            (
+                r#"{"user_id":1,"item_id":1,"ts":-4.665185177847528e83}"#,
+                "ts out of range",
+            ),
+            (
+                r#"{"user_id":1,"item_id":1,"ts":-9223372036854775808}"#,
+                "ts out of range",
+            ),
             (
                 r#"{"user_id":1,"item_id":1,"ts":"yesterday"}"#,
                 "ts must be an integer time, got a string",
