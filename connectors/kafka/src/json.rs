@@ -144,12 +144,8 @@ impl Scalar<'_> {
             Scalar::U64(n) => i64::try_from(*n).ok(),
             Scalar::I64(n) => Some(*n),
             // `as` saturates: a float beyond the range would become i64::MIN or MAX
-            // instead of an error. 2^63 is exact as f64; i64's range is [-2^63, 2^63).
-            Scalar::F64(n)
-                if (-9.223_372_036_854_775_808e18..9.223_372_036_854_775_808e18).contains(n) =>
-            {
-                Some(*n as i64)
-            }
+            // instead of an error. -2^63 (i64::MIN) is exact as f64; i64's range is [-2^63, 2^63).
+            Scalar::F64(n) if (i64::MIN as f64..-(i64::MIN as f64)).contains(n) => Some(*n as i64),
             _ => None,
         }
     }
