@@ -298,8 +298,11 @@ impl PoolInner {
             unsafe { Self::free(block.0, size) };
             return;
         }
-        lock(&me.shared[class]).push(block);
+        // Counted before it is pushed, as takers subtract after they pop: the count never
+        // falls below the bytes on the stack, so it cannot wrap below zero when a taker
+        // pops the block between the push and the count.
         me.held[class].fetch_add(size, Ordering::Relaxed);
+        lock(&me.shared[class]).push(block);
         Counters::bump(&me.counters.puts);
     }
 
