@@ -13,8 +13,8 @@ use tidepool_connector_generator::GeneratorConfig;
 use tidepool_connector_parquet::{import_csv, ColumnMapping, CsvOptions, ParquetSource, Preset};
 use tidepool_operators::config::recommended_variants;
 use tidepool_operators::{
-    reference_kernel, reference_scoring_kernel, run_backtest, BacktestConfig, ModelConfig,
-    ModelKind, Optimizer, VariantConfig,
+    reference_kernel, reference_kernel_parallel, reference_scoring_kernel, run_backtest,
+    BacktestConfig, ModelConfig, ModelKind, Optimizer, VariantConfig,
 };
 use tidepool_pipeline::EventSource;
 use tidepool_pipeline::MemoryDeadLetters;
@@ -764,7 +764,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 // the reference first, in the same process and sitting, and every ratio
                 // is against its own round's reference, so drift of the machine between
                 // rounds cancels in the ratio.
-                let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); args.workers.len()];
+                // Per worker count, each round's events/s, ratio, and the reference
+                // kernel on as many threads at once (events/s): the machine's own scaling.
+                let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); args.workers.len()];
                 let mut references = Vec::new();
                 let mut events_run = 0;
                 for round in 1..=args.repeat {
@@ -777,21 +779,30 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                         args.repeat
                     );
                     for (&w, runs) in args.workers.iter().zip(&mut runs) {
+                        let parallel = if w > 1 {
+                            reference_kernel_parallel(&cfg, users, items, &events, 42, w)
+                                .events_per_sec()
+                        } else {
+                            reference
+                        };
                         let run = bpr_run(input, w, 0, optimizer)?;
                         let eps = run.events_per_sec();
                         events_run = run.events;
                         let ratio = eps / (w as f64 * reference);
                         eprintln!(
-                            "{data} bpr {}, {w} worker(s), round {round}/{}: {eps:.0} events/s, {ratio:.2} of {w} x the reference",
+                            "{data} bpr {}, {w} worker(s), round {round}/{}: {eps:.0} events/s, {ratio:.2} of {w} x the reference; the reference on {w} thread(s) at once: {parallel:.0} events/s ({:.2} of {w} x one)",
                             optimizer.name(),
-                            args.repeat
+                            args.repeat,
+                            parallel / (w as f64 * reference)
                         );
-                        runs.push((eps, ratio));
+                        runs.push((eps, ratio, parallel));
                     }
                 }
                 for (&w, runs) in args.workers.iter().zip(&runs) {
                     let eps: Vec<f64> = runs.iter().map(|r| r.0).collect();
                     let ratios: Vec<f64> = runs.iter().map(|r| r.1).collect();
+                    let parallel: Vec<f64> = runs.iter().map(|r| r.2).collect();
+                    let of_parallel: Vec<f64> = runs.iter().map(|r| r.0 / r.2).collect();
                     let (lo, hi) = range(&ratios);
                     results.push(json!({
                         "data": data, "model": "bpr", "optimizer": optimizer.name(),
@@ -799,6 +810,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                         "reference_events_per_sec": median(&references),
                         "ratio": median(&ratios), "ratio_min": lo, "ratio_max": hi,
                         "rounds": args.repeat,
+                        "parallel_reference_events_per_sec": median(&parallel),
+                        "ratio_to_parallel": median(&of_parallel),
                     }));
                 }
             }
@@ -811,8 +824,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     if !results.is_empty() {
         println!(
-            "{:<18} {:<12} {:>8} {:>12} {:>14} {:>14} {:>8} {:>11}",
-            "data", "model", "workers", "events", "events/s", "reference/s", "ratio", "range"
+            "{:<18} {:<12} {:>8} {:>12} {:>14} {:>14} {:>8} {:>11} {:>14} {:>8}",
+            "data",
+            "model",
+            "workers",
+            "events",
+            "events/s",
+            "reference/s",
+            "ratio",
+            "range",
+            "parallel ref/s",
+            "of par."
         );
         for r in &results {
             // Rows measured over several rounds give medians and the ratios' range.
@@ -822,8 +844,18 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 }
                 _ => String::new(),
             };
+            // Training rows with several workers carry the reference on as many threads.
+            let (parallel, of_parallel) = match (
+                r["parallel_reference_events_per_sec"].as_f64(),
+                r["ratio_to_parallel"].as_f64(),
+            ) {
+                (Some(p), Some(o)) if r["workers"].as_u64().unwrap_or(1) > 1 => {
+                    (format!("{p:.0}"), format!("{o:.2}"))
+                }
+                _ => (String::new(), String::new()),
+            };
             println!(
-                "{:<18} {:<12} {:>8} {:>12} {:>14.0} {:>14.0} {:>8.2} {:>11}",
+                "{:<18} {:<12} {:>8} {:>12} {:>14.0} {:>14.0} {:>8.2} {:>11} {:>14} {:>8}",
                 r["data"].as_str().unwrap_or(""),
                 format!(
                     "{} {}",
@@ -835,7 +867,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 r["events_per_sec"].as_f64().unwrap_or(0.0),
                 r["reference_events_per_sec"].as_f64().unwrap_or(0.0),
                 r["ratio"].as_f64().unwrap_or(0.0),
-                spread
+                spread,
+                parallel,
+                of_parallel
             );
         }
     }

@@ -312,6 +312,10 @@ pub struct BacktestArgs {
     /// Pool shards; 0 means one per worker.
     #[arg(long, env = "TIDEPOOL_POOL_SHARDS", default_value_t = 0)]
     pub pool_shards: usize,
+    /// Batch blocks each reading worker allocates into the pool before its first batch
+    /// (default: rounds in flight + 2; 0 for none).
+    #[arg(long, env = "TIDEPOOL_POOL_RESERVE")]
+    pub pool_reserve: Option<usize>,
     /// Generated stream (no INPUT): replace the user population with new ids this many
     /// times over the stream (ever-new users).
     #[arg(long, env = "TIDEPOOL_USER_CHURN", default_value_t = 0)]
@@ -792,6 +796,7 @@ impl BacktestArgs {
             },
             retain_per_class: self.pool_retain,
             poison: self.pool_poison,
+            reserve: self.pool_reserve,
         })
     }
 

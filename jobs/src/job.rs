@@ -127,6 +127,8 @@ pub struct PoolSection {
     pub shards: Option<usize>,
     /// Poison returned buffers.
     pub poison: Option<bool>,
+    /// Batch blocks reserved per reading worker.
+    pub reserve: Option<usize>,
 }
 
 /// `[gc]`.
@@ -679,6 +681,8 @@ impl FileLayer<'_> {
         self.put(pool("retain"), "pool_retain", retain, parse_size, &mut a.pool_retain)?;
         self.put(pool("shards"), "pool_shards", p.shards, Ok, &mut a.pool_shards)?;
         self.put(pool("poison"), "pool_poison", p.poison, Ok, &mut a.pool_poison)?;
+        let reserve = p.reserve.map(Some);
+        self.put(pool("reserve"), "pool_reserve", reserve, Ok, &mut a.pool_reserve)?;
 
         let g = &job.gc;
         let gc = |key| ("gc", key);

@@ -499,13 +499,19 @@ fn batches_are_pooled_and_the_steady_state_does_not_allocate_per_event() {
                 "{case}: every block came back: {pool}"
             );
             assert!(pool["hits_private"].as_u64().unwrap() > 0, "{case}: {pool}");
-            // Once the pool has filled, most gets are served from it (one size class for
-            // the batches the ingest sends): measured 0.74-1.0 over ~30 steady gets here
-            // (a miss is a block held in flight beyond the earlier peak, which depends on
-            // how the two workers' rounds interleave; docs/memory.md).
+            // Every batch, the source's and the edges', takes a block of one size class,
+            // and each reading worker reserves the blocks its flow control keeps in
+            // flight: over the whole run, gets find recycled blocks (measured: no miss in
+            // 107-172 gets; docs/memory.md).
+            assert!(pool["reserved"].as_u64().unwrap() > 0, "{case}: {pool}");
+            assert!(
+                pool["hit_rate"].as_f64().unwrap() >= 0.99,
+                "{case}: whole-run hit rate: {pool}"
+            );
             let steady = &pool["steady"];
             assert!(
-                steady["gets"].as_u64().unwrap() > 0 && steady["hit_rate"].as_f64().unwrap() >= 0.6,
+                steady["gets"].as_u64().unwrap() > 0
+                    && steady["hit_rate"].as_f64().unwrap() >= 0.99,
                 "{case}: {pool}"
             );
             let allocs = &summary["allocs"];
@@ -515,14 +521,19 @@ fn batches_are_pooled_and_the_steady_state_does_not_allocate_per_event() {
             );
             let per_event = summary["allocs_per_event"].as_f64().unwrap();
             // Parquet decoding allocates inside parquet-rs, a few calls per page (not
-            // pooled): with the writer's 256 k-row pages measured 0.0009-0.0011 (0.002
-            // with parquet-rs's default 20 k-row pages); docs/memory.md.
-            let bound = if input.is_some() { 0.0018 } else { 0.001 };
+            // pooled): with the writer's 256 k-row pages measured 0.0008-0.0011 (0.002
+            // with parquet-rs's default 20 k-row pages); generated 0.00025-0.0005;
+            // docs/memory.md.
+            let bound = if input.is_some() { 0.0014 } else { 0.001 };
             assert!(
                 per_event <= bound,
                 "{case}: {per_event} allocator calls per event: {allocs}"
             );
             assert_eq!(summary["events"], 1_000_000, "{case}");
+            eprintln!(
+                "{case}: hit rate {}, {per_event} calls per event",
+                pool["hit_rate"]
+            );
         }
     }
 }

@@ -228,8 +228,11 @@ fn train_follows_the_topic_and_beats_mostpop() {
     // The consumer's batches and the dataflow's are pooled, and every block came back.
     let pool = &s["pool"];
     let gets = pool["gets"].as_u64().unwrap();
+    // The consumer's batches take the class of the dataflow's, and the reading workers
+    // reserve their blocks in flight: gets find recycled blocks (docs/memory.md).
+    eprintln!("kafka pool: {pool}");
     assert!(
-        gets > 0 && pool["hit_rate"].as_f64().unwrap() > 0.5,
+        gets > 0 && pool["hit_rate"].as_f64().unwrap() >= 0.99,
         "{pool}"
     );
     assert_eq!(

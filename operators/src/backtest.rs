@@ -346,6 +346,8 @@ struct Plan {
     window_ticks: u64,
     /// Whether a sampler needs the windowed popularity counts.
     needs_counts: bool,
+    /// Rows the source says it holds (a bounded source).
+    rows: Option<u64>,
 }
 
 /// Stage 1 of [`run_dataflow`]: the plan.
@@ -402,6 +404,7 @@ fn plan(config: &BacktestConfig, info: &tidepool_pipeline::SourceInfo) -> Plan {
         tick_ms,
         window_ticks,
         needs_counts,
+        rows: info.rows,
     }
 }
 
@@ -1117,6 +1120,7 @@ impl Run {
                 live: self.live.as_deref(),
                 checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
                 pool: &self.pool,
+                rows_hint: self.plan.rows.map(|r| r.div_ceil(peers.max(1) as u64)),
             };
             drive(
                 worker, &mut input, probe, reader, &feed, &mut stats, &mut hook,

@@ -108,25 +108,32 @@ pub struct IngestStats {
 pub(crate) type BatchHook<'h> =
     dyn FnMut(&mut Worker, Option<&mut Inputs>, &IngestStats, bool) -> Result<()> + 'h;
 
-/// Events per batch sent into the dataflow: a batch costs a few allocator calls (its
-/// block's owner, timely's containers) whatever its length, so big batches keep calls
-/// per event small. 14,169 events of 37 bytes fill a 512 KiB pool class.
-const SEND_BATCH: usize = 14_169;
+/// Events per batch sent into the dataflow ([`EventBatch::BATCH_EVENTS`]: as many as fill
+/// a 512 KiB pool class). A round longer than that goes as several
+/// batches of this one class, so every block returned fits the next batch and the
+/// blocks a worker reserves serve any round; a batch costs one pool get and no
+/// allocator call, and the rounds' messages (timely's containers) are shared by all
+/// the batches of a round.
+const SEND_BATCH: usize = EventBatch::BATCH_EVENTS;
 
-/// Below this many events a batch is built at its own length (see [`send_capacity`]).
-const SMALL_BATCH: usize = 64;
-
-/// The capacity a batch of `len` events is built with. Batches of at least
-/// [`SMALL_BATCH`] events (cut short at a tick boundary: most rounds end in one) take the
-/// full capacity, so they share one size class of the pool and every returned block fits
-/// the next batch; zeroing the block then costs at most about 150 ns per event. Tiny ones
-/// (sparse ticks, a quiet topic) take their own length, so a batch of a few events does
-/// not zero a 512 KiB block.
-fn send_capacity(len: usize) -> usize {
-    if len >= SMALL_BATCH {
-        SEND_BATCH.max(len)
-    } else {
-        len
+/// Blocks a reading worker reserves when the pool's `reserve` is not set: two per round
+/// that flow control lets it run ahead, and per round being read and trained (the
+/// automatic tick's rounds of about 32 k events take two or three batches, one per
+/// reading worker's share of the round and class-sized piece of it), but never more
+/// than the worker's share of a bounded input fills. Measured on a generated 2 M-event
+/// Parquet file (docs/memory.md): the peak in flight is 19 blocks on one worker, and 20
+/// reserved leaves one miss.
+fn auto_reserve(rounds_in_flight: u64, rows: Option<u64>) -> usize {
+    let window = usize::try_from(rounds_in_flight)
+        .unwrap_or(usize::MAX)
+        .saturating_add(2)
+        .saturating_mul(2);
+    match rows {
+        Some(rows) => {
+            let fills = usize::try_from(rows.div_ceil(SEND_BATCH as u64)).unwrap_or(usize::MAX);
+            window.min(fills.saturating_add(1))
+        }
+        None => window,
     }
 }
 
@@ -198,6 +205,9 @@ pub(crate) struct Feed<'a> {
     pub(crate) live: Option<&'a crate::live::LiveMetrics>,
     /// Where the batches sent into the dataflow are built.
     pub(crate) pool: &'a BufferPool,
+    /// About how many events this worker will read, when the source knows (it bounds
+    /// the blocks reserved).
+    pub(crate) rows_hint: Option<u64>,
 }
 
 /// Reads `reader` to the end into `input`, counting into `stats` and calling `hook`
@@ -243,6 +253,15 @@ pub(crate) fn drive(
         pool: feed.pool,
         gc,
     };
+    // Blocks this worker will have in flight, allocated now rather than one miss at a
+    // time as the first rounds fill the flow-control window.
+    let reserve = feed
+        .pool
+        .config()
+        .reserve
+        .unwrap_or_else(|| auto_reserve(feed.rounds_in_flight, feed.rows_hint));
+    feed.pool
+        .reserve(EventBatch::block_bytes(SEND_BATCH), reserve);
     let mut open_round = false;
     let mut time = Timings::default();
     let begun = std::time::Instant::now();
@@ -466,16 +485,29 @@ impl Outbox<'_> {
         newest.map_or(0, |t| t.saturating_sub(lateness_ticks))
     }
 
+    /// Sends every pending event.
     fn send(&mut self, input: &mut Inputs) {
-        if self.pending.is_empty() {
+        self.send_batches(input, self.pending.len());
+    }
+
+    /// Sends the pending events that fill whole batches, keeping the rest to fill the
+    /// next one.
+    fn send_full(&mut self, input: &mut Inputs) {
+        self.send_batches(input, self.pending.len() / SEND_BATCH * SEND_BATCH);
+    }
+
+    fn send_batches(&mut self, input: &mut Inputs, upto: usize) {
+        if upto == 0 {
             return;
         }
-        input.events.send(EventBatch::from_events_in(
-            &self.pending,
-            send_capacity(self.pending.len()),
-            self.pool,
-        ));
-        self.pending.clear();
+        for chunk in self.pending[..upto].chunks(SEND_BATCH) {
+            // Every batch takes a block of the full batches' class (laid out for its
+            // own length), so the blocks reserved and returned serve any batch.
+            input
+                .events
+                .send(EventBatch::from_events_in(chunk, SEND_BATCH, self.pool));
+        }
+        self.pending.drain(..upto);
         input.poll_gc(self.gc);
     }
 
@@ -515,7 +547,7 @@ impl Outbox<'_> {
                 self.spare.push(events);
             }
             if self.pending.len() >= SEND_BATCH {
-                self.send(input);
+                self.send_full(input);
             }
         }
     }
@@ -538,12 +570,19 @@ mod tests {
     }
 
     #[test]
-    fn batches_cut_short_share_the_full_size_class() {
-        assert_eq!(send_capacity(SEND_BATCH), SEND_BATCH);
-        assert_eq!(send_capacity(SEND_BATCH / 2), SEND_BATCH);
-        assert_eq!(send_capacity(SMALL_BATCH), SEND_BATCH);
-        assert_eq!(send_capacity(3), 3);
-        assert_eq!(send_capacity(SEND_BATCH * 2), SEND_BATCH * 2);
+    fn a_full_batch_fills_its_class_exactly() {
+        assert!(EventBatch::block_bytes(SEND_BATCH) <= 512 << 10);
+        assert!(EventBatch::block_bytes(SEND_BATCH + 1) > 512 << 10);
+    }
+
+    #[test]
+    fn the_reserve_covers_flow_control_within_the_input() {
+        assert_eq!(auto_reserve(8, None), 20);
+        assert_eq!(auto_reserve(8, Some(100_000_000)), 20);
+        assert_eq!(auto_reserve(1, None), 6);
+        assert_eq!(auto_reserve(8, Some(50_000)), 5, "four batches and a tail");
+        assert_eq!(auto_reserve(8, Some(0)), 1);
+        assert_eq!(auto_reserve(u64::MAX, None), usize::MAX);
     }
 
     #[test]

@@ -49,8 +49,8 @@ pub use ingest::{auto_tick, Clock, IngestStats};
 pub use item_table::ItemTable;
 pub use learner::{auto_window, Protocol};
 pub use model::{
-    reference_kernel, reference_scoring_kernel, KernelRun, Norm, Objective, MAX_COMPONENTS,
-    RANK_DEPTH, TOP_PAIRS,
+    reference_kernel, reference_kernel_parallel, reference_scoring_kernel, KernelRun, Norm,
+    Objective, MAX_COMPONENTS, RANK_DEPTH, TOP_PAIRS,
 };
 pub use popularity::{
     compact_trace, trace_redundancy, CountChange, PopularityTrace, WindowedPopularity,

@@ -10,18 +10,20 @@
 //! column and rebuilt on the other side in the receiving thread's pool
 //! ([`BufferPool::install_current`]).
 //!
-//! One block rather than one per column: a batch then costs one pool get and the two
-//! small allocations of an Arrow buffer's owner, whatever its length, which is what
-//! keeps the event path near zero allocator calls per event.
+//! One block rather than one per column, shared through a count in the block itself
+//! ([`SharedBlock`]) rather than an Arrow buffer's owner: a batch costs one pool get and
+//! no allocator call whatever its length, which is what keeps the event path at zero
+//! allocator calls per event once the pool is warm.
 
 use std::fmt;
 
-use arrow_buffer::{Buffer, ScalarBuffer, ToByteSlice};
+use arrow_buffer::ToByteSlice;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::event::{Event, EventType};
+use crate::memory::{SharedBlock, UniqueBlock};
 use crate::BufferPool;
 
 /// Bytes of one event across the columns.
@@ -61,13 +63,8 @@ impl Layout {
 /// A batch of events in columns, in one pooled block; cloning shares it.
 #[derive(Clone)]
 pub struct EventBatch {
-    // Typed views of the one block (each holds a reference to it).
-    ts: ScalarBuffer<i64>,
-    pos: ScalarBuffer<u64>,
-    users: ScalarBuffer<u64>,
-    items: ScalarBuffer<u64>,
-    weights: ScalarBuffer<f32>,
-    kinds: ScalarBuffer<u8>,
+    block: SharedBlock,
+    layout: Layout,
     len: usize,
 }
 
@@ -86,21 +83,39 @@ impl PartialEq for EventBatch {
 }
 
 impl EventBatch {
+    /// Events a full batch holds: as many as fill a 512 KiB pool class with the
+    /// block's header (14,168 of 37 bytes). The ingest sends batches of this size and
+    /// sources that build batches use its class, so one class of blocks serves them all.
+    pub const BATCH_EVENTS: usize = Self::capacity_in(512 << 10);
+
     /// A batch holding `events`, in a block from `pool`.
     pub fn from_events(events: &[Event], pool: &BufferPool) -> Self {
         Self::from_events_in(events, events.len(), pool)
     }
 
-    /// A batch holding `events` in a block with room for `cap` of them (at least
-    /// `events.len()`): a sender whose batches vary in length asks for one capacity, so
-    /// every block comes from one size class of the pool and any returned block fits the
-    /// next batch.
+    /// A batch holding `events` in a block of the size class that `cap` events fill: a
+    /// sender whose batches vary in length asks for one capacity, so every block comes
+    /// from one size class of the pool and any returned block fits the next batch. The
+    /// columns are laid out for `events.len()`, so a short batch writes and zeroes only
+    /// its own bytes.
     pub fn from_events_in(events: &[Event], cap: usize, pool: &BufferPool) -> Self {
-        let mut b = EventBatchBuilder::new(cap.max(events.len()), pool);
+        let mut b = EventBatchBuilder::with_block(events.len(), Self::block_bytes(cap), pool);
         for e in events {
             b.push(e);
         }
         b.finish()
+    }
+
+    /// The bytes a batch with room for `cap` events asks the pool for (its columns and
+    /// the block's header).
+    pub fn block_bytes(cap: usize) -> usize {
+        Layout { cap: cap.max(1) }.bytes() + crate::memory::BLOCK_HEADER
+    }
+
+    /// The most events a batch fits in a block of `bytes` (the inverse of
+    /// [`block_bytes`](Self::block_bytes)).
+    pub const fn capacity_in(bytes: usize) -> usize {
+        bytes.saturating_sub(crate::memory::BLOCK_HEADER) / ROW_BYTES
     }
 
     /// Events held.
@@ -115,31 +130,41 @@ impl EventBatch {
 
     /// Event times (ms).
     pub fn ts(&self) -> &[i64] {
-        &self.ts
+        self.block.values(self.layout.ts(), self.len)
     }
 
     /// Positions in the source.
     pub fn pos(&self) -> &[u64] {
-        &self.pos
+        self.block.values(self.layout.pos(), self.len)
     }
 
     /// User ids.
     pub fn users(&self) -> &[u64] {
-        &self.users
+        self.block.values(self.layout.user(), self.len)
     }
 
     /// Item ids.
     pub fn items(&self) -> &[u64] {
-        &self.items
+        self.block.values(self.layout.item(), self.len)
     }
 
     /// Weights.
     pub fn weights(&self) -> &[f32] {
-        &self.weights
+        self.block.values(self.layout.weight(), self.len)
     }
 
     fn kinds(&self) -> &[u8] {
-        &self.kinds
+        self.block.values(self.layout.kind(), self.len)
+    }
+
+    /// Whether two batches share one block (clones do).
+    pub fn shares_block_with(&self, other: &EventBatch) -> bool {
+        self.block.ptr_eq(&other.block)
+    }
+
+    /// Holders of this batch's block (its clones, this one included).
+    pub fn holders(&self) -> usize {
+        self.block.ref_count()
     }
 
     /// The events, in batch order.
@@ -169,20 +194,25 @@ impl EventBatch {
 }
 
 /// Fills an [`EventBatch`] of a fixed capacity.
-pub struct EventBatchBuilder<'p> {
-    block: crate::PooledVec<'p, u8>,
+pub struct EventBatchBuilder {
+    block: UniqueBlock,
     layout: Layout,
     len: usize,
 }
 
-impl<'p> EventBatchBuilder<'p> {
+impl EventBatchBuilder {
     /// A builder with room for `cap` events, in a block from `pool`.
-    pub fn new(cap: usize, pool: &'p BufferPool) -> Self {
+    pub fn new(cap: usize, pool: &BufferPool) -> Self {
+        Self::with_block(cap, 0, pool)
+    }
+
+    /// A builder with room for `cap` events, in a pooled block of at least `block`
+    /// bytes (see [`EventBatch::from_events_in`]).
+    pub fn with_block(cap: usize, block: usize, pool: &BufferPool) -> Self {
         let layout = Layout { cap: cap.max(1) };
-        let mut block = pool.vec::<u8>(layout.bytes());
         // Zeroed once per batch (a memset of ~37 bytes per event), so that every byte
         // the columns expose is initialised even if a batch is finished early.
-        block.resize_zeroed(layout.bytes());
+        let block = pool.unique_block_in(layout.bytes(), block);
         Self {
             block,
             layout,
@@ -227,17 +257,10 @@ impl<'p> EventBatchBuilder<'p> {
 
     /// The batch.
     pub fn finish(self) -> EventBatch {
-        let (l, len) = (self.layout, self.len);
-        let block: Buffer = self.block.into_buffer();
-        // Offsets in values of each column's type (the layout's are in bytes).
         EventBatch {
-            ts: ScalarBuffer::new(block.clone(), l.ts() / 8, len),
-            pos: ScalarBuffer::new(block.clone(), l.pos() / 8, len),
-            users: ScalarBuffer::new(block.clone(), l.user() / 8, len),
-            items: ScalarBuffer::new(block.clone(), l.item() / 8, len),
-            weights: ScalarBuffer::new(block.clone(), l.weight() / 4, len),
-            kinds: ScalarBuffer::new(block, l.kind(), len),
-            len,
+            block: self.block.share(),
+            layout: self.layout,
+            len: self.len,
         }
     }
 }
@@ -336,6 +359,8 @@ mod tests {
         assert_eq!(b.iter().nth(999), Some(e[999]));
         let c = b.clone();
         assert_eq!(c.ts().as_ptr(), b.ts().as_ptr(), "a clone shares the block");
+        assert!(c.shares_block_with(&b));
+        assert_eq!(b.holders(), 2);
         // The block returns to the pool only when the last holder drops it.
         let before = pool.stats();
         drop(b);
@@ -365,6 +390,23 @@ mod tests {
         assert_eq!(receiving.stats().gets, 1, "rebuilt in the receiver's pool");
         let bad = bytes.replacen("[300,", "[301,", 1);
         assert!(serde_json::from_str::<EventBatch>(&bad).is_err());
+    }
+
+    #[test]
+    fn short_batches_take_the_full_batches_class() {
+        let pool = BufferPool::new(PoolConfig::default());
+        let e = events(1000);
+        let short = EventBatch::from_events_in(&e[..3], 1000, &pool);
+        assert_eq!(short.iter().collect::<Vec<_>>(), e[..3]);
+        drop(short);
+        let full = EventBatch::from_events_in(&e, 1000, &pool);
+        assert_eq!(full.iter().collect::<Vec<_>>(), e);
+        let s = pool.stats();
+        assert_eq!(
+            (s.gets, s.misses),
+            (2, 1),
+            "the short batch's block served the full one"
+        );
     }
 
     #[test]

@@ -27,10 +27,10 @@ use rand::{RngExt, SeedableRng};
 use rand_distr::weighted::WeightedAliasIndex;
 use rand_distr::{Distribution, Exp, StandardNormal};
 use tidepool_pipeline::event::events_batch;
-use tidepool_pipeline::BufferPool;
 use tidepool_pipeline::{
     BatchOrigin, Error, Event, EventReader, EventSource, EventType, Result, SourceBatch, SourceInfo,
 };
+use tidepool_pipeline::{BufferPool, EventBatch};
 
 /// 2024-01-01T00:00:00Z, where generated streams start by default.
 pub const DEFAULT_START_MS: i64 = 1_704_067_200_000;
@@ -243,6 +243,30 @@ impl Generator {
 
     /// The next batch, or `None` when all events have been produced.
     pub fn next_batch(&mut self) -> Option<RecordBatch> {
+        let events = self.generate()?;
+        let batch = events_batch(&events, &self.pool);
+        self.scratch = events;
+        // `events_batch` builds the columns for the schema it names: a mismatch is a bug, and
+        // ending the stream quietly would lose events, so it panics with the reason.
+        match batch {
+            Ok(batch) => Some(batch),
+            Err(e) => panic!("generator columns do not match the event schema (a bug): {e}"),
+        }
+    }
+
+    /// The next batch as the dataflow's own [`EventBatch`], in a block of the size class
+    /// full batches take ([`EventBatch::BATCH_EVENTS`]), or `None` at the end: what the
+    /// generator source hands the ingest, without Arrow columns to decode back.
+    pub fn next_events(&mut self) -> Option<EventBatch> {
+        let events = self.generate()?;
+        let batch = EventBatch::from_events_in(&events, EventBatch::BATCH_EVENTS, &self.pool);
+        self.scratch = events;
+        Some(batch)
+    }
+
+    /// The next `batch_rows` events (fewer at the end), in the scratch vector (give it
+    /// back), or `None` when all have been produced.
+    fn generate(&mut self) -> Option<Vec<Event>> {
         let remaining = self.cfg.events - self.produced;
         if remaining == 0 {
             return None;
@@ -307,14 +331,7 @@ impl Generator {
                 kind,
             });
         }
-        let batch = events_batch(&events, &self.pool);
-        self.scratch = events;
-        // `events_batch` builds the columns for the schema it names: a mismatch is a bug, and
-        // ending the stream quietly would lose events, so it panics with the reason.
-        match batch {
-            Ok(batch) => Some(batch),
-            Err(e) => panic!("generator columns do not match the event schema (a bug): {e}"),
-        }
+        Some(events)
     }
 }
 
@@ -369,17 +386,35 @@ impl EventSource for GeneratorSource {
         if worker != 0 {
             return Ok(Box::new(std::iter::empty()));
         }
-        let generator = Generator::with_pool(self.cfg.clone(), self.pool.clone())?;
+        // Batches of the dataflow's own size and class (the chunking changes no event):
+        // the blocks the ingest reserves and recycles serve the source's batches too.
+        let cfg = GeneratorConfig {
+            batch_rows: EventBatch::BATCH_EVENTS,
+            ..self.cfg.clone()
+        };
+        let mut generator = Generator::with_pool(cfg, self.pool.clone())?;
         let source: Arc<str> = "generator".into();
+        // No columns: the events travel in `SourceBatch::events`. A batch with none
+        // clones without allocating.
+        let empty = RecordBatch::try_new_with_options(
+            Arc::new(arrow_schema::Schema::empty()),
+            Vec::new(),
+            &arrow_array::RecordBatchOptions::new().with_row_count(Some(0)),
+        )
+        .map_err(|e| Error::Internal(format!("an empty batch: {e}")))?;
         let mut row = 0u64;
-        Ok(Box::new(generator.map(move |records| {
+        Ok(Box::new(std::iter::from_fn(move || {
+            let events = generator.next_events()?;
             let origin = BatchOrigin {
                 source: Arc::clone(&source),
                 first_row: row,
                 first_pos: row,
             };
-            row += records.num_rows() as u64;
-            Ok(SourceBatch::new(records, origin))
+            row += events.len() as u64;
+            Some(Ok(SourceBatch {
+                events: Some(events),
+                ..SourceBatch::new(empty.clone(), origin)
+            }))
         })))
     }
 }

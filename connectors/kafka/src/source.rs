@@ -549,7 +549,9 @@ impl Reader {
         }
         // The events go over as they are (decoded and validated above), in a pooled
         // batch: no Arrow columns to build and decode back.
-        let events = EventBatch::from_events(&self.events, &self.pool);
+        // In the class of full batches, whatever this poll's length, so every block
+        // returned fits the next poll's batch.
+        let events = EventBatch::from_events_in(&self.events, EventBatch::BATCH_EVENTS, &self.pool);
         let pos = first_pos.unwrap_or(0);
         Some(Ok(SourceBatch {
             records: self.empty.clone(),

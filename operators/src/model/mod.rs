@@ -12,7 +12,7 @@ use crate::history::History;
 use std::sync::Arc;
 
 pub(crate) use bpr::Bpr;
-pub use bpr::{reference_kernel, reference_scoring_kernel, KernelRun};
+pub use bpr::{reference_kernel, reference_kernel_parallel, reference_scoring_kernel, KernelRun};
 pub(crate) use ensemble::Ensemble;
 pub use ensemble::{Norm, Objective, MAX_COMPONENTS, RANK_DEPTH, TOP_PAIRS};
 pub(crate) use itemknn::ItemKnn;

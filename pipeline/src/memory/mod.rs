@@ -10,6 +10,6 @@ pub mod heap;
 mod pool;
 
 pub use pool::{
-    BufferPool, PoolConfig, PoolStats, PooledVec, ALIGN, DEFAULT_CEILING, DEFAULT_FLOOR,
-    DEFAULT_RETAIN_PER_CLASS, POISON,
+    BufferPool, PoolConfig, PoolStats, PooledVec, SharedBlock, UniqueBlock, ALIGN, DEFAULT_CEILING,
+    DEFAULT_FLOOR, DEFAULT_RETAIN_PER_CLASS, HEADER as BLOCK_HEADER, POISON,
 };

@@ -74,6 +74,11 @@ pub struct PoolConfig {
     pub retain_per_class: usize,
     /// Overwrite returned memory with [`POISON`] (on in debug builds by default).
     pub poison: bool,
+    /// Blocks of its batch size each reading worker reserves before its first batch
+    /// (see [`BufferPool::reserve`]); `None` lets the reader size it from its flow
+    /// control.
+    #[serde(default)]
+    pub reserve: Option<usize>,
 }
 
 impl Default for PoolConfig {
@@ -85,6 +90,7 @@ impl Default for PoolConfig {
             shards: 0,
             retain_per_class: DEFAULT_RETAIN_PER_CLASS,
             poison: cfg!(debug_assertions),
+            reserve: None,
         }
     }
 }
@@ -112,6 +118,9 @@ pub struct PoolStats {
     pub expired: u64,
     /// Requests served outside the pool (above the ceiling, or the pool off).
     pub unpooled: u64,
+    /// Blocks allocated ahead of need by [`BufferPool::reserve`] (not gets: a get they
+    /// serve counts as a hit).
+    pub reserved: u64,
     /// Bytes the pool holds right now.
     pub bytes_held: u64,
     /// Blocks the pool holds right now.
@@ -153,6 +162,7 @@ struct Counters {
     drops: AtomicU64,
     expired: AtomicU64,
     unpooled: AtomicU64,
+    reserved: AtomicU64,
 }
 
 impl Counters {
@@ -460,6 +470,35 @@ impl BufferPool {
         PooledVec::with_capacity(self, capacity)
     }
 
+    /// Allocates up to `blocks` blocks of the class that serves `bytes` and lays them in
+    /// the calling thread's shard, as far as the class's retention allows; returns how
+    /// many. A producer whose blocks in flight are bounded (the ingest, by its flow
+    /// control) reserves that bound before its first batch: the allocations a cold pool
+    /// would make one miss at a time, the first time each block of the peak is needed,
+    /// are made once up front, and the run's gets find recycled blocks from the start.
+    /// Blocks it reserves beyond the need expire with the victim tier like any other.
+    pub fn reserve(&self, bytes: usize, blocks: usize) -> usize {
+        let inner = &self.inner;
+        let Some(class) = inner.class_of(bytes) else {
+            return 0;
+        };
+        let size = inner.class_size(class);
+        let shard = inner.shard_index(0);
+        let me = &inner.shards[shard];
+        let limit = inner.cfg.retain_per_class / inner.shards.len();
+        let mut laid = 0;
+        while laid < blocks && me.held[class].load(Ordering::Relaxed) + size <= limit {
+            // Counted before it is pushed, as in `put`.
+            me.held[class].fetch_add(size, Ordering::Relaxed);
+            lock(&me.shared[class]).push(Block(PoolInner::allocate(size)));
+            laid += 1;
+        }
+        me.counters
+            .reserved
+            .fetch_add(laid as u64, Ordering::Relaxed);
+        laid
+    }
+
     /// Moves every held block into the victim tier and frees the previous victim tier.
     pub fn rotate(&self) {
         self.inner.rotate();
@@ -480,6 +519,7 @@ impl BufferPool {
             s.drops += get(&c.drops);
             s.expired += get(&c.expired);
             s.unpooled += get(&c.unpooled);
+            s.reserved += get(&c.reserved);
         }
         (s.bytes_held, s.blocks_held) = self.inner.held();
         let hits = s.hits_private + s.hits_shared + s.hits_stolen + s.hits_victim;
@@ -708,6 +748,9 @@ impl<T: ArrowNativeType> Drop for PooledVec<'_, T> {
         unsafe { self.pool.release(self.ptr, self.capacity, self.class) };
     }
 }
+
+mod shared;
+pub use shared::{SharedBlock, UniqueBlock, HEADER};
 
 #[cfg(test)]
 mod tests;

@@ -131,6 +131,35 @@ fn retention_is_bounded_per_class() {
 }
 
 #[test]
+fn a_reserve_serves_the_first_gets_within_retention() {
+    let p = pool(PoolConfig {
+        retain_per_class: 8 * 1024,
+        ..small()
+    });
+    BufferPool::register_worker(0);
+    // Retention is per class over two shards: 4 KiB each, four 1 KiB blocks.
+    assert_eq!(p.reserve(1000, 6), 4);
+    assert_eq!(
+        p.reserve(1 << 21, 3),
+        0,
+        "above the ceiling nothing is pooled"
+    );
+    let s = p.stats();
+    assert_eq!((s.reserved, s.gets, s.bytes_held), (4, 0, 4096));
+    let blocks: Vec<_> = (0..5).map(|_| p.vec::<u8>(1000)).collect();
+    let s = p.stats();
+    assert_eq!((s.hits_shared, s.misses, s.bytes_held), (4, 1, 0), "{s:?}");
+    drop(blocks);
+    p.rotate();
+    p.rotate();
+    assert_eq!(
+        p.stats().bytes_held,
+        0,
+        "reserved blocks expire like others"
+    );
+}
+
+#[test]
 fn poison_mode_catches_a_use_after_return() {
     let p = BufferPool::new(PoolConfig {
         poison: true,
