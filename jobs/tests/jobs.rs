@@ -330,6 +330,29 @@ fn settings_layer_defaults_file_environment_flags() {
     );
 }
 
+/// The pool's reserve comes from `[pool] reserve`, a flag beats it, and 0 turns it off;
+/// the summary counts the blocks laid in.
+#[test]
+fn the_pool_reserve_is_set_by_the_job_or_a_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("job.toml"),
+        "[source]\nkind = \"generator\"\nevents = 100000\n\n[model]\nkind = \"mostpop\"\n\n\
+         [pool]\nreserve = 3\n\n[output]\nsummary_json = \"s.json\"\n",
+    )
+    .unwrap();
+    let reserved = |flags: &[&str]| -> u64 {
+        let flags = [&["--quiet"], flags].concat();
+        run_job(dir.path(), &[], &flags, "s.json")["pool"]["reserved"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(reserved(&[]), 3);
+    assert_eq!(reserved(&["--pool-reserve", "0"]), 0);
+    // The generator's second worker reads nothing, and reserves nothing.
+    assert_eq!(reserved(&["--pool-reserve", "2", "--workers", "2"]), 2);
+}
+
 /// Every key that sizes, maps or publishes for one source kind is refused, at its line,
 /// in a job of another kind, and accepted where it applies.
 #[test]

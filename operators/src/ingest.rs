@@ -253,15 +253,18 @@ pub(crate) fn drive(
         pool: feed.pool,
         gc,
     };
-    // Blocks this worker will have in flight, allocated now rather than one miss at a
-    // time as the first rounds fill the flow-control window.
-    let reserve = feed
-        .pool
-        .config()
-        .reserve
-        .unwrap_or_else(|| auto_reserve(feed.rounds_in_flight, feed.rows_hint));
-    feed.pool
-        .reserve(EventBatch::block_bytes(SEND_BATCH), reserve);
+    // Blocks this worker will have in flight, allocated before its first read rather
+    // than one miss at a time as the first rounds fill the flow-control window; a reader
+    // that knows its share is empty (the generator's other workers) reserves nothing.
+    if reader.size_hint().1 != Some(0) {
+        let blocks = feed
+            .pool
+            .config()
+            .reserve
+            .unwrap_or_else(|| auto_reserve(feed.rounds_in_flight, feed.rows_hint));
+        feed.pool
+            .reserve(EventBatch::block_bytes(SEND_BATCH), blocks);
+    }
     let mut open_round = false;
     let mut time = Timings::default();
     let begun = std::time::Instant::now();

@@ -138,15 +138,34 @@ impl EventSource for Stoppable {
     }
 
     fn open(&self, worker: usize, workers: usize) -> Result<EventReader> {
-        let mut reader = self.inner.open(worker, workers)?;
-        let stop = std::sync::Arc::clone(&self.stop);
+        Ok(Box::new(StoppableReader {
+            reader: self.inner.open(worker, workers)?,
+            stop: std::sync::Arc::clone(&self.stop),
+        }))
+    }
+}
+
+/// A [`Stoppable`] source's reader.
+struct StoppableReader {
+    reader: EventReader,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Iterator for StoppableReader {
+    type Item = Result<SourceBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
         // The flag is checked before a batch is pulled, so nothing read is dropped.
-        Ok(Box::new(std::iter::from_fn(move || {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                None
-            } else {
-                reader.next()
-            }
-        })))
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            None
+        } else {
+            self.reader.next()
+        }
+    }
+
+    /// At most what the inner reader has (the ingest reserves nothing for a reader
+    /// that says it is empty).
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, self.reader.size_hint().1)
     }
 }
