@@ -72,10 +72,11 @@ fn default_backtest_writes_summary_and_metrics() {
     for key in ["hit_rate", "gets", "misses", "bytes_held"] {
         assert!(pool.get(key).is_some(), "pool stats lack {key}: {pool}");
     }
-    // One generated batch of five columns, and the batches the dataflow's edges carry
-    // (one block each): every block came back to the pool.
+    // The generator's batches and the batches the dataflow's edges carry (one block
+    // each, at most 14,168 events: two of each for 20,000 events): every block came
+    // back to the pool.
     let gets = pool["gets"].as_u64().unwrap();
-    assert!(gets > 5, "{pool}");
+    assert!(gets >= 4, "{pool}");
     assert_eq!(
         pool["puts"].as_u64().unwrap() + pool["drops"].as_u64().unwrap(),
         gets,

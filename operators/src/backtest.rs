@@ -1120,7 +1120,9 @@ impl Run {
                 live: self.live.as_deref(),
                 checkpoint_pending: &|| checkpoints.as_ref().is_some_and(|cp| cp.pending()),
                 pool: &self.pool,
-                rows_hint: self.plan.rows.map(|r| r.div_ceil(peers.max(1) as u64)),
+                // The whole source: one reader may get all of it (a file of one row
+                // group).
+                rows_hint: self.plan.rows,
             };
             drive(
                 worker, &mut input, probe, reader, &feed, &mut stats, &mut hook,

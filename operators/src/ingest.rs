@@ -52,7 +52,7 @@ use std::time::Duration;
 use tidepool_pipeline::dead_letter::DeadLetterSink;
 use tidepool_pipeline::DeadLetter;
 
-use crate::config::LatePolicy;
+use crate::config::{LatePolicy, TARGET_EVENTS_PER_ROUND};
 use tidepool_pipeline::memory::collector::{CycleTicket, GcController};
 use tidepool_pipeline::{BufferPool, Event, EventBatch, EventReader, Result};
 use timely::container::CapacityContainerBuilder;
@@ -116,18 +116,20 @@ pub(crate) type BatchHook<'h> =
 /// the batches of a round.
 const SEND_BATCH: usize = EventBatch::BATCH_EVENTS;
 
-/// Blocks a reading worker reserves when the pool's `reserve` is not set: two per round
-/// that flow control lets it run ahead, and per round being read and trained (the
-/// automatic tick's rounds of about 32 k events take two or three batches, one per
-/// reading worker's share of the round and class-sized piece of it), but never more
-/// than the worker's share of a bounded input fills. Measured on a generated 2 M-event
-/// Parquet file (docs/memory.md): the peak in flight is 19 blocks on one worker, and 20
-/// reserved leaves one miss.
+/// Blocks a reading worker reserves when the pool's `reserve` is not set: a round's
+/// worth of batches for every round flow control lets it run ahead, and for the round
+/// being read and the one being trained, at the automatic tick's round size
+/// ([`TARGET_EVENTS_PER_ROUND`]: 32 k events, three batches); never more than a
+/// bounded input fills. Measured on generated Parquet with the
+/// default 8 rounds in flight (docs/memory.md): one reader feeding two workers peaked
+/// between 20 and 30 blocks in flight, and 30 reserved left no miss.
 fn auto_reserve(rounds_in_flight: u64, rows: Option<u64>) -> usize {
+    let per_round =
+        usize::try_from(TARGET_EVENTS_PER_ROUND.div_ceil(SEND_BATCH as u64)).unwrap_or(usize::MAX);
     let window = usize::try_from(rounds_in_flight)
         .unwrap_or(usize::MAX)
         .saturating_add(2)
-        .saturating_mul(2);
+        .saturating_mul(per_round);
     match rows {
         Some(rows) => {
             let fills = usize::try_from(rows.div_ceil(SEND_BATCH as u64)).unwrap_or(usize::MAX);
@@ -205,7 +207,7 @@ pub(crate) struct Feed<'a> {
     pub(crate) live: Option<&'a crate::live::LiveMetrics>,
     /// Where the batches sent into the dataflow are built.
     pub(crate) pool: &'a BufferPool,
-    /// About how many events this worker will read, when the source knows (it bounds
+    /// At most how many events this worker will read, when the source knows (it bounds
     /// the blocks reserved).
     pub(crate) rows_hint: Option<u64>,
 }
@@ -580,9 +582,9 @@ mod tests {
 
     #[test]
     fn the_reserve_covers_flow_control_within_the_input() {
-        assert_eq!(auto_reserve(8, None), 20);
-        assert_eq!(auto_reserve(8, Some(100_000_000)), 20);
-        assert_eq!(auto_reserve(1, None), 6);
+        assert_eq!(auto_reserve(8, None), 30);
+        assert_eq!(auto_reserve(8, Some(100_000_000)), 30);
+        assert_eq!(auto_reserve(1, None), 9);
         assert_eq!(auto_reserve(8, Some(50_000)), 5, "four batches and a tail");
         assert_eq!(auto_reserve(8, Some(0)), 1);
         assert_eq!(auto_reserve(u64::MAX, None), usize::MAX);
