@@ -312,8 +312,9 @@ pub struct BacktestArgs {
     /// Pool shards; 0 means one per worker.
     #[arg(long, env = "TIDEPOOL_POOL_SHARDS", default_value_t = 0)]
     pub pool_shards: usize,
-    /// Batch blocks each reading worker allocates into the pool before its first batch
-    /// (default: rounds in flight + 2; 0 for none).
+    /// Batch blocks each reading worker allocates into the pool before its first read
+    /// (default: three per round in flight plus two rounds, at most what the input fills;
+    /// 0 for none).
     #[arg(long, env = "TIDEPOOL_POOL_RESERVE")]
     pub pool_reserve: Option<usize>,
     /// Generated stream (no INPUT): replace the user population with new ids this many

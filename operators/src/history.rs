@@ -73,20 +73,6 @@ impl<'a> History<'a> {
         }
     }
 
-    /// Hints the slots where probes for `items` start: the negatives a sampler will
-    /// propose next are checked against this set, each probe at a slot of its own.
-    #[inline]
-    pub(crate) fn prefetch_probes(&self, items: &[u32]) {
-        let cap = self.region.len() as u32;
-        if cap == 0 {
-            return;
-        }
-        for &item in items {
-            let slot = slot_of(item, cap) as usize;
-            crate::prefetch::values(&self.region[slot..slot + 1]);
-        }
-    }
-
     /// The open-addressing slots (for cache hints).
     #[inline]
     pub(crate) fn region(&self) -> &'a [u32] {

@@ -891,9 +891,6 @@ impl Learner {
             if owner(event.user, self.peers) == self.worker {
                 owned += 1;
                 self.learn(event, index);
-                if hint {
-                    self.prefetch_probes(&events[i + 1..]);
-                }
             } else {
                 let item = self.catalogue.observe(event.item, event.ts);
                 for v in &mut self.variants {
@@ -945,24 +942,6 @@ impl Learner {
                     crate::prefetch::values(&region[..region.len().min(PREFETCH_HISTORY)]);
                 }
             }
-        }
-    }
-
-    /// Hints where the next owned event's history probes for the negatives the sampler
-    /// foresaw ([`Sampler::peek`]) start: each proposed negative is checked against the
-    /// user's set at a slot of its own, which the region hint does not reach in a large
-    /// set.
-    #[inline]
-    fn prefetch_probes(&self, rest: &[Event]) {
-        if self.ahead.is_empty() {
-            return;
-        }
-        let next = rest
-            .iter()
-            .take(PREFETCH_AHEAD)
-            .find(|e| owner(e.user, self.peers) == self.worker);
-        if let Some(u) = next.and_then(|e| self.users.lookup(e.user)) {
-            self.users.history(u).prefetch_probes(&self.ahead);
         }
     }
 

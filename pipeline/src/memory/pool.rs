@@ -74,7 +74,7 @@ pub struct PoolConfig {
     pub retain_per_class: usize,
     /// Overwrite returned memory with [`POISON`] (on in debug builds by default).
     pub poison: bool,
-    /// Blocks of its batch size each reading worker reserves before its first batch
+    /// Blocks of its batch size each reading worker reserves before its first read
     /// (see [`BufferPool::reserve`]); `None` lets the reader size it from its flow
     /// control.
     #[serde(default)]
