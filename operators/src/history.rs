@@ -13,6 +13,16 @@
 //!
 //! Regions have power-of-two sizes (at least [`MIN_CAP`]) and are probed linearly from a
 //! multiplicative hash; the load factor stays at most 3/4.
+//!
+//! ## The membership filter
+//!
+//! Every negative a sampler draws is checked against the user's set, and almost every
+//! check says "not there". A probe for an absent item walks a run of occupied slots (2.5
+//! on average at half load, 8.5 at 3/4), each a branch the CPU cannot predict, in a
+//! region that is a cache miss of its own. So each user's span shares its cache line with
+//! a two-bit Bloom filter of the set ([`FILTER_BITS`] bits): a check the filter rules out
+//! reads only that line, which finding the region reads anyway. With 100 items in a set
+//! about one absent item in seven still probes; answers are exact either way.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +33,12 @@ const EMPTY: u32 = u32::MAX;
 /// Smallest region, in slots.
 const MIN_CAP: u32 = 4;
 
+/// Words of a user's filter: the rest of the 64-byte line after its span.
+const FILTER_WORDS: usize = 13;
+
+/// Bits of a user's filter.
+const FILTER_BITS: u64 = FILTER_WORDS as u64 * 32;
+
 /// Where a user's set lives in the arena.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Span {
@@ -32,13 +48,97 @@ struct Span {
     len: u32,
 }
 
+/// A user's span and filter, one cache line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(64))]
+struct Entry {
+    span: Span,
+    filter: Filter,
+}
+
+/// A Bloom filter of a user's set: two bits per item.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Filter([u32; FILTER_WORDS]);
+
+impl Filter {
+    /// The item's two bits: the two halves of one 64-bit multiplicative hash, each
+    /// mapped onto the filter by a multiply-shift (no division).
+    #[inline]
+    fn bits(item: u32) -> [u32; 2] {
+        let h = (item as u64 ^ 0x5bd1_e995).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        [
+            (((h >> 32) * FILTER_BITS) >> 32) as u32,
+            (((h & 0xffff_ffff) * FILTER_BITS) >> 32) as u32,
+        ]
+    }
+
+    #[inline]
+    fn insert(&mut self, item: u32) {
+        for b in Self::bits(item) {
+            self.0[(b / 32) as usize] |= 1 << (b % 32);
+        }
+    }
+
+    /// False only if `item` was never inserted.
+    #[inline]
+    fn may_contain(&self, item: u32) -> bool {
+        Self::bits(item)
+            .iter()
+            .all(|&b| self.0[(b / 32) as usize] & (1 << (b % 32)) != 0)
+    }
+}
+
 /// Every owned user's item set, by dense user index.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Histories {
     slots: Vec<u32>,
-    spans: Vec<Span>,
+    entries: Vec<Entry>,
     /// Free regions by `log2(cap)`.
     free: Vec<Vec<u32>>,
+}
+
+/// What checkpoints hold of [`Histories`]: the arena and the spans. Filters are rebuilt
+/// from the sets on load, so the format does not depend on them.
+#[derive(Serialize, Deserialize)]
+struct Stored<S> {
+    slots: S,
+    spans: Vec<Span>,
+    free: Vec<Vec<u32>>,
+}
+
+impl Serialize for Histories {
+    fn serialize<Z: serde::Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
+        Stored {
+            slots: &self.slots[..],
+            spans: self.entries.iter().map(|e| e.span).collect(),
+            free: self.free.clone(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Histories {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let stored = Stored::<Vec<u32>>::deserialize(d)?;
+        let mut entries = Vec::with_capacity(stored.spans.len());
+        for span in stored.spans {
+            let region = stored
+                .slots
+                .get(span.offset as usize..(span.offset as usize + span.cap as usize))
+                .ok_or_else(|| serde::de::Error::custom("a history span lies outside its arena"))?;
+            let mut filter = Filter::default();
+            region
+                .iter()
+                .filter(|&&x| x != EMPTY)
+                .for_each(|&x| filter.insert(x));
+            entries.push(Entry { span, filter });
+        }
+        Ok(Self {
+            slots: stored.slots,
+            entries,
+            free: stored.free,
+        })
+    }
 }
 
 #[inline]
@@ -52,6 +152,7 @@ fn slot_of(item: u32, cap: u32) -> u32 {
 pub(crate) struct History<'a> {
     region: &'a [u32],
     len: u32,
+    filter: &'a Filter,
 }
 
 impl<'a> History<'a> {
@@ -59,7 +160,7 @@ impl<'a> History<'a> {
     #[inline]
     pub(crate) fn contains(&self, item: u32) -> bool {
         let cap = self.region.len() as u32;
-        if cap == 0 {
+        if cap == 0 || !self.filter.may_contain(item) {
             return false;
         }
         let mask = cap - 1;
@@ -71,12 +172,6 @@ impl<'a> History<'a> {
                 _ => i = (i + 1) & mask,
             }
         }
-    }
-
-    /// The open-addressing slots (for cache hints).
-    #[inline]
-    pub(crate) fn region(&self) -> &'a [u32] {
-        self.region
     }
 
     /// Items in the set, in no particular order.
@@ -102,40 +197,59 @@ impl Histories {
     /// Users held.
     #[cfg(test)]
     pub(crate) fn users(&self) -> usize {
-        self.spans.len()
+        self.entries.len()
     }
 
     /// Adds a user with an empty set, at the next dense index.
     pub(crate) fn push_user(&mut self) {
-        self.spans.push(Span::default());
+        self.entries.push(Entry::default());
     }
 
-    /// Hints that user `user`'s set will be read soon: where its region lies.
+    /// Hints that user `user`'s set will be read soon: where its region lies, and its
+    /// filter.
     #[inline]
     pub(crate) fn prefetch_span(&self, user: u32) {
-        if let Some(span) = self.spans.get(user as usize) {
-            crate::prefetch::values(std::slice::from_ref(span));
+        if let Some(entry) = self.entries.get(user as usize) {
+            crate::prefetch::values(std::slice::from_ref(entry));
+        }
+    }
+
+    /// Hints the slot where a probe for `item` in `user`'s set starts (the insert of the
+    /// event's item, and its check as a positive).
+    #[inline]
+    pub(crate) fn prefetch_slot(&self, user: u32, item: u32) {
+        if let Some(e) = self.entries.get(user as usize) {
+            if e.span.cap > 0 {
+                let at = (e.span.offset + slot_of(item, e.span.cap)) as usize;
+                if let Some(slot) = self.slots.get(at) {
+                    crate::prefetch::values(std::slice::from_ref(slot));
+                }
+            }
         }
     }
 
     /// User `user`'s set.
     #[inline]
     pub(crate) fn get(&self, user: u32) -> History<'_> {
-        let s = self.spans[user as usize];
+        let e = &self.entries[user as usize];
+        let s = e.span;
         History {
             region: &self.slots[s.offset as usize..(s.offset + s.cap) as usize],
             len: s.len,
+            filter: &e.filter,
         }
     }
 
     /// Adds `item` to `user`'s set.
     #[inline]
     pub(crate) fn insert(&mut self, user: u32, item: u32) {
-        let s = self.spans[user as usize];
+        let s = self.entries[user as usize].span;
         if (s.len + 1) * 4 > s.cap * 3 {
             self.grow(user);
         }
-        let s = &mut self.spans[user as usize];
+        let e = &mut self.entries[user as usize];
+        e.filter.insert(item);
+        let s = &mut e.span;
         let mask = s.cap - 1;
         let mut i = slot_of(item, s.cap);
         loop {
@@ -181,10 +295,11 @@ impl Histories {
 
     #[cold]
     fn grow(&mut self, user: u32) {
-        let old = self.spans[user as usize];
+        let old = self.entries[user as usize].span;
         let cap = (old.cap * 2).max(MIN_CAP);
         let offset = self.take_region(cap);
-        self.spans[user as usize] = Span {
+        // The filter stays: the set keeps its items.
+        self.entries[user as usize].span = Span {
             offset,
             cap,
             len: 0,
@@ -200,43 +315,47 @@ impl Histories {
 
     /// Bytes of `user`'s region.
     pub(crate) fn bytes_of(&self, user: u32) -> u64 {
-        self.spans[user as usize].cap as u64 * 4
+        self.entries[user as usize].span.cap as u64 * 4
     }
 
     /// Bytes of every user's region (free regions not counted: they are reused).
     pub(crate) fn bytes(&self) -> u64 {
-        self.spans.iter().map(|s| s.cap as u64 * 4).sum()
+        self.entries.iter().map(|e| e.span.cap as u64 * 4).sum()
     }
 
     /// Keeps the users `keep` accepts, in order, re-laid out compactly (free regions
     /// dropped): the arena is rebuilt at its live size.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
-        let live: usize = self.spans.iter().map(|s| s.cap as usize).sum();
+        let live: usize = self.entries.iter().map(|e| e.span.cap as usize).sum();
         let mut next = Histories {
             slots: Vec::with_capacity(live),
-            spans: Vec::with_capacity(self.spans.len()),
+            entries: Vec::with_capacity(self.entries.len()),
             free: Vec::new(),
         };
-        for (u, s) in self.spans.iter().enumerate() {
+        for (u, e) in self.entries.iter().enumerate() {
             if keep(u as u32) {
-                next.append_region(&self.slots, *s);
+                next.append_region(&self.slots, e);
             }
         }
         *self = next;
     }
 
     /// Copies a region of another arena in as the next user (hash layout kept: same cap).
-    fn append_region(&mut self, slots: &[u32], s: Span) {
+    fn append_region(&mut self, slots: &[u32], e: &Entry) {
+        let s = e.span;
         let offset = self.slots.len() as u32;
         self.slots
             .extend_from_slice(&slots[s.offset as usize..(s.offset + s.cap) as usize]);
-        self.spans.push(Span { offset, ..s });
+        self.entries.push(Entry {
+            span: Span { offset, ..s },
+            filter: e.filter,
+        });
     }
 
     /// Appends `other`'s users after these.
     pub(crate) fn absorb(&mut self, other: &Histories) {
-        for s in &other.spans {
-            self.append_region(&other.slots, *s);
+        for e in &other.entries {
+            self.append_region(&other.slots, e);
         }
     }
 }
@@ -309,5 +428,55 @@ mod tests {
         both.absorb(&h);
         let twice: Vec<FxHashSet<u32>> = kept.iter().chain(kept.iter()).cloned().collect();
         check(&both, &twice);
+        // Checkpoints hold the sets only; the filters come back from them.
+        let bytes = postcard::to_allocvec(&both).unwrap();
+        let back: Histories = postcard::from_bytes(&bytes).unwrap();
+        check(&back, &twice);
+        assert_eq!(back.entries, both.entries);
+    }
+
+    #[test]
+    fn the_filter_rules_out_most_absent_items() {
+        let mut x = 99u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 33) as u32
+        };
+        for (items, at_most) in [(20, 0.02), (100, 0.2), (200, 0.45)] {
+            let mut filter = Filter::default();
+            let inserted: FxHashSet<u32> = (0..items).map(|_| next() % 1_000_000).collect();
+            inserted.iter().for_each(|&i| filter.insert(i));
+            assert!(inserted.iter().all(|&i| filter.may_contain(i)));
+            let (mut tried, mut passed) = (0, 0);
+            while tried < 20_000 {
+                let i = next() % 1_000_000;
+                if !inserted.contains(&i) {
+                    tried += 1;
+                    passed += usize::from(filter.may_contain(i));
+                }
+            }
+            let rate = passed as f64 / tried as f64;
+            assert!(
+                rate <= at_most,
+                "{items} items: {rate} of absent items pass"
+            );
+        }
+    }
+
+    #[test]
+    fn a_corrupt_span_is_an_error_not_a_panic() {
+        let stored = Stored {
+            slots: vec![EMPTY; 4],
+            spans: vec![Span {
+                offset: 2,
+                cap: 4,
+                len: 0,
+            }],
+            free: Vec::new(),
+        };
+        let bytes = postcard::to_allocvec(&stored).unwrap();
+        assert!(postcard::from_bytes::<Histories>(&bytes).is_err());
     }
 }

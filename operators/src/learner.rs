@@ -104,9 +104,6 @@ pub fn auto_window(span_ms: i64) -> i64 {
 /// the misses to be served before the event comes up, near enough to stay in cache.
 pub(crate) const PREFETCH_AHEAD: usize = 4;
 
-/// History slots hinted ahead (1 KiB): a heavy user's region is not hinted whole.
-const PREFETCH_HISTORY: usize = 256;
-
 /// One variant's model, sampler and metrics on one worker.
 struct Variant {
     name: String,
@@ -266,6 +263,10 @@ pub(crate) struct Learner {
     /// The items the sampler will most likely propose for the next owned event, whose
     /// rows the current step hints one by one (see [`Sampler::peek`]).
     ahead: Vec<u32>,
+    /// The dense `(user, item)` the hints looked up for the owned events
+    /// `PREFETCH_AHEAD` places ahead, by event index modulo `PREFETCH_AHEAD`, for the
+    /// nearer hint of where the item goes in the user's history.
+    looked_ahead: [Option<(u32, u32)>; PREFETCH_AHEAD],
     sampler_shortfalls: u64,
     /// Windowed interaction counts by dense item, replicated from the differential
     /// popularity collection.
@@ -360,6 +361,7 @@ impl Learner {
             scores: Vec::new(),
             negatives: Vec::new(),
             ahead: Vec::new(),
+            looked_ahead: [None; PREFETCH_AHEAD],
             sampler_shortfalls: 0,
             window_counts: Vec::new(),
             retention,
@@ -881,6 +883,7 @@ impl Learner {
         // The hints are for the factor models' rows and the samplers' history probes;
         // without a model that samples negatives, the lookups ahead would be wasted.
         let hint = self.variants.iter().any(|v| v.model.wants_negatives());
+        self.looked_ahead = [None; PREFETCH_AHEAD];
         for (i, event) in events.iter().enumerate() {
             if hint {
                 self.prefetch(events, i);
@@ -905,10 +908,11 @@ impl Learner {
     /// Hints what later events will touch, in stages, so that each stage's reads find
     /// what the stage before hinted in cache instead of stalling on a chain of misses:
     /// `2 * PREFETCH_AHEAD` events ahead the id index slots; `PREFETCH_AHEAD` ahead
-    /// (looked up now) the user's and item's rows, where the user's history lies and the
-    /// item's counters; `PREFETCH_AHEAD / 2` ahead the history itself, which every
-    /// negative is checked against. Only for events this worker owns, except the item's
-    /// index slot and counters, which every worker's catalogue updates.
+    /// (looked up now) the user's and item's rows, the line holding where the user's
+    /// history lies and its filter, and the item's counters; `PREFETCH_AHEAD / 2` ahead
+    /// the history slot the item goes into. Negatives need no more of the history: the
+    /// filter rules out most of them (see `history`). Only for events this worker owns,
+    /// except the item's index slot and counters, which every worker's catalogue updates.
     #[inline]
     fn prefetch(&mut self, events: &[Event], i: usize) {
         if let Some(far) = events.get(i + 2 * PREFETCH_AHEAD) {
@@ -923,10 +927,12 @@ impl Learner {
             if let Some(d) = item {
                 self.catalogue.prefetch_counters(d);
             }
+            let mut looked = None;
             if owner(mid.user, self.peers) == self.worker {
                 let user = self.users.lookup(mid.user);
                 if let Some(u) = user {
                     self.users.prefetch_history(u);
+                    looked = item.map(|d| (u, d));
                 }
                 for v in &mut self.variants {
                     if let Some(m) = v.model.bpr_mut() {
@@ -934,14 +940,12 @@ impl Learner {
                     }
                 }
             }
+            // Event `i + PREFETCH_AHEAD`'s place in the ring: the nearer stage reads it
+            // `PREFETCH_AHEAD / 2` events from now, before this stage overwrites it.
+            self.looked_ahead[i % PREFETCH_AHEAD] = looked;
         }
-        if let Some(near) = events.get(i + PREFETCH_AHEAD / 2) {
-            if owner(near.user, self.peers) == self.worker {
-                if let Some(u) = self.users.lookup(near.user) {
-                    let region = self.users.history(u).region();
-                    crate::prefetch::values(&region[..region.len().min(PREFETCH_HISTORY)]);
-                }
-            }
+        if let Some((u, d)) = self.looked_ahead[(i + PREFETCH_AHEAD / 2) % PREFETCH_AHEAD] {
+            self.users.prefetch_history_slot(u, d);
         }
     }
 
