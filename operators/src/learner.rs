@@ -104,6 +104,18 @@ pub fn auto_window(span_ms: i64) -> i64 {
 /// the misses to be served before the event comes up, near enough to stay in cache.
 pub(crate) const PREFETCH_AHEAD: usize = 4;
 
+/// Slots of the ring of looked-up ids: an event's entry, written `PREFETCH_AHEAD` events
+/// before it, must survive until the event itself is processed.
+const LOOKED_RING: usize = 2 * PREFETCH_AHEAD;
+
+/// The dense ids the hints found for an event: the user's if this worker owns it and has
+/// seen them, the item's if the catalogue holds it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Looked {
+    user: Option<u32>,
+    item: Option<u32>,
+}
+
 /// One variant's model, sampler and metrics on one worker.
 struct Variant {
     name: String,
@@ -263,10 +275,10 @@ pub(crate) struct Learner {
     /// The items the sampler will most likely propose for the next owned event, whose
     /// rows the current step hints one by one (see [`Sampler::peek`]).
     ahead: Vec<u32>,
-    /// The dense `(user, item)` the hints looked up for the owned events
-    /// `PREFETCH_AHEAD` places ahead, by event index modulo `PREFETCH_AHEAD`, for the
-    /// nearer hint of where the item goes in the user's history.
-    looked_ahead: [Option<(u32, u32)>; PREFETCH_AHEAD],
+    /// What the hints looked up `PREFETCH_AHEAD` events ahead, by event index in the
+    /// round modulo [`LOOKED_RING`]: for the nearer hint of where the item goes in the
+    /// user's history, and so that the event itself need not look its ids up again.
+    looked_ahead: [Looked; LOOKED_RING],
     sampler_shortfalls: u64,
     /// Windowed interaction counts by dense item, replicated from the differential
     /// popularity collection.
@@ -361,7 +373,7 @@ impl Learner {
             scores: Vec::new(),
             negatives: Vec::new(),
             ahead: Vec::new(),
-            looked_ahead: [None; PREFETCH_AHEAD],
+            looked_ahead: [Looked::default(); LOOKED_RING],
             sampler_shortfalls: 0,
             window_counts: Vec::new(),
             retention,
@@ -883,7 +895,9 @@ impl Learner {
         // The hints are for the factor models' rows and the samplers' history probes;
         // without a model that samples negatives, the lookups ahead would be wasted.
         let hint = self.variants.iter().any(|v| v.model.wants_negatives());
-        self.looked_ahead = [None; PREFETCH_AHEAD];
+        // Dense indices hold within a round (only compaction, between rounds, moves
+        // them); what an earlier round looked up is not this round's.
+        self.looked_ahead = [Looked::default(); LOOKED_RING];
         for (i, event) in events.iter().enumerate() {
             if hint {
                 self.prefetch(events, i);
@@ -891,11 +905,15 @@ impl Learner {
             let index = self.seen;
             self.seen += 1;
             self.now_ms = self.now_ms.max(event.ts);
+            let looked = self.looked_ahead[i % LOOKED_RING];
             if owner(event.user, self.peers) == self.worker {
                 owned += 1;
-                self.learn(event, index);
+                self.learn(event, index, looked);
             } else {
-                let item = self.catalogue.observe(event.item, event.ts);
+                let item = match looked.item {
+                    Some(d) => self.catalogue.observe_known(d, event.ts),
+                    None => self.catalogue.observe(event.item, event.ts),
+                };
                 for v in &mut self.variants {
                     v.sampler.observe(item, event.ts);
                     v.model.observe(event.user, item, event.ts);
@@ -927,12 +945,11 @@ impl Learner {
             if let Some(d) = item {
                 self.catalogue.prefetch_counters(d);
             }
-            let mut looked = None;
+            let mut user = None;
             if owner(mid.user, self.peers) == self.worker {
-                let user = self.users.lookup(mid.user);
+                user = self.users.lookup(mid.user);
                 if let Some(u) = user {
                     self.users.prefetch_history(u);
-                    looked = item.map(|d| (u, d));
                 }
                 for v in &mut self.variants {
                     if let Some(m) = v.model.bpr_mut() {
@@ -940,21 +957,27 @@ impl Learner {
                     }
                 }
             }
-            // Event `i + PREFETCH_AHEAD`'s place in the ring: the nearer stage reads it
-            // `PREFETCH_AHEAD / 2` events from now, before this stage overwrites it.
-            self.looked_ahead[i % PREFETCH_AHEAD] = looked;
+            self.looked_ahead[(i + PREFETCH_AHEAD) % LOOKED_RING] = Looked { user, item };
         }
-        if let Some((u, d)) = self.looked_ahead[(i + PREFETCH_AHEAD / 2) % PREFETCH_AHEAD] {
+        if let Looked {
+            user: Some(u),
+            item: Some(d),
+        } = self.looked_ahead[(i + PREFETCH_AHEAD / 2) % LOOKED_RING]
+        {
             self.users.prefetch_history_slot(u, d);
         }
     }
 
-    /// Score (if due), then train on one owned event.
-    fn learn(&mut self, event: &Event, index: u64) {
-        let user = self.users.get_or_insert(event.user, event.ts);
+    /// Score (if due), then train on one owned event; `looked` is what the hints found
+    /// of its ids.
+    fn learn(&mut self, event: &Event, index: u64, looked: Looked) {
+        let user = match looked.user {
+            Some(u) => self.users.touch(u, event.ts),
+            None => self.users.get_or_insert(event.user, event.ts),
+        };
         let window = self.protocol.window(event.ts);
         let scored = self.protocol.scores(index);
-        let target = self.catalogue.lookup(event.item);
+        let target = looked.item.or_else(|| self.catalogue.lookup(event.item));
         let warmup = self.protocol.warmup;
         let mixing = target.is_some()
             && self.variants.iter().any(|v| match &v.model {
@@ -1006,7 +1029,10 @@ impl Learner {
             });
         }
 
-        let item = self.catalogue.observe(event.item, event.ts);
+        let item = match target {
+            Some(d) => self.catalogue.observe_known(d, event.ts),
+            None => self.catalogue.observe(event.item, event.ts),
+        };
         let candidates = self.catalogue.live();
         for v in &mut self.variants {
             self.negatives.clear();

@@ -66,6 +66,13 @@ impl ItemCatalogue {
             self.last_seen.push(ts);
             self.alive.push(true);
         }
+        self.observe_known(dense, ts)
+    }
+
+    /// [`ItemCatalogue::observe`] for an item already looked up: `dense` is its live
+    /// index (dense indices do not change within a round).
+    #[inline]
+    pub(crate) fn observe_known(&mut self, dense: u32, ts: i64) -> u32 {
         let d = dense as usize;
         self.counts[d] += 1;
         self.last_seen[d] = self.last_seen[d].max(ts);
@@ -169,6 +176,12 @@ impl Users {
             self.histories.push_user();
             self.last_seen.push(ts);
         }
+        self.touch(dense, ts)
+    }
+
+    /// [`Users::get_or_insert`] for a user already looked up: `dense` is its index.
+    #[inline]
+    pub(crate) fn touch(&mut self, dense: u32, ts: i64) -> u32 {
         let d = dense as usize;
         self.last_seen[d] = self.last_seen[d].max(ts);
         dense
