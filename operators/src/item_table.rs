@@ -361,7 +361,7 @@ impl std::fmt::Debug for ItemTable {
 }
 
 /// Salt that keeps item initialisation independent of user initialisation.
-const ITEM_SALT: u64 = 0x17e5;
+pub(crate) const ITEM_SALT: u64 = 0x17e5;
 
 impl ItemTable {
     pub(crate) fn new(layout: RowLayout, seed: u64, init_std: f32) -> Self {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tidepool_samplers::Negative;
 
 use crate::config::{ModelConfig, Optimizer};
-use crate::item_table::{ItemRows, ItemTable, RowLayout};
+use crate::item_table::{ItemRows, ItemTable, RowLayout, ITEM_SALT};
 
 /// Salt that keeps user initialisation independent of item initialisation.
 const USER_SALT: u64 = 0x05e7;
@@ -473,9 +473,11 @@ impl KernelRun {
 /// engine's throughput by. Plain row-major tables (rows laid out as the engine's, with
 /// Adagrad's accumulators after the embedding and bias), `negatives` uniform negatives
 /// per event from a xorshift generator, the engine's arithmetic (the same `diff_dot`,
-/// fused loss and slope, and update loops), and nothing else: no dataflow, no
-/// evaluation, no exclusion, no shared-table copies. `events` are dense
-/// `(user, item)` indices below `users` and `items`.
+/// fused loss and slope, and update loops), rows started on first sight with the
+/// engine's initialisation (the model's own work: a stream's users and items are not
+/// known up front), and nothing else: no dataflow, no evaluation, no exclusion, no
+/// shared-table copies, no id mapping. `events` are dense `(user, item)` indices below
+/// `users` and `items`.
 pub fn reference_kernel(
     cfg: &ModelConfig,
     users: usize,
@@ -550,19 +552,20 @@ fn reference_loop(
     let (dim, stride) = (layout.dim, layout.stride());
     let bias = cfg.item_bias;
     let mut rng = seed | 1;
-    let mut init = |n: usize| -> Vec<f32> {
-        let mut t = vec![0.0f32; n * stride];
-        for row in t.chunks_exact_mut(stride) {
-            for v in &mut row[..dim] {
-                *v = ((xorshift(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-                    * 2.0
-                    * cfg.init_std;
-            }
+    // Rows start as the engine's do, on first sight and with the engine's draw: an
+    // online learner meets its users and items in the stream and cannot lay them out
+    // before the clock starts (tables of fresh zero pages, which the loop touches first,
+    // as the engine's growing tables are).
+    let mut p_table = vec![0.0f32; users * stride];
+    let mut q_table = vec![0.0f32; items * stride];
+    let (mut p_seen, mut q_seen) = (vec![false; users], vec![false; items]);
+    let first_sight = |table: &mut [f32], seen: &mut [bool], r: usize, salt: u64| {
+        if !seen[r] {
+            seen[r] = true;
+            let row = &mut table[r * stride..(r + 1) * stride];
+            layout.init(seed, salt, r as u64, cfg.init_std, row);
         }
-        t
     };
-    let mut p_table = init(users);
-    let mut q_table = init(items);
     let mut loss = 0.0f64;
     let mut drawn = Vec::with_capacity(cfg.negatives);
     ready();
@@ -580,6 +583,11 @@ fn reference_loop(
             crate::prefetch::values(&q_table[j * stride..(j + 1) * stride]);
         }
         let (u, i) = (u as usize, i as usize);
+        first_sight(&mut p_table, &mut p_seen, u, USER_SALT);
+        first_sight(&mut q_table, &mut q_seen, i, ITEM_SALT);
+        for &j in &drawn {
+            first_sight(&mut q_table, &mut q_seen, j, ITEM_SALT);
+        }
         let p = &mut p_table[u * stride..(u + 1) * stride];
         let (p, pacc) = p.split_at_mut(dim + 1);
         for &j in &drawn {
