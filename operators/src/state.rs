@@ -342,6 +342,13 @@ impl Exclusion for Excluding<'_> {
         item == self.positive || self.history.contains(item) || !self.catalogue.is_alive(item)
     }
 
+    #[inline]
+    fn excludes_all(&self, len: usize) -> bool {
+        // The exact count checks whether the positive is in the history, a probe of the
+        // set; a user far from having seen everything needs no probe to say no.
+        self.history.len() + 1 + self.catalogue.expired() >= len && self.excluded_count() >= len
+    }
+
     fn excluded_count(&self) -> usize {
         // Histories may name expired items; counting them twice would only make the
         // samplers give up early, so the sum is capped by the catalogue.
@@ -446,12 +453,19 @@ mod tests {
             catalogue: &c,
         };
         assert_eq!(ex.excluded_count(), 2);
+        // The bound answers as the exact count does, the positive in the history or not.
+        for len in 0..6 {
+            assert_eq!(ex.excludes_all(len), len <= 2, "{len}");
+        }
         let ex = Excluding {
             history,
             positive: 3,
             catalogue: &c,
         };
         assert_eq!(ex.excluded_count(), 3);
+        for len in 0..6 {
+            assert_eq!(ex.excludes_all(len), len <= 3, "{len}");
+        }
         assert!(ex.excludes(3) && ex.excludes(1) && !ex.excludes(0));
     }
 

@@ -78,6 +78,11 @@ pub trait Exclusion {
     fn excludes(&self, item: u32) -> bool;
     /// How many distinct items are excluded (used to stop early when nothing is left).
     fn excluded_count(&self) -> usize;
+    /// Whether every one of `len` items is excluded. Implementations may answer from a
+    /// cheap bound before counting exactly: this is asked once per draw of negatives.
+    fn excludes_all(&self, len: usize) -> bool {
+        self.excluded_count() >= len
+    }
 }
 
 /// No exclusion at all.

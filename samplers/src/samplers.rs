@@ -34,7 +34,7 @@ fn by_rejection<R: Rng + ?Sized>(
 /// Whether the exclusion leaves nothing to draw.
 #[inline]
 fn exhausted(len: usize, exclusion: &impl Exclusion) -> bool {
-    len == 0 || exclusion.excluded_count() >= len
+    len == 0 || exclusion.excludes_all(len)
 }
 
 /// `q` of an alias-table sampler, uniform while the table has no mass.
