@@ -99,11 +99,12 @@ pub(crate) struct Histories {
 
 /// What checkpoints hold of [`Histories`]: the arena and the spans. Filters are rebuilt
 /// from the sets on load, so the format does not depend on them.
+/// Borrowed to write (`&[u32]`, `&[Vec<u32>]`), owned to read.
 #[derive(Serialize, Deserialize)]
-struct Stored<S> {
+struct Stored<S, F> {
     slots: S,
     spans: Vec<Span>,
-    free: Vec<Vec<u32>>,
+    free: F,
 }
 
 impl Serialize for Histories {
@@ -111,7 +112,7 @@ impl Serialize for Histories {
         Stored {
             slots: &self.slots[..],
             spans: self.entries.iter().map(|e| e.span).collect(),
-            free: self.free.clone(),
+            free: &self.free[..],
         }
         .serialize(s)
     }
@@ -119,7 +120,7 @@ impl Serialize for Histories {
 
 impl<'de> Deserialize<'de> for Histories {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let stored = Stored::<Vec<u32>>::deserialize(d)?;
+        let stored = Stored::<Vec<u32>, Vec<Vec<u32>>>::deserialize(d)?;
         let mut entries = Vec::with_capacity(stored.spans.len());
         for span in stored.spans {
             let region = stored
@@ -474,7 +475,7 @@ mod tests {
                 cap: 4,
                 len: 0,
             }],
-            free: Vec::new(),
+            free: Vec::<Vec<u32>>::new(),
         };
         let bytes = postcard::to_allocvec(&stored).unwrap();
         assert!(postcard::from_bytes::<Histories>(&bytes).is_err());
