@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod chunks;
 mod deltas;
 mod import;
 mod memory;

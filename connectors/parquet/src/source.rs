@@ -5,7 +5,8 @@
 //! `(min ts, file, row group)` and dealt round-robin to workers, so each worker reads a
 //! disjoint share whose row groups come in event-time order. A worker streams its row
 //! groups one at a time in batches of [`DEFAULT_BATCH_ROWS`] rows, reading only the
-//! mapped columns: memory is bounded by a batch per worker, never a file.
+//! mapped columns: memory is bounded by a batch per worker and a row group's compressed
+//! mapped columns (read whole up to 64 MiB, see `chunks`), never a file.
 //!
 //! Each row's replay position is `file index << 40 | row in file`: unique, and the same
 //! whatever the number of workers, so ties in event time break the same way always.
@@ -28,6 +29,7 @@ use tidepool_pipeline::{
     BatchOrigin, BufferPool, Error, EventReader, EventSource, Result, SourceBatch, SourceInfo,
 };
 
+use crate::chunks::{chunk_ranges, RowGroupBytes, IN_MEMORY_LIMIT};
 use crate::paths::expand_inputs;
 
 /// Rows per batch read from Parquet. The reader's own allocations are per batch (pages,
@@ -449,16 +451,32 @@ fn open_row_group(
     projection: &[(usize, &'static str)],
     batch_rows: usize,
 ) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let context = || format!("reading {} row group {}", path.display(), rg.index);
-    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone());
-    let mask = ProjectionMask::roots(builder.parquet_schema(), projection.iter().map(|(i, _)| *i));
-    builder
-        .with_row_groups(vec![rg.index])
-        .with_projection(mask)
-        .with_batch_size(batch_rows)
-        .build()
-        .map_err(|e| Error::connector(context(), e))
+    let meta = metadata.metadata();
+    let mask = ProjectionMask::roots(
+        meta.file_metadata().schema_descr(),
+        projection.iter().map(|(i, _)| *i),
+    );
+    // Small enough row groups are read whole (see `chunks`), larger ones page by page.
+    let ranges = chunk_ranges(meta.row_group(rg.index), |leaf| mask.leaf_included(leaf));
+    if ranges.iter().map(|(a, b)| b - a).sum::<u64>() <= IN_MEMORY_LIMIT {
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let bytes =
+            RowGroupBytes::read(&mut file, file_len, &ranges).map_err(|e| Error::io(path, e))?;
+        ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, metadata.clone())
+            .with_row_groups(vec![rg.index])
+            .with_projection(mask)
+            .with_batch_size(batch_rows)
+            .build()
+    } else {
+        ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
+            .with_row_groups(vec![rg.index])
+            .with_projection(mask)
+            .with_batch_size(batch_rows)
+            .build()
+    }
+    .map_err(|e| Error::connector(context(), e))
 }
 
 /// Renames the projected columns to tidepool's names and puts integer times in ms. The
