@@ -892,16 +892,11 @@ impl Learner {
                 .for_each(|v| v.sampler.refresh(&live));
         }
         let mut owned = 0;
-        // The hints are for the factor models' rows and the samplers' history probes;
-        // without a model that samples negatives, the lookups ahead would be wasted.
-        let hint = self.variants.iter().any(|v| v.model.wants_negatives());
         // Dense indices hold within a round (only compaction, between rounds, moves
         // them); what an earlier round looked up is not this round's.
         self.looked_ahead = [Looked::default(); LOOKED_RING];
         for (i, event) in events.iter().enumerate() {
-            if hint {
-                self.prefetch(events, i);
-            }
+            self.prefetch(events, i);
             let index = self.seen;
             self.seen += 1;
             self.now_ms = self.now_ms.max(event.ts);
