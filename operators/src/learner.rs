@@ -27,6 +27,7 @@ use crate::ingest::Clock;
 use crate::item_table::ItemTable;
 use crate::model::Model;
 use crate::popularity::CountChange;
+use crate::series::{Series, WeightTrace};
 use crate::state::{owner, splitmix64, Excluding, ItemCatalogue, Users};
 
 /// Which events are scored and how metrics are bucketed.
@@ -126,7 +127,7 @@ struct Variant {
     /// The window events are being added to; flushed into `windows` when it changes, so
     /// the per-event path touches no map while event time stays in one window.
     current: (i64, Quality),
-    windows: BTreeMap<i64, Quality>,
+    windows: Series<Quality>,
     /// Counters since the last [`Learner::take_live`], for the live metrics.
     live: Quality,
     /// Whether an ensemble of the run mixes this variant's scores.
@@ -135,7 +136,7 @@ struct Variant {
     dense: Vec<f32>,
     /// Ensembles: per metrics window, learning steps and the sum of the weights after
     /// each, so that windows merge across workers into mean weights.
-    mixing: BTreeMap<i64, (u64, Vec<f64>)>,
+    mixing: WeightTrace,
 }
 
 impl Variant {
@@ -158,7 +159,7 @@ impl Variant {
     fn flush(&mut self) {
         let (w, q) = std::mem::take(&mut self.current);
         if q != Quality::default() {
-            self.windows.entry(w).or_default().merge(&q);
+            self.windows.entry(w).merge(&q);
         }
     }
 
@@ -167,19 +168,12 @@ impl Variant {
         self.flush();
         let mut total = Quality::default();
         self.windows.values().for_each(|q| total.merge(q));
-        (self.name, total, self.windows)
+        (self.name, total, self.windows.into_map())
     }
 
     /// Adds the ensemble's weights after a learning step to the window's trace.
     fn trace_weights(&mut self, window: i64, weights: &[f32]) {
-        let (steps, sums) = self
-            .mixing
-            .entry(window)
-            .or_insert_with(|| (0, vec![0.0; weights.len()]));
-        *steps += 1;
-        for (s, w) in sums.iter_mut().zip(weights) {
-            *s += *w as f64;
-        }
+        self.mixing.step(window, weights);
     }
 }
 
@@ -355,11 +349,11 @@ impl Learner {
                     seed ^ splitmix64(((v as u64) << 32) | worker as u64),
                 )),
                 current: (0, Quality::default()),
-                windows: BTreeMap::new(),
+                windows: Series::default(),
                 live: Quality::default(),
                 mixed_in: mixed_in[v],
                 dense: Vec::new(),
-                mixing: BTreeMap::new(),
+                mixing: WeightTrace::default(),
             })
             .collect();
         Self {
@@ -540,7 +534,7 @@ impl Learner {
                 .variants
                 .iter()
                 .map(|v| {
-                    let mut windows = v.windows.clone();
+                    let mut windows = v.windows.to_map();
                     let (w, q) = &v.current;
                     if *q != Quality::default() {
                         windows.entry(*w).or_default().merge(q);
@@ -556,7 +550,7 @@ impl Learner {
                     Model::Ensemble(e) => (
                         e.weights().to_vec(),
                         e.accumulators().to_vec(),
-                        v.mixing.clone(),
+                        v.mixing.to_map(),
                     ),
                     _ => Default::default(),
                 })
@@ -654,13 +648,13 @@ impl Learner {
                 }
                 if mine_metrics {
                     for (w, q) in windows {
-                        v.windows.entry(*w).or_default().merge(q);
+                        v.windows.entry(*w).merge(q);
                     }
                 }
             }
             if mine_metrics {
                 for (v, (_, _, trace)) in self.variants.iter_mut().zip(&part.ensembles) {
-                    merge_traces(&mut v.mixing, trace);
+                    v.mixing.merge(trace);
                 }
             }
             if mine_metrics {
@@ -1151,7 +1145,7 @@ impl Learner {
         let mixing = self
             .variants
             .iter_mut()
-            .map(|v| std::mem::take(&mut v.mixing))
+            .map(|v| v.mixing.to_map())
             .collect();
         WorkerResult {
             window_events: self.window_events.unwrap_or(0),

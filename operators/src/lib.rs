@@ -34,6 +34,7 @@ mod model;
 mod popularity;
 #[allow(unsafe_code)]
 mod prefetch;
+mod series;
 pub mod serve;
 mod state;
 

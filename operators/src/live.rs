@@ -80,7 +80,15 @@ impl LiveMetrics {
 
     pub(crate) fn set_weights(&self, variant: usize, weights: &[f32]) {
         if let Some(slot) = self.weights.get(variant) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(weights.to_vec());
+            // Every round sets them: the vector is reused, not reallocated.
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_mut() {
+                Some(kept) => {
+                    kept.clear();
+                    kept.extend_from_slice(weights);
+                }
+                None => *slot = Some(weights.to_vec()),
+            }
         }
     }
 
