@@ -13,16 +13,13 @@ use std::collections::BTreeMap;
 /// most 200.
 const WINDOWS: usize = 256;
 
-/// Where window `w` is in `keys` (sorted), inserting it with `insert` when it is new.
-fn position(
-    keys: impl Fn() -> (usize, Option<i64>),
-    find: impl Fn(i64) -> Result<usize, usize>,
-    w: i64,
-) -> Result<usize, usize> {
-    match keys() {
-        (len, Some(last)) if last == w => Ok(len - 1),
-        (_, Some(last)) if last > w => find(w),
-        (len, _) => Err(len),
+/// Where window `w` is in `entries` (sorted by window), or where it goes. The last is
+/// checked first: a new window is nearly always after every other.
+fn locate<V>(entries: &[(i64, V)], w: i64) -> Result<usize, usize> {
+    match entries.last() {
+        Some((last, _)) if *last == w => Ok(entries.len() - 1),
+        Some((last, _)) if *last > w => entries.binary_search_by_key(&w, |(k, _)| *k),
+        _ => Err(entries.len()),
     }
 }
 
@@ -44,18 +41,10 @@ impl<V: Default> Series<V> {
     /// The value of window `w`, a default one if the window is new.
     #[inline]
     pub(crate) fn entry(&mut self, w: i64) -> &mut V {
-        let at = position(
-            || (self.entries.len(), self.entries.last().map(|(k, _)| *k)),
-            |w| self.entries.binary_search_by_key(&w, |(k, _)| *k),
-            w,
-        );
-        let at = match at {
-            Ok(i) => i,
-            Err(i) => {
-                self.entries.insert(i, (w, V::default()));
-                i
-            }
-        };
+        let at = locate(&self.entries, w).unwrap_or_else(|i| {
+            self.entries.insert(i, (w, V::default()));
+            i
+        });
         &mut self.entries[at].1
     }
 }
@@ -107,20 +96,12 @@ impl WeightTrace {
             self.sums.reserve(WINDOWS * self.width);
         }
         let width = self.width;
-        let at = position(
-            || (self.keys.len(), self.keys.last().map(|(k, _)| *k)),
-            |w| self.keys.binary_search_by_key(&w, |(k, _)| *k),
-            w,
-        );
-        let at = match at {
-            Ok(i) => i,
-            Err(i) => {
-                self.keys.insert(i, (w, 0));
-                self.sums
-                    .splice(i * width..i * width, std::iter::repeat_n(0.0, width));
-                i
-            }
-        };
+        let at = locate(&self.keys, w).unwrap_or_else(|i| {
+            self.keys.insert(i, (w, 0));
+            self.sums
+                .splice(i * width..i * width, std::iter::repeat_n(0.0, width));
+            i
+        });
         self.keys[at].1 += steps;
         for (s, v) in self.sums[at * width..(at + 1) * width].iter_mut().zip(sums) {
             *s += v;

@@ -81,7 +81,7 @@ impl RowGroupBytes {
     }
 
     /// The bytes from `start` to the end of the part holding it.
-    fn from(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+    fn part_from(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
         let part = self
             .parts
             .iter()
@@ -107,11 +107,11 @@ impl ChunkReader for RowGroupBytes {
     type T = bytes::buf::Reader<Bytes>;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        Ok(self.from(start, 0)?.reader())
+        Ok(self.part_from(start, 0)?.reader())
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
-        Ok(self.from(start, length)?.slice(..length))
+        Ok(self.part_from(start, length)?.slice(..length))
     }
 }
 

@@ -460,23 +460,30 @@ fn open_row_group(
     );
     // Small enough row groups are read whole (see `chunks`), larger ones page by page.
     let ranges = chunk_ranges(meta.row_group(rg.index), |leaf| mask.leaf_included(leaf));
-    if ranges.iter().map(|(a, b)| b - a).sum::<u64>() <= IN_MEMORY_LIMIT {
+    let reader = if ranges.iter().map(|(a, b)| b - a).sum::<u64>() <= IN_MEMORY_LIMIT {
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let bytes =
             RowGroupBytes::read(&mut file, file_len, &ranges).map_err(|e| Error::io(path, e))?;
-        ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, metadata.clone())
-            .with_row_groups(vec![rg.index])
-            .with_projection(mask)
-            .with_batch_size(batch_rows)
-            .build()
+        batches(bytes, metadata, rg.index, mask, batch_rows)
     } else {
-        ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
-            .with_row_groups(vec![rg.index])
-            .with_projection(mask)
-            .with_batch_size(batch_rows)
-            .build()
-    }
-    .map_err(|e| Error::connector(context(), e))
+        batches(file, metadata, rg.index, mask, batch_rows)
+    };
+    reader.map_err(|e| Error::connector(context(), e))
+}
+
+/// The batch reader of row group `index` of `reader`, projected to `mask`.
+fn batches<R: parquet::file::reader::ChunkReader + 'static>(
+    reader: R,
+    metadata: &ArrowReaderMetadata,
+    index: usize,
+    mask: ProjectionMask,
+    batch_rows: usize,
+) -> parquet::errors::Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata.clone())
+        .with_row_groups(vec![index])
+        .with_projection(mask)
+        .with_batch_size(batch_rows)
+        .build()
 }
 
 /// Renames the projected columns to tidepool's names and puts integer times in ms. The
